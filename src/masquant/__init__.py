@@ -1,0 +1,23 @@
+"""masquant: modality-aware post-training quantization of multimodal LLMs."""
+
+from .api import CalibrationError, quantize
+from .arch import (
+    ADAPTERS,
+    Adapter,
+    LinearGroup,
+    UnsupportedArchitectureError,
+    generic_adapter,
+    get_adapter,
+    modality_ids,
+)
+from .config import QuantConfig
+from .modality import Modality, modality_scope
+from .qlinear import QuantLinear
+from .report import QuantReport
+
+__all__ = [
+    "ADAPTERS", "Adapter", "CalibrationError", "LinearGroup", "Modality", "QuantConfig", "QuantLinear",
+    "QuantReport", "UnsupportedArchitectureError", "generic_adapter", "get_adapter", "modality_ids",
+    "modality_scope", "quantize",
+]
+__version__ = "0.1.0"

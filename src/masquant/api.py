@@ -1,0 +1,134 @@
+"""``masquant.quantize``: the public entry point."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import Adapter, get_adapter, modality_ids
+from .capture import Captured, capture
+from .config import QuantConfig
+from .methods import METHODS
+from .modality import Modality, ModalityRouter, attach_router
+from .pipeline import quantize_layers
+from .qlinear import QuantLinear
+from .report import QuantReport
+
+log = logging.getLogger("masquant")
+
+# inputs that need a companion tensor to mean anything
+_COMPANIONS = {
+    "pixel_values": "image_grid_thw",
+    "pixel_values_videos": "video_grid_thw",
+    "input_features": "feature_attention_mask",
+}
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | None = None,
+             adapter: Adapter | None = None, progress: bool = True) -> QuantReport:
+    """Quantize the decoder linears of ``model`` in place; return the per-modality report.
+
+    ``calib`` yields dicts of model inputs as the model's HF processor returns them
+    (``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``,
+    ``input_features``, ``feature_attention_mask``, ...), batch size 1 or more.
+    """
+    config = config or QuantConfig()
+    adapter = adapter or get_adapter(model)
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("model is already quantized by masquant; start again from the full-precision model")
+    adapter.validate(model)
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    was_training = model.training
+    model.eval()
+    table = adapter.token_table(model.config)
+    router = ModalityRouter(table)
+    try:
+        with torch.no_grad():
+            samples = _capture_all(model, adapter, calib, progress)
+        reports = quantize_layers(model, adapter, samples, config, router, METHODS[config.method], progress)
+    finally:
+        model.train(was_training)
+    attach_router(model, router)
+    model.masquant_config = config
+    tokens = _token_counts(samples)
+    seconds = time.perf_counter() - start
+    log.info("quantized %d layers with %s in %.1fs", len(reports), config.method, seconds)
+    return QuantReport(config.to_dict(), adapter.name, len(samples), tokens, reports, seconds)
+
+
+def _capture_all(model: nn.Module, adapter: Adapter, calib: Iterable[Mapping], progress: bool) -> list[Captured]:
+    device = next(model.parameters()).device
+    samples = []
+    for index, sample in enumerate(tqdm(calib, desc="capture", unit="sample", disable=not progress)):
+        sample = validate_sample(sample, index, device)
+        ids = modality_ids(model, sample["input_ids"], adapter)
+        _check_features(sample, ids, index, adapter)
+        samples.append(capture(model, adapter, sample, ids))
+    if not samples:
+        raise CalibrationError("the calibration set is empty; pass at least one sample "
+                               "(a dict with input_ids, as the model's processor returns it)")
+    return samples
+
+
+def validate_sample(sample: object, index: int, device: torch.device) -> dict:
+    """Check one calibration dict and move its tensors to ``device``."""
+    if not isinstance(sample, Mapping):
+        raise CalibrationError(f"calibration sample {index} is a {type(sample).__name__}, expected a dict "
+                               "of model inputs (the output of the model's processor)")
+    if "input_ids" not in sample:
+        raise CalibrationError(f"calibration sample {index} has no 'input_ids' (keys: {sorted(sample)}); "
+                               "masquant needs token ids to know the modality of every token")
+    for key, companion in _COMPANIONS.items():
+        if sample.get(key) is not None and sample.get(companion) is None:
+            raise CalibrationError(f"calibration sample {index} has '{key}' but no '{companion}'; pass both, "
+                                   "as the processor returns them")
+    out = {}
+    for key, value in sample.items():
+        if isinstance(value, list | tuple) and key in ("input_ids", "attention_mask"):
+            value = torch.tensor(value)
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+        out[key] = value
+    ids = out["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int, torch.int32):
+        raise CalibrationError(f"calibration sample {index}: 'input_ids' must be an integer tensor")
+    if ids.dim() == 1:
+        out["input_ids"] = ids = ids.unsqueeze(0)
+        if isinstance(out.get("attention_mask"), torch.Tensor):
+            out["attention_mask"] = out["attention_mask"].unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise CalibrationError(f"calibration sample {index}: 'input_ids' must be [batch, seq] and non-empty, "
+                               f"got shape {tuple(ids.shape)}")
+    mask = out.get("attention_mask")
+    if mask is not None and mask.shape != ids.shape:
+        raise CalibrationError(f"calibration sample {index}: attention_mask {tuple(mask.shape)} does not match "
+                               f"input_ids {tuple(ids.shape)}")
+    return out
+
+
+def _check_features(sample: dict, ids: torch.Tensor, index: int, adapter: Adapter) -> None:
+    for modality, keys in adapter.feature_keys.items():
+        present = bool((ids == int(modality)).any())
+        has_features = any(sample.get(k) is not None for k in keys)
+        if present and not has_features:
+            raise CalibrationError(f"calibration sample {index} has {modality.name.lower()} placeholder tokens "
+                                   f"but none of {keys}; pass the features the processor produced")
+
+
+def _token_counts(samples: list[Captured]) -> dict[str, int]:
+    counts = {}
+    for m in Modality:
+        n = sum(int(((s.ids == int(m)) & s.valid).sum()) for s in samples)
+        if n:
+            counts[m.name.lower()] = n
+    return counts

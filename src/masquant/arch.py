@@ -1,0 +1,172 @@
+"""Architecture knowledge as data: one ``Adapter`` per model family.
+
+An adapter says where the decoder layers are, which linears share an input (a *group*,
+fed by one norm or op), which modality each special token belongs to, and what is never
+quantized. Every method reads the same declaration; unknown models fail loudly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .modality import Modality, ids_from_tokens
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears of one decoder layer that read the same input (dotted paths in the layer)."""
+
+    name: str
+    source: str
+    linears: tuple[str, ...]
+    smooth: bool = True  # smoothed by default; False = only when the config asks
+
+
+LLAMA_GROUPS = (
+    LinearGroup("attn_in", "input_layernorm",
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    LinearGroup("attn_out", "attention values", ("self_attn.o_proj",)),
+    LinearGroup("mlp_in", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    LinearGroup("mlp_out", "act(gate) * up", ("mlp.down_proj",), smooth=False),
+)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where things are in one family of models (paths are relative to the top model)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    final_norm: str
+    groups: tuple[LinearGroup, ...] = LLAMA_GROUPS
+    keep_fp: tuple[str, ...] = ()
+    token_attrs: Mapping[Modality, tuple[str, ...]] = field(default_factory=dict)
+    token_ids: Mapping[Modality, tuple[int, ...]] = field(default_factory=dict)
+    feature_keys: Mapping[Modality, tuple[str, ...]] = field(default_factory=dict)  # inputs that feed them
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return _get(model, self.layers, self.name)
+
+    def norm(self, model: nn.Module) -> nn.Module:
+        return _get(model, self.final_norm, self.name)
+
+    def token_table(self, config: object) -> dict[int, Modality]:
+        """Token id -> modality for the special (placeholder) tokens of ``config``."""
+        table: dict[int, Modality] = {}
+        for modality, attrs in self.token_attrs.items():
+            for attr in attrs:
+                token = getattr(config, attr, None)
+                if token is None:
+                    raise ValueError(f"{self.name}: model config has no {attr!r}")
+                table[int(token)] = modality
+        for modality, tokens in self.token_ids.items():
+            table.update({int(t): modality for t in tokens})
+        return table
+
+    def modalities(self, config: object) -> set[Modality]:
+        return {Modality.TEXT, *self.token_table(config).values()}
+
+    def validate(self, model: nn.Module) -> None:
+        """Check that every declared linear exists in every decoder layer."""
+        layers = self.decoder_layers(model)
+        if len(layers) == 0:
+            raise ValueError(f"{self.name}: {self.layers!r} holds no decoder layers")
+        self.norm(model)
+        for i, layer in enumerate(layers):
+            for group in self.groups:
+                for path in group.linears:
+                    module = _get(layer, path, self.name, where=f"decoder layer {i}")
+                    if not isinstance(module, nn.Linear):
+                        raise ValueError(
+                            f"{self.name}: layer {i} {path} is {type(module).__name__}, not "
+                            "nn.Linear (already quantized? quantize a fresh model)"
+                        )
+
+
+def _get(root: nn.Module, path: str, adapter: str, where: str = "model") -> nn.Module:
+    try:
+        return root.get_submodule(path)
+    except AttributeError as err:
+        raise ValueError(
+            f"adapter {adapter!r}: {where} has no module {path!r}; the adapter does not match "
+            "this model (for other architectures build one with masquant.generic_adapter)"
+        ) from err
+
+
+QWEN2_5_VL = Adapter(
+    name="qwen2_5_vl",
+    model_types=("qwen2_5_vl",),
+    layers="model.language_model.layers",
+    final_norm="model.language_model.norm",
+    keep_fp=("model.visual", "model.language_model.embed_tokens", "lm_head"),
+    token_attrs={Modality.VISION: ("image_token_id", "video_token_id")},
+    feature_keys={Modality.VISION: ("pixel_values", "pixel_values_videos")},
+)
+
+QWEN2_5_OMNI_THINKER = Adapter(
+    name="qwen2_5_omni_thinker",
+    model_types=("qwen2_5_omni_thinker",),
+    layers="model.language_model.layers",
+    final_norm="model.language_model.norm",
+    keep_fp=("model.visual", "model.audio_tower", "model.language_model.embed_tokens", "lm_head"),
+    token_attrs={
+        Modality.VISION: ("image_token_id", "video_token_id"),
+        Modality.AUDIO: ("audio_token_id",),
+    },
+    feature_keys={Modality.VISION: ("pixel_values", "pixel_values_videos"), Modality.AUDIO: ("input_features",)},
+)
+
+ADAPTERS = {a.name: a for a in (QWEN2_5_VL, QWEN2_5_OMNI_THINKER)}
+
+
+def generic_adapter(
+    layers: str,
+    final_norm: str,
+    modality_token_ids: Mapping[Modality, Sequence[int]] | None = None,
+    groups: Sequence[LinearGroup] = LLAMA_GROUPS,
+    keep_fp: Sequence[str] = (),
+    name: str = "generic",
+) -> Adapter:
+    """An adapter for any decoder whose layers hold the given linear groups.
+
+    ``modality_token_ids`` maps each non-text modality to its placeholder token ids.
+    """
+    tokens = {Modality(m): tuple(int(t) for t in ids) for m, ids in (modality_token_ids or {}).items()}
+    return Adapter(name=name, model_types=(), layers=layers, final_norm=final_norm,
+                   groups=tuple(groups), keep_fp=tuple(keep_fp), token_ids=tokens)
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The registered adapter for ``model``'s ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for adapter in ADAPTERS.values():
+        if model_type in adapter.model_types:
+            return adapter
+    hint = ""
+    if model_type == "qwen2_5_omni":
+        hint = " For the full Qwen2.5-Omni model, quantize its thinker: model.thinker."
+    supported = ", ".join(f"{a.name} ({type_names(a)})" for a in ADAPTERS.values())
+    raise UnsupportedArchitectureError(
+        f"masquant does not support {type(model).__name__} (model_type={model_type!r}). "
+        f"Supported: {supported}.{hint} For another decoder-only model pass "
+        "adapter=masquant.generic_adapter(layers=..., final_norm=..., modality_token_ids=...)."
+    )
+
+
+def type_names(adapter: Adapter) -> str:
+    return "model_type " + "/".join(adapter.model_types)
+
+
+def modality_ids(model: nn.Module, input_ids: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
+    """Modality of every token of ``input_ids`` (same shape, ``torch.long``)."""
+    adapter = adapter or get_adapter(model)
+    return ids_from_tokens(input_ids, adapter.token_table(model.config))

@@ -1,0 +1,24 @@
+"""Quantization methods. Each is a function ``LayerContext -> LayerPlan`` registered by name.
+
+A new method is one module plus one ``@register`` line; the pipeline does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+METHODS: dict[str, Callable] = {}
+
+
+def register(name: str, second_moments: bool = False) -> Callable[[Callable], Callable]:
+    """Register ``fn`` as method ``name``; ``second_moments`` asks the pipeline for X^T X."""
+
+    def wrap(fn: Callable) -> Callable:
+        fn.second_moments = second_moments
+        METHODS[name] = fn
+        return fn
+
+    return wrap
+
+
+from . import awq, rtn, smoothquant  # noqa: E402,F401  (registration)

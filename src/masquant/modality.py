@@ -1,0 +1,125 @@
+"""Modalities, and the one mechanism that tells quantized layers which token is which.
+
+``ModalityRouter`` holds the modality ids (``[batch, seq]``) of the forward pass in
+flight. A forward pre-hook on the top-level model sets them from ``input_ids``; cached
+decode steps (one new token after a prefill) are TEXT. Quantized linears read
+``router.ids``; nothing else is global.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from enum import IntEnum
+
+import torch
+
+
+class Modality(IntEnum):
+    TEXT = 0
+    VISION = 1
+    AUDIO = 2
+
+
+NUM_MODALITIES = len(Modality)
+
+
+def ids_from_tokens(input_ids: torch.Tensor, table: Mapping[int, Modality]) -> torch.Tensor:
+    """Map token ids to modality ids; tokens absent from ``table`` are TEXT."""
+    out = torch.full_like(input_ids, int(Modality.TEXT), dtype=torch.long)
+    for token, modality in table.items():
+        out[input_ids == token] = int(modality)
+    return out
+
+
+class ModalityRouter:
+    """Carries the modality ids of the current forward to the quantized linears."""
+
+    def __init__(self, table: Mapping[int, Modality]):
+        self.table = dict(table)
+        self.ids: torch.Tensor | None = None
+        self._scoped = 0
+
+    @contextlib.contextmanager
+    def scope(self, ids: torch.Tensor) -> Iterator[None]:
+        """Use ``ids`` (``[batch, seq]``) for every forward inside the block.
+
+        Inside a scope the model's own hook does not override the ids.
+        """
+        previous, self.ids = self.ids, ids
+        self._scoped += 1
+        try:
+            yield
+        finally:
+            self._scoped -= 1
+            self.ids = previous
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened ids matching the rows of ``x`` (``[..., features]``)."""
+        if self.ids is None:
+            raise RuntimeError(
+                "masquant: modality ids are not set for this forward. Call the top-level model "
+                "with input_ids (the router hook sets them), or wrap the call in "
+                "`with masquant.modality_scope(model, modality_ids):`"
+            )
+        if self.ids.shape != x.shape[:-1]:
+            raise RuntimeError(
+                f"masquant: modality ids of shape {tuple(self.ids.shape)} do not match the "
+                f"activation rows {tuple(x.shape[:-1])}; pass input_ids with the same layout "
+                "as the hidden states"
+            )
+        return self.ids.reshape(-1).to(x.device)
+
+    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook for the top-level model: set ids from ``input_ids``."""
+        if self._scoped:
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            self.ids = None  # inputs_embeds only: layers needing ids raise a clear error
+            return
+        ids = ids_from_tokens(input_ids, self.table)
+        if _is_decode_step(kwargs):
+            ids = torch.zeros_like(ids)  # generated tokens are text
+        self.ids = ids
+
+    def clear(self, *_: object) -> None:
+        if not self._scoped:
+            self.ids = None
+
+
+def _is_decode_step(kwargs: dict) -> bool:
+    for name in ("cache", "past_key_values"):
+        cache = kwargs.get(name)
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            return True
+    return False
+
+
+def attach_router(model: torch.nn.Module, router: ModalityRouter) -> None:
+    """Install ``router`` on ``model`` (idempotent): ids set before, cleared after forward."""
+    detach_router(model)
+    handles = (
+        model.register_forward_pre_hook(router.hook, with_kwargs=True),
+        model.register_forward_hook(router.clear, always_call=True),
+    )
+    model._masquant_router = router
+    model._masquant_router_handles = handles
+
+
+def detach_router(model: torch.nn.Module) -> None:
+    for handle in getattr(model, "_masquant_router_handles", ()):
+        handle.remove()
+    model._masquant_router_handles = ()
+
+
+def get_router(model: torch.nn.Module) -> ModalityRouter:
+    router = getattr(model, "_masquant_router", None)
+    if router is None:
+        raise ValueError("model has not been quantized by masquant (no modality router)")
+    return router
+
+
+def modality_scope(model: torch.nn.Module, ids: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Set the modality ids explicitly, e.g. when calling sub-modules or passing inputs_embeds."""
+    return get_router(model).scope(ids)

@@ -1,0 +1,24 @@
+import json
+
+from masquant.cli import main
+
+
+def test_demo_quick_writes_results(tmp_path, capsys):
+    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "demo.json").read_text())
+    printed = capsys.readouterr().out
+    assert "| tiny-qwen2.5-vl | smoothquant | W8A8 |" in printed
+    by_key = {(r["model"], r["method"], r["bits"]): r for r in rows}
+    for model in ("tiny-qwen2.5-vl", "tiny-qwen2.5-omni-thinker"):
+        w8 = by_key[(model, "rtn", "W8A8")]["decoder_sqnr"]
+        w4 = by_key[(model, "rtn", "W4A8")]["decoder_sqnr"]
+        assert all(w8[m] > w4[m] + 10 for m in w8)
+    assert set(by_key[("tiny-qwen2.5-omni-thinker", "awq", "W4A8")]["decoder_sqnr"]) == {"text", "vision", "audio"}
+
+
+def test_help_lists_examples(capsys):
+    try:
+        main(["--help"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    assert "masquant demo" in capsys.readouterr().out

@@ -1,0 +1,90 @@
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import masquant
+from masquant import Modality, tiny
+from masquant.modality import ModalityRouter
+
+
+def test_modality_enum():
+    assert [int(m) for m in Modality] == [0, 1, 2]
+    assert [m.name for m in Modality] == ["TEXT", "VISION", "AUDIO"]
+
+
+def test_qwen2_5_vl_modalities(vl_model):
+    ids = torch.tensor([[1, tiny.IMAGE_TOKEN, 5, tiny.VIDEO_TOKEN, tiny.AUDIO_TOKEN, tiny.VISION_START]])
+    out = masquant.modality_ids(vl_model, ids)
+    # VL has no audio: the audio id is an ordinary text token there; vision_start is text
+    assert out.tolist() == [[0, 1, 0, 1, 0, 0]]
+    assert out.dtype == torch.long and out.shape == ids.shape
+
+
+def test_qwen2_5_omni_thinker_modalities(omni_model):
+    sample = tiny.tiny_sample(3, family="omni", image=True, audio=True)
+    out = masquant.modality_ids(omni_model, sample["input_ids"])
+    assert torch.equal(out, tiny.expected_modalities(sample["input_ids"]))
+    assert {0, 1, 2} == set(out.unique().tolist())
+
+
+def test_adapters_resolve_by_model_type(vl_model, omni_model):
+    assert masquant.get_adapter(vl_model).name == "qwen2_5_vl"
+    assert masquant.get_adapter(omni_model).name == "qwen2_5_omni_thinker"
+
+
+def test_unknown_architecture_names_the_supported_ones():
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(masquant.UnsupportedArchitectureError) as err:
+        masquant.get_adapter(model)
+    msg = str(err.value)
+    assert "Qwen2ForCausalLM" in msg and "qwen2_5_vl" in msg and "qwen2_5_omni_thinker" in msg
+    assert "generic_adapter" in msg
+    with pytest.raises(masquant.UnsupportedArchitectureError):
+        masquant.quantize(model, [{"input_ids": torch.tensor([[1, 2, 3]])}])
+
+
+def test_generic_adapter_on_a_text_decoder():
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    adapter = masquant.generic_adapter("model.layers", "model.norm", {Modality.VISION: [60, 61]})
+    ids = torch.tensor([[1, 60, 61, 2]])
+    assert masquant.modality_ids(model, ids, adapter).tolist() == [[0, 1, 1, 0]]
+    calib = [{"input_ids": torch.randint(0, 64, (1, 10))} for _ in range(2)]
+    report = masquant.quantize(model, calib, masquant.QuantConfig(method="smoothquant"), adapter=adapter,
+                               progress=False)
+    assert report.adapter == "generic" and len(report.layers) == 2
+    assert isinstance(model.model.layers[0].self_attn.q_proj, masquant.QuantLinear)
+
+
+def test_generic_adapter_with_wrong_paths_explains():
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    adapter = masquant.generic_adapter("model.blocks", "model.norm")
+    with pytest.raises(ValueError, match=r"no module 'model.blocks'"):
+        masquant.quantize(model, [{"input_ids": torch.tensor([[1, 2]])}], adapter=adapter)
+
+
+def test_router_marks_decode_steps_as_text():
+    router = ModalityRouter({7: Modality.VISION})
+
+    class Cache:
+        def __init__(self, n):
+            self.n = n
+
+        def get_seq_length(self):
+            return self.n
+
+    router.hook(None, (), {"input_ids": torch.tensor([[7, 1]]), "cache": Cache(0)})
+    assert router.ids.tolist() == [[1, 0]]  # prefill: placeholders keep their modality
+    router.hook(None, (), {"input_ids": torch.tensor([[7]]), "cache": Cache(5)})
+    assert router.ids.tolist() == [[0]]  # decode step: text, whatever the id
+    router.hook(None, (), {"inputs_embeds": torch.zeros(1, 2, 4)})
+    assert router.ids is None
+    with router.scope(torch.tensor([[1, 1]])):
+        router.hook(None, (), {"input_ids": torch.tensor([[0, 0]])})
+        assert router.ids.tolist() == [[1, 1]]  # explicit scope wins over the hook
+        router.clear()
+        assert router.ids is not None
+    with pytest.raises(RuntimeError, match="modality ids are not set"):
+        router.rows(torch.zeros(1, 2, 4))

@@ -1,0 +1,82 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from masquant import Modality, QuantConfig, QuantLinear
+from masquant.modality import NUM_MODALITIES, ModalityRouter
+from masquant.primitives import IntGrid, fake_quantize_per_token, quantize_weight
+
+
+def make(smooth, a_bits=8, w_bits=8, bias=True):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8, bias=bias)
+    router = ModalityRouter({})
+    config = QuantConfig(method="rtn", w_bits=w_bits, a_bits=a_bits)
+    return linear, router, QuantLinear.from_linear(linear, smooth, config, router)
+
+
+def test_matches_the_reference_formula_for_text():
+    s = torch.rand(NUM_MODALITIES, 16) + 0.5
+    linear, router, q = make(s)
+    x = torch.randn(2, 5, 16)
+    w_hat = quantize_weight(linear.weight.detach() * s[0], IntGrid(8)).dequantize()
+    expected = F.linear(fake_quantize_per_token(x / s[0], 8), w_hat, linear.bias)
+    with router.scope(torch.zeros(2, 5, dtype=torch.long)):
+        assert torch.allclose(q(x), expected, atol=1e-5)
+
+
+def test_each_token_uses_its_modality_row():
+    s = torch.ones(NUM_MODALITIES, 16)
+    s[Modality.VISION] = torch.linspace(0.2, 5.0, 16)
+    s[Modality.AUDIO] = 3.0
+    linear, router, q = make(s, a_bits=16)
+    x = torch.randn(1, 6, 16)
+    ids = torch.tensor([[0, 1, 2, 1, 0, 2]])
+    w_hat = q.dequantized_weight()
+    with router.scope(ids):
+        y = q(x)
+    for t, m in enumerate(ids[0].tolist()):
+        expected = F.linear(x[0, t] / s[m], w_hat, linear.bias)
+        assert torch.allclose(y[0, t], expected, atol=1e-5)
+    # a different modality assignment changes the output of exactly those rows
+    with router.scope(torch.zeros_like(ids)):
+        y_text = q(x)
+    changed = (y - y_text).abs().amax(-1)[0] > 1e-6
+    assert changed.tolist() == [False, True, True, True, False, True]
+
+
+def test_smoothing_is_exact_without_quantization_error_in_activations():
+    """(x / s) (W s)^T == x W^T: with 8-bit weights the smoothed layer stays close to FP."""
+    s = torch.rand(NUM_MODALITIES, 16) * 4 + 0.25
+    s[:] = s[0]
+    linear, _router, q = make(s, a_bits=16)
+    x = torch.randn(4, 16)
+    rel = (q(x) - linear(x)).norm() / linear(x).norm()
+    assert float(rel) < 0.02
+
+
+def test_uniform_tables_need_no_ids_but_per_modality_tables_do():
+    _, _, q = make(torch.ones(NUM_MODALITIES, 16))
+    q(torch.randn(3, 16))  # no router ids needed
+    s = torch.ones(NUM_MODALITIES, 16)
+    s[1] = 2.0
+    _, router, q2 = make(s)
+    with pytest.raises(RuntimeError, match="modality ids are not set"):
+        q2(torch.randn(3, 16))
+    with router.scope(torch.zeros(4, dtype=torch.long)), pytest.raises(RuntimeError, match="do not match"):
+        q2(torch.randn(3, 16))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_bad_smoothing_factors_are_rejected(bad):
+    s = torch.ones(NUM_MODALITIES, 16)
+    s[0, 3] = bad
+    with pytest.raises(ValueError, match="finite and positive"):
+        make(s)
+
+
+def test_state_dict_holds_one_integer_weight():
+    _, _, q = make(torch.ones(NUM_MODALITIES, 16), w_bits=4)
+    state = q.state_dict()
+    assert state["qweight"].dtype == torch.int8 and int(state["qweight"].abs().max()) <= 8
+    assert set(state) == {"qweight", "w_scale", "w_zero", "smooth", "bias"}
