@@ -12,7 +12,12 @@ def test_round_trip_with_version():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"method": "gptq"}, "unknown method 'gptq'"),
-    ({"method": "masquant"}, "not implemented yet"),
+    ({"method": "masquant", "rank": -1}, "rank must be"),
+    ({"method": "masquant", "rank": 1.5}, "rank must be"),
+    ({"method": "masquant", "residual": "int"}, "residual must be"),
+    ({"method": "mas", "lambdas": {"video": 1.0}}, "lambdas must map"),
+    ({"method": "mas", "lambdas": "magic"}, "lambdas must be"),
+    ({"method": "mas", "lr": 0}, "lr must be positive"),
     ({"w_bits": 1}, r"w_bits must be an integer in \[2, 8\]"),
     ({"w_bits": 16}, r"w_bits must be an integer"),
     ({"a_bits": 12}, r"a_bits must be an integer in \[2, 8\] or 16"),

@@ -78,5 +78,5 @@ def test_bad_smoothing_factors_are_rejected(bad):
 def test_state_dict_holds_one_integer_weight():
     _, _, q = make(torch.ones(NUM_MODALITIES, 16), w_bits=4)
     state = q.state_dict()
-    assert state["qweight"].dtype == torch.int8 and int(state["qweight"].abs().max()) <= 8
-    assert set(state) == {"qweight", "w_scale", "w_zero", "smooth", "bias"}
+    assert state["qweight.codes"].dtype == torch.int8 and int(state["qweight.codes"].abs().max()) <= 8
+    assert set(state) == {"qweight.codes", "qweight.scale", "qweight.zero", "smooth", "bias"}

@@ -52,10 +52,15 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     model.eval()
     table = adapter.token_table(model.config)
     router = ModalityRouter(table)
+    method = METHODS[config.method]
     try:
+        inputs = _validate_all(model, adapter, calib)
+        prepared = method.prepare(model, adapter, inputs, config) if hasattr(method, "prepare") else {}
         with torch.no_grad():
-            samples = _capture_all(model, adapter, calib, progress)
-        reports = quantize_layers(model, adapter, samples, config, router, METHODS[config.method], progress)
+            samples = [capture(model, adapter, x, modality_ids(model, x["input_ids"], adapter))
+                       for x in tqdm(inputs, desc="capture", unit="sample", disable=not progress)]
+        del inputs
+        reports = quantize_layers(model, adapter, samples, config, router, method, prepared, progress)
     finally:
         model.train(was_training)
     attach_router(model, router)
@@ -66,14 +71,13 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     return QuantReport(config.to_dict(), adapter.name, len(samples), tokens, reports, seconds)
 
 
-def _capture_all(model: nn.Module, adapter: Adapter, calib: Iterable[Mapping], progress: bool) -> list[Captured]:
+def _validate_all(model: nn.Module, adapter: Adapter, calib: Iterable[Mapping]) -> list[dict]:
     device = next(model.parameters()).device
     samples = []
-    for index, sample in enumerate(tqdm(calib, desc="capture", unit="sample", disable=not progress)):
+    for index, sample in enumerate(calib):
         sample = validate_sample(sample, index, device)
-        ids = modality_ids(model, sample["input_ids"], adapter)
-        _check_features(sample, ids, index, adapter)
-        samples.append(capture(model, adapter, sample, ids))
+        _check_features(sample, modality_ids(model, sample["input_ids"], adapter), index, adapter)
+        samples.append(sample)
     if not samples:
         raise CalibrationError("the calibration set is empty; pass at least one sample "
                                "(a dict with input_ids, as the model's processor returns it)")

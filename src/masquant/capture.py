@@ -26,6 +26,7 @@ class Captured:
     layer_kwargs: list[dict]  # keyword arguments of each decoder layer
     ids: torch.Tensor  # modality ids, [1, seq]
     valid: torch.Tensor  # attention mask as bool, [1, seq]
+    answer: torch.Tensor  # text tokens that count as answers (labels != -100, or all text), [1, seq]
 
 
 class _Stop(Exception):
@@ -60,7 +61,7 @@ def capture(model: nn.Module, adapter: Adapter, sample: dict, ids: torch.Tensor)
         for i, layer in enumerate(originals):
             layers[i] = _Recorder(layer, sinks[i])
         with contextlib.suppress(_Stop):
-            model(**sample, use_cache=False)
+            model(**{k: v for k, v in sample.items() if k != "labels"}, use_cache=False)
     finally:
         handle.remove()
         for i, layer in enumerate(originals):
@@ -71,4 +72,7 @@ def capture(model: nn.Module, adapter: Adapter, sample: dict, ids: torch.Tensor)
     hidden = sinks[0][0][0]
     mask = sample.get("attention_mask")
     valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-    return Captured(hidden, [kw for _, kw in (s[0] for s in sinks)], ids, valid)
+    labels = sample.get("labels")
+    answer = (labels != -100) if labels is not None else torch.ones_like(valid)
+    answer = answer & valid & (ids == 0)
+    return Captured(hidden, [kw for _, kw in (s[0] for s in sinks)], ids, valid, answer)

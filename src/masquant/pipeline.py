@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from .arch import Adapter, LinearGroup
 from .capture import Captured
+from .compensation import compensate_linear
 from .config import QuantConfig
-from .modality import NUM_MODALITIES, ModalityRouter
+from .modality import NUM_MODALITIES, Modality, ModalityRouter
 from .qlinear import QuantLinear, replace_module
 from .report import LayerReport, LinearReport, SqnrMeter, activation_summary
 from .stats import SiteStats, StatsCollector, TokenContext
@@ -27,10 +28,18 @@ from .stats import SiteStats, StatsCollector, TokenContext
 
 @dataclass
 class LayerPlan:
-    """What a method decided for one layer: a smoothing table ``[modalities, in]`` per group."""
+    """What a method decided for one layer.
+
+    * ``smooth``: a smoothing table ``[modalities, in]`` per group;
+    * ``per_modality_weights``: non-text modalities that get their own quantized weight
+      (MAS-only); empty = one stored weight per linear;
+    * ``compensate``: add CMC low-rank patches to groups with per-modality smoothing.
+    """
 
     smooth: dict[str, torch.Tensor]
     info: dict[str, dict] = field(default_factory=dict)
+    per_modality_weights: tuple[Modality, ...] = ()
+    compensate: bool = False
 
 
 @dataclass
@@ -46,6 +55,7 @@ class LayerContext:
     tokens: TokenContext
     stats: dict[str, SiteStats] = field(default_factory=dict)
     fp_outputs: list[torch.Tensor] = field(default_factory=list)
+    prepared: dict = field(default_factory=dict)  # what the method's prepare() measured on the model
 
     def groups(self) -> list[LinearGroup]:
         return list(self.adapter.groups)
@@ -79,25 +89,50 @@ class LayerContext:
     def run_all(self) -> list[torch.Tensor]:
         return [self.run(i) for i in range(len(self.samples))]
 
+    def modalities(self) -> list[Modality]:
+        """Modalities with calibration tokens in this layer."""
+        return sorted({m for site in self.stats.values() for m in site.per_modality})
+
     def collect(self, second_moments: bool = False) -> None:
-        """Run the full-precision layer once: input statistics and target outputs."""
-        paths = [p for g in self.groups() for p in g.linears]
+        """Run the full-precision layer once: input statistics and target outputs.
+
+        ``second_moments``: also accumulate ``X^T X`` at the inputs of smoothed groups.
+        """
+        paths = [g.linears[0] for g in self.groups()]  # a group's linears share one input
+        second = {g.linears[0] for g in self.groups() if second_moments and self.smoothed(g)}
         collector = StatsCollector({p: self.layer.get_submodule(p) for p in paths}, self.tokens,
-                                   second_moments, where=f"layer {self.index} ")
+                                   second, where=f"layer {self.index} ")
         try:
             self.fp_outputs = self.run_all()
         finally:
             collector.remove()
         self.stats = collector.sites
+        for group in self.groups():
+            for path in group.linears[1:]:
+                self.stats[path] = self.stats[group.linears[0]]
 
-    def block_mse(self, smooth: dict[str, torch.Tensor]) -> float:
-        """Mean squared error of the layer output against FP, with only the given groups quantized."""
+    def block_mse(self, smooth: dict[str, torch.Tensor], weights: dict[Modality, float] | None = None,
+                  answer_only: bool = False) -> float:
+        """Squared error of the layer output against FP with only the given groups quantized.
+
+        Without ``weights`` it is the plain MSE over valid tokens. With ``weights``, each
+        modality's summed error is weighted and divided by the number of counted elements;
+        ``answer_only`` drops text tokens that are not answer tokens (MBQ).
+        """
         with self.quantized(smooth):
             total, count = 0.0, 0
             for i, sample in enumerate(self.samples):
-                diff = (self.run(i) - self.fp_outputs[i])[sample.valid]
-                total += float(diff.double().pow(2).sum())
-                count += diff.numel()
+                err = (self.run(i) - self.fp_outputs[i]).double().pow(2).sum(-1)
+                keep = sample.valid & (sample.answer | (sample.ids != int(Modality.TEXT)) if answer_only else
+                                       sample.valid)
+                if weights is None:
+                    total += float(err[keep].sum())
+                else:
+                    w = torch.zeros(NUM_MODALITIES, dtype=err.dtype, device=err.device)
+                    for m, value in weights.items():
+                        w[int(m)] = value
+                    total += float((err * w[sample.ids.to(err.device)])[keep].sum())
+                count += int(keep.sum()) * self.fp_outputs[i].shape[-1]
         return total / max(count, 1)
 
     @contextlib.contextmanager
@@ -111,14 +146,20 @@ class LayerContext:
                 replace_module(self.layer, path, linear)
 
     def apply(self, plan: LayerPlan) -> dict[str, nn.Linear]:
-        """Swap in quantized linears; returns the original modules by path."""
+        """Swap in quantized linears (and their patches); returns the original modules by path."""
         originals = {}
         for group in self.groups():
             if group.name not in plan.smooth:
                 continue
+            table = plan.smooth[group.name]
+            distinct = not bool((table == table[:1]).all())  # extra weights / patches only where rows differ
             for path in group.linears:
                 linear = self.layer.get_submodule(path)
-                qlinear = QuantLinear.from_linear(linear, plan.smooth[group.name], self.config, self.router)
+                qlinear = QuantLinear.from_linear(linear, table, self.config, self.router,
+                                                  plan.per_modality_weights if distinct else ())
+                if plan.compensate and distinct:
+                    plan.info.setdefault("compensation", {})[path] = compensate_linear(
+                        qlinear, linear, self.stats[path], self.config, where=f"layer {self.index} {path}: ")
                 originals[path] = replace_module(self.layer, path, qlinear)
         return originals
 
@@ -137,7 +178,8 @@ class LayerContext:
         finally:
             for handle in handles:
                 handle.remove()
-        linears = {p: LinearReport(meters[p].result(), activation_summary(self.stats[p])) for p in originals}
+        linears = {p: LinearReport(meters[p].result(), activation_summary(self.stats[p]),
+                                   self.layer.get_submodule(p).storage_bytes()) for p in originals}
         return outputs, LayerReport(self.index, layer_meter.result(), linears)
 
     def _sqnr_hook(self, fp_linear: nn.Linear, meter: SqnrMeter) -> Callable:
@@ -154,7 +196,8 @@ Method = Callable[[LayerContext], LayerPlan]
 
 @torch.no_grad()
 def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured], config: QuantConfig,
-                    router: ModalityRouter, method: Method, progress: bool = True) -> list[LayerReport]:
+                    router: ModalityRouter, method: Method, prepared: dict | None = None,
+                    progress: bool = True) -> list[LayerReport]:
     """Quantize every decoder layer in order; each layer sees the quantized previous ones."""
     layers = adapter.decoder_layers(model)
     tokens, reports = TokenContext(), []
@@ -162,12 +205,14 @@ def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured],
     bar = tqdm(range(len(layers)), desc=f"{config.method} W{config.w_bits}A{config.a_bits}",
                unit="layer", disable=not progress)
     for i in bar:
-        ctx = LayerContext(i, layers[i], adapter, config, router, samples, tokens)
+        ctx = LayerContext(i, layers[i], adapter, config, router, samples, tokens, prepared=prepared or {})
         ctx.collect(second_moments=second)
         plan = method(ctx)
         originals = ctx.apply(plan)
         outputs, report = ctx.measure(originals)
-        report.groups = plan.info
+        report.groups = {k: v for k, v in plan.info.items() if k != "compensation"}
+        for path, comp in plan.info.get("compensation", {}).items():
+            report.linears[path].compensation = comp
         for sample, out in zip(samples, outputs, strict=False):
             sample.hidden = out
         reports.append(report)

@@ -51,6 +51,8 @@ def activation_summary(site: SiteStats) -> dict[str, dict[str, float]]:
 class LinearReport:
     sqnr: dict[str, float]
     activations: dict[str, dict[str, float]]
+    storage: dict[str, int] = field(default_factory=dict)  # bytes at rest: weight(s), patches
+    compensation: dict[str, dict[str, Any]] = field(default_factory=dict)  # CMC, per modality
 
 
 @dataclass
@@ -117,4 +119,5 @@ def _inf(values: dict[str, float | None]) -> dict[str, float]:
 
 def _linear_from_dict(data: dict[str, Any]) -> LinearReport:
     acts = {m: _inf(v) for m, v in data["activations"].items()}
-    return LinearReport(sqnr=_inf(data["sqnr"]), activations=acts)
+    return LinearReport(sqnr=_inf(data["sqnr"]), activations=acts, storage=data.get("storage", {}),
+                        compensation=data.get("compensation", {}))

@@ -81,9 +81,13 @@ class TokenContext:
 
 
 class StatsCollector:
-    """Forward pre-hooks that accumulate ``SiteStats`` for the inputs of named linears."""
+    """Forward pre-hooks that accumulate ``SiteStats`` for the inputs of named linears.
 
-    def __init__(self, modules: dict[str, nn.Module], tokens: TokenContext, second_moments: bool = False,
+    ``second_moments`` names the sites that also accumulate ``X^T X`` (float64) for their
+    non-text tokens, which is all the compensation step needs.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], tokens: TokenContext, second_moments: set[str] = frozenset(),
                  where: str = ""):
         self.sites = {name: SiteStats() for name in modules}
         self.tokens, self.second_moments, self.where = tokens, second_moments, where
@@ -99,7 +103,8 @@ class StatsCollector:
             site = self.sites[name]
             for modality, part in self.tokens.split(rows).items():
                 if modality not in site.per_modality:
-                    site.per_modality[modality] = ChannelStats.empty(rows.shape[1], self.second_moments, rows.device)
+                    second = name in self.second_moments and modality != Modality.TEXT  # only CMC uses them
+                    site.per_modality[modality] = ChannelStats.empty(rows.shape[1], second, rows.device)
                 site.per_modality[modality].update(part)
         return hook
 

@@ -21,4 +21,4 @@ def register(name: str, second_moments: bool = False) -> Callable[[Callable], Ca
     return wrap
 
 
-from . import awq, rtn, smoothquant  # noqa: E402,F401  (registration)
+from . import awq, mas, mbq, rtn, smoothquant  # noqa: E402,F401  (registration)

@@ -1,0 +1,120 @@
+"""Cross-modal low-rank compensation (CMC): whitened truncated SVD of weight residuals.
+
+For a modality m the stored text weight ``Wq = Q(W * s_text)`` leaves a residual
+``dW = W * s_m - Wq``. What matters is its effect on that modality's smoothed activations
+``X~ = X_m / s_m``: the patch ``L1 @ L2`` (``[in, r] @ [r, out]``) minimises
+``|| X~ (dW^T - L1 L2) ||_F`` over rank-r matrices. With ``C = X~^T X~ = T^T T``
+(``T = Lambda^1/2 U^T``), the optimum is the truncated SVD of ``T dW^T``, mapped back by
+``T^-1`` (the SVD-LLM truncation-aware whitening argument). All of it runs in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("masquant")
+
+SPECTRUM_KEEP = 64  # singular values kept in reports
+
+
+@dataclass
+class LowRank:
+    """A rank-r patch and what it cost / kept."""
+
+    l1: torch.Tensor  # [in, r]
+    l2: torch.Tensor  # [r, out]
+    spectrum: list[float]  # leading singular values of the (whitened) residual
+    energy_kept: float  # fraction of squared singular values inside the rank
+
+
+def resolve_rank(rank: int | float, in_features: int, out_features: int, where: str = "") -> int:
+    """An int rank as is, a float as a ratio of min(in, out); clamped to min(in, out) with a warning."""
+    full = min(in_features, out_features)
+    r = round(rank * full) if isinstance(rank, float) else int(rank)
+    if r > full:
+        log.warning("%srank %d exceeds min(in, out) = %d; using full rank %d (exact compensation)",
+                    where, r, full, full)
+        r = full
+    return r
+
+
+def whitening(cov: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``T`` and ``T^-1`` with ``T^T T = cov + ridge * mean(diag(cov)) * I`` (float64)."""
+    cov = cov.double()
+    n = cov.shape[0]
+    damp = ridge * float(cov.diagonal().mean()) if ridge > 0 else 0.0
+    cov = cov + damp * torch.eye(n, dtype=cov.dtype, device=cov.device)
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    floor = torch.finfo(torch.float64).eps * max(float(eigvals.max()), 1e-300) * n
+    if float(eigvals.min()) <= floor:
+        raise ValueError(
+            "activation covariance is singular (too few calibration tokens for this modality, or dead "
+            "channels); raise `ridge` (e.g. 1e-4) or add calibration samples")
+    root = eigvals.sqrt()
+    return root[:, None] * eigvecs.T, eigvecs / root[None, :]
+
+
+def low_rank_patch(delta_w: torch.Tensor, rank: int, cov: torch.Tensor | None = None,
+                   ridge: float = 0.0) -> LowRank:
+    """Rank-``rank`` factors of ``delta_w.T`` (``delta_w`` is ``[out, in]``).
+
+    With ``cov`` (``X~^T X~``) the truncation is whitened; without it, plain SVD.
+    """
+    target = delta_w.double().T  # [in, out]
+    if cov is None:
+        u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
+        l1 = u[:, :rank]
+    else:
+        t, t_inv = whitening(cov, ridge)
+        u, sigma, vh = torch.linalg.svd(t @ target, full_matrices=False)
+        l1 = t_inv @ u[:, :rank]
+    l2 = sigma[:rank, None] * vh[:rank]
+    energy = sigma.pow(2)
+    kept = float(energy[:rank].sum() / energy.sum()) if float(energy.sum()) > 0 else 1.0
+    return LowRank(l1, l2, sigma[:SPECTRUM_KEEP].tolist(), kept)
+
+
+def smoothed_covariance(second_moment: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+    """Covariance of ``X / s`` from that of ``X``: ``diag(1/s) X^T X diag(1/s)``."""
+    inv = 1.0 / smooth.double()
+    return second_moment.double() * inv[:, None] * inv[None, :]
+
+
+def compensate_linear(qlinear, linear: torch.nn.Linear, site, config, where: str = "") -> dict[str, dict]:
+    """Attach a CMC patch to ``qlinear`` for every non-text modality of ``site``; return the report.
+
+    ``qlinear`` holds ``Q(W * s_text)`` and the per-modality smoothing table; ``site`` holds
+    the per-modality second moments of the layer input (unsmoothed).
+    """
+    from .modality import Modality
+
+    text_weight = qlinear.dequantized_weight().double()
+    info = {}
+    for modality, stats in sorted(site.per_modality.items()):
+        if modality == Modality.TEXT:
+            continue
+        smooth = qlinear.smooth[int(modality)].double()
+        if config.residual == "quantized":
+            target = qlinear.quantize_smoothed(linear.weight, modality).dequantize().double()
+        else:
+            target = linear.weight.detach().double() * smooth
+        delta = target - text_weight
+        rank = resolve_rank(config.rank, linear.in_features, linear.out_features, where)
+        cov = smoothed_covariance(stats.second, smooth)
+        whitened = low_rank_patch(delta, rank, cov, config.ridge)
+        plain = low_rank_patch(delta, rank)
+        chosen = whitened if config.whiten else plain
+        if rank > 0:
+            qlinear.add_patch(modality, chosen.l1, chosen.l2)
+        patch_bytes = rank * (linear.in_features + linear.out_features) * qlinear.smooth.new_empty(
+            0, dtype=qlinear.compute_dtype).element_size()
+        info[modality.name.lower()] = {
+            "rank": rank, "whiten": config.whiten, "residual": config.residual, "ridge": config.ridge,
+            "tokens": stats.count, "energy_kept": chosen.energy_kept,
+            "whitened_energy_kept": whitened.energy_kept, "plain_energy_kept": plain.energy_kept,
+            "whitened_spectrum": whitened.spectrum, "plain_spectrum": plain.spectrum, "patch_bytes": patch_bytes,
+        }
+    return info

@@ -1,0 +1,157 @@
+"""Modality-aware smoothing (MAS), and MASQuant = MAS + cross-modal compensation.
+
+Every smoothed linear group gets one vector per modality, initialised with the
+per-modality SmoothQuant rule ``s_m = sqrt(max|X_m| / max|W|)`` and then learned per
+decoder layer: AdamW on the modality-weighted MAE of the layer output,
+``(sum_text |dY| + l_vision sum_vision |dY| + l_audio sum_audio |dY|) / #elements``,
+with weights ``Q(W * s_m)`` and activations fake-quantized (straight-through rounding)
+and every entry of ``s`` kept >= ``min_scale``.
+
+``method="mas"`` stores one quantized weight per modality (the ablation upper bound);
+``method="masquant"`` stores only ``Q(W * s_text)`` and adds low-rank patches
+(``masquant.compensation``). A modality without calibration tokens falls back to the text
+vector (its tokens are then treated exactly like text) and a warning is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..gradients import modality_gradient_ratios
+from ..modality import Modality
+from ..pipeline import LayerContext, LayerPlan
+from ..primitives import IntGrid, fake_quantize_per_token, fake_quantize_weight
+from ..qlinear import replace_module
+from . import register
+from .smoothquant import group_weight_absmax, smoothquant_vector
+
+log = logging.getLogger("masquant")
+
+
+class _TrainableLinear(nn.Module):
+    """Fake-quantized linear with a (learnable) per-modality smoothing table, MAS-only form."""
+
+    def __init__(self, linear: nn.Linear, smooth: torch.Tensor, ctx: LayerContext, modalities: list[Modality]):
+        super().__init__()
+        self.linear, self.smooth, self.ctx, self.modalities = linear, smooth, ctx, modalities
+        self.grid = IntGrid(ctx.config.w_bits, ctx.config.w_symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = self.ctx.router.rows(x)
+        rows = x.reshape(-1, self.linear.in_features)
+        out = rows.new_zeros(rows.shape[0], self.linear.out_features)
+        for m in self.modalities:
+            idx = (ids == int(m)).nonzero().squeeze(1)
+            if idx.numel():
+                s = self.smooth[int(m)]
+                xq = fake_quantize_per_token(rows.index_select(0, idx) / s, self.ctx.config.a_bits)
+                wq = fake_quantize_weight(self.linear.weight * s, self.grid, self.ctx.config.w_group_size)
+                out = out.index_copy(0, idx, F.linear(xq, wq, self.linear.bias))
+        return out.reshape(*x.shape[:-1], self.linear.out_features)
+
+
+def initial_table(ctx: LayerContext, group) -> torch.Tensor:
+    """Per-modality SmoothQuant (alpha 0.5) vectors; absent modalities copy the text row."""
+    site, wmax = ctx.site(group), group_weight_absmax(ctx, group)
+    present = sorted(site.per_modality)
+    base = Modality.TEXT if Modality.TEXT in present else present[0]
+    rows = [smoothquant_vector(site.absmax(m if m in present else base), wmax, 0.5) for m in Modality]
+    return torch.stack(rows).clamp_min(ctx.config.min_scale)
+
+
+def layer_lambdas(ctx: LayerContext) -> dict[Modality, float]:
+    if ctx.config.lambdas == "auto":
+        ratios = ctx.prepared["ratios"][ctx.index]
+        return {m: ratios.get(m, 1.0) for m in Modality}
+    return {m: ctx.config.lambda_of(m.name.lower()) for m in Modality}
+
+
+def learn_tables(ctx: LayerContext, tables: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Optimise the smoothing tables of the smoothed groups on the layer-output loss."""
+    modalities = ctx.modalities()
+    params = {g.name: nn.Parameter(tables[g.name].clone()) for g in ctx.groups() if ctx.smoothed(g)}
+    swapped, frozen = {}, [p for p in ctx.layer.parameters() if p.requires_grad]
+    for group in ctx.groups():
+        table = params.get(group.name, tables[group.name])
+        for path, linear in zip(group.linears, ctx.linears(group), strict=True):
+            swapped[path] = replace_module(ctx.layer, path, _TrainableLinear(linear, table, ctx, modalities))
+    weights = torch.tensor([layer_lambdas(ctx)[m] for m in Modality], dtype=torch.float32)
+    history: list[float] = []
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        if params and ctx.config.epochs:
+            history = _optimise(ctx, list(params.values()), weights)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for path, linear in swapped.items():
+            replace_module(ctx.layer, path, linear)
+    return {**tables, **{k: p.detach().clamp_min(ctx.config.min_scale) for k, p in params.items()}}, history
+
+
+def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tensor) -> list[float]:
+    config = ctx.config
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    history = []
+    with torch.enable_grad():
+        for _ in range(config.epochs):
+            total = 0.0
+            for i, sample in enumerate(ctx.samples):
+                loss = _weighted_mae(ctx.run(i), ctx.fp_outputs[i], sample, weights)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    for p in params:
+                        p.clamp_(min=config.min_scale)
+                total += float(loss.detach())
+            history.append(total / len(ctx.samples))
+    return history
+
+
+def _weighted_mae(out: torch.Tensor, ref: torch.Tensor, sample, weights: torch.Tensor) -> torch.Tensor:
+    err = (out - ref).abs().sum(-1)  # [batch, seq]
+    w = weights.to(err.device)[sample.ids.to(err.device)]
+    keep = sample.valid.to(err.device)
+    return (err * w)[keep].sum() / (int(keep.sum()) * out.shape[-1])
+
+
+def _fit(ctx: LayerContext, compensate: bool) -> LayerPlan:
+    tables = {g.name: initial_table(ctx, g) if ctx.smoothed(g) else ctx.identity(g) for g in ctx.groups()}
+    _warn_missing(ctx)
+    tables, history = learn_tables(ctx, tables)
+    present = tuple(m for m in ctx.modalities() if m != Modality.TEXT)
+    info = {"mas": {"loss_per_epoch": history, "lambdas": {m.name.lower(): v for m, v in layer_lambdas(ctx).items()}}}
+    return LayerPlan(tables, info, per_modality_weights=() if compensate else present, compensate=compensate)
+
+
+def _warn_missing(ctx: LayerContext) -> None:
+    expected = {Modality.TEXT, *ctx.router.table.values()}
+    missing = sorted(expected - set(ctx.modalities()))
+    if missing and ctx.index == 0:
+        log.warning("no calibration tokens for %s: those tokens will use the text smoothing vector and no patch",
+                    ", ".join(m.name.lower() for m in missing))
+
+
+def _prepare(model, adapter, samples, config) -> dict:
+    if config.lambdas != "auto":
+        return {}
+    return {"ratios": modality_gradient_ratios(model, adapter, samples)}
+
+
+@register("mas")
+def mas(ctx: LayerContext) -> LayerPlan:
+    return _fit(ctx, compensate=False)
+
+
+@register("masquant", second_moments=True)
+def masquant(ctx: LayerContext) -> LayerPlan:
+    return _fit(ctx, compensate=True)
+
+
+mas.prepare = masquant.prepare = _prepare

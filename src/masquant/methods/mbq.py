@@ -1,0 +1,46 @@
+"""MBQ (Modality-Balanced Quantization, CVPR 2025): a modality-weighted scale search.
+
+Per layer, the error on non-text tokens is weighted by the gradient ratio of that modality
+to the answer text (``masquant.gradients``); text tokens that are not answers do not count.
+One unified vector per group is searched on a grid of exponents: AWQ's ``mean|x|^a``
+family for weight-only quantization (``a_bits=16``), SmoothQuant's
+``max|X|^a / max|W|^(1-a)`` family for weight-activation quantization.
+"""
+
+from __future__ import annotations
+
+from ..gradients import modality_gradient_ratios
+from ..modality import NUM_MODALITIES
+from ..pipeline import LayerContext, LayerPlan
+from . import register
+from .awq import awq_vector
+from .smoothquant import group_weight_absmax, smoothquant_vector
+
+
+def candidate(ctx: LayerContext, group, exponent: float):
+    site = ctx.site(group)
+    if ctx.config.a_bits >= 16:
+        return awq_vector(site.absmean(), exponent)
+    return smoothquant_vector(site.absmax(), group_weight_absmax(ctx, group), exponent)
+
+
+@register("mbq")
+def mbq(ctx: LayerContext) -> LayerPlan:
+    weights = ctx.prepared["ratios"][ctx.index]
+    plan = LayerPlan({}, {"mbq": {"weights": {m.name.lower(): w for m, w in weights.items()}}})
+    for group in ctx.groups():
+        plan.smooth[group.name] = ctx.identity(group)
+        if not ctx.smoothed(group):
+            continue
+        losses = {}
+        for k in range(ctx.config.awq_grid):
+            exponent = k / ctx.config.awq_grid
+            table = candidate(ctx, group, exponent).expand(NUM_MODALITIES, -1).clone()
+            losses[exponent] = (ctx.block_mse({group.name: table}, weights, answer_only=True), table)
+        best = min(losses, key=lambda a: losses[a][0])
+        plan.smooth[group.name] = losses[best][1]
+        plan.info[group.name] = {"alpha": best, "weighted_mse": losses[best][0]}
+    return plan
+
+
+mbq.prepare = lambda model, adapter, samples, config: {"ratios": modality_gradient_ratios(model, adapter, samples)}

@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from masquant import Modality, QuantConfig, QuantLinear
+from masquant.compensation import compensate_linear, low_rank_patch, resolve_rank, smoothed_covariance, whitening
+from masquant.modality import NUM_MODALITIES, ModalityRouter
+from masquant.stats import ChannelStats, SiteStats
+
+
+def anisotropic_activations(tokens=400, features=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(1, -2, features, dtype=torch.float64)
+    mix = torch.linalg.qr(torch.randn(features, features, generator=g, dtype=torch.float64))[0]
+    return torch.randn(tokens, features, generator=g, dtype=torch.float64) * scales @ mix
+
+
+def output_error(x, delta_w, patch):
+    return float(torch.linalg.norm(x @ (delta_w.T - patch.l1 @ patch.l2)))
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8, 16])
+def test_whitened_patch_is_the_closed_form_optimum_and_beats_plain_svd(rank):
+    x = anisotropic_activations()
+    delta_w = torch.randn(40, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    whitened = low_rank_patch(delta_w, rank, x.T @ x)
+    plain = low_rank_patch(delta_w, rank)
+    # independent optimum (Eckart-Young on the outputs): tail of the spectrum of X dW^T
+    sigma = torch.linalg.svdvals(x @ delta_w.T)
+    optimum = float(sigma[rank:].pow(2).sum().sqrt())
+    assert output_error(x, delta_w, whitened) == pytest.approx(optimum, rel=1e-6, abs=1e-9)
+    assert output_error(x, delta_w, whitened) <= output_error(x, delta_w, plain) + 1e-9
+    assert whitened.l1.shape == (24, rank) and whitened.l2.shape == (rank, 40)
+
+
+def test_whitening_factorises_the_covariance():
+    x = anisotropic_activations()
+    cov = x.T @ x
+    t, t_inv = whitening(cov)
+    assert torch.allclose(t.T @ t, cov, rtol=1e-8, atol=1e-8 * float(cov.abs().max()))
+    assert torch.allclose(t @ t_inv, torch.eye(24, dtype=torch.float64), atol=1e-8)
+
+
+def test_singular_covariance_needs_a_ridge():
+    x = anisotropic_activations(tokens=5)  # 5 tokens, 24 channels: rank 5
+    with pytest.raises(ValueError, match="raise `ridge`"):
+        whitening(x.T @ x)
+    t, _ = whitening(x.T @ x, ridge=1e-4)
+    assert torch.isfinite(t).all()
+
+
+def test_smoothed_covariance_matches_direct_computation():
+    x = anisotropic_activations()
+    s = torch.rand(24, dtype=torch.float64) + 0.5
+    assert torch.allclose(smoothed_covariance(x.T @ x, s), (x / s).T @ (x / s))
+
+
+def test_rank_resolution():
+    assert resolve_rank(32, 64, 128) == 32
+    assert resolve_rank(0.25, 64, 128) == 16
+    assert resolve_rank(0, 64, 128) == 0
+    assert resolve_rank(500, 64, 128) == 64  # clamped to full rank, with a warning
+
+
+def _vision_site(x):
+    stats = ChannelStats.empty(x.shape[1], True, x.device)
+    stats.update(x)
+    return SiteStats({Modality.VISION: stats})
+
+
+@pytest.mark.parametrize("residual", ["fp", "quantized"])
+def test_full_rank_reproduces_the_smoothed_weight_for_that_modality(residual):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 16)
+    x = anisotropic_activations().float()
+    smooth = torch.ones(NUM_MODALITIES, 24)
+    smooth[Modality.TEXT] = torch.rand(24) + 0.5
+    smooth[Modality.VISION] = torch.rand(24) * 3 + 0.1
+    config = QuantConfig(method="masquant", w_bits=4, a_bits=16, rank=1.0, residual=residual, ridge=0.0)
+    router = ModalityRouter({})
+    q = QuantLinear.from_linear(linear, smooth, config, router)
+    info = compensate_linear(q, linear, _vision_site(x), config)
+    assert info["vision"]["rank"] == 16
+    with router.scope(torch.full((x.shape[0],), int(Modality.VISION))), torch.no_grad():
+        y = q(x)
+    if residual == "fp":
+        expected = linear(x)  # (x/s_v) (W s_v)^T + b == x W^T + b
+    else:
+        expected = (x / smooth[Modality.VISION]) @ q.quantize_smoothed(linear.weight, Modality.VISION).dequantize().T
+        expected = expected + linear.bias
+    assert torch.allclose(y, expected.detach(), rtol=1e-4, atol=1e-4)
+    # text tokens are untouched by the patch
+    with router.scope(torch.zeros(x.shape[0], dtype=torch.long)), torch.no_grad():
+        y_text = q(x)
+    assert torch.allclose(y_text, torch.nn.functional.linear(x / smooth[0], q.dequantized_weight(), linear.bias))
+
+
+def test_patch_bytes_are_reported_next_to_the_weight():
+    linear = torch.nn.Linear(64, 32)
+    smooth = torch.ones(NUM_MODALITIES, 64)
+    smooth[Modality.VISION] = 2.0
+    config = QuantConfig(method="masquant", w_bits=4, rank=8)
+    q = QuantLinear.from_linear(linear, smooth, config, ModalityRouter({}))
+    info = compensate_linear(q, linear, _vision_site(anisotropic_activations(features=64).float()), config)
+    storage = q.storage_bytes()
+    assert storage["patches"] == info["vision"]["patch_bytes"] == 8 * (64 + 32) * 4
+    assert storage["weight"] == 64 * 32 // 2 + 2 * 32 * 4  # 4-bit codes packed + fp32 scale/zero
