@@ -33,3 +33,21 @@ def omni_samples(seeds, **kw):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+TEXT_OUTLIERS = [3, 17, 42]
+VISION_OUTLIERS = [8, 25, 51]
+
+
+def misaligned_vl(seed: int = 1):
+    """Tiny Qwen2.5-VL whose text and vision tokens have outliers in different channels, and
+    whose vision tokens are ~20x larger than text ones (planted for tests, not realism)."""
+    model = tiny.tiny_qwen2_5_vl(seed=seed)
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight[:, TEXT_OUTLIERS] *= 40.0
+        out = model.model.visual.merger.mlp[-1]
+        out.weight *= 20.0
+        out.bias *= 20.0
+        out.weight[VISION_OUTLIERS] *= 10.0
+        out.bias[VISION_OUTLIERS] *= 10.0
+    return model

@@ -90,15 +90,16 @@ def _audio_part(gen: torch.Generator, frames: int) -> tuple[list[int], dict]:
 
 
 def tiny_sample(seed: int, family: str = "vl", image: bool = True, audio: bool = False,
-                text_len: int = 12) -> dict:
+                text_len: int = 12, image_grid: int = 4) -> dict:
     """One synthetic sample laid out like that family's processor output (batch of 1).
 
-    ``family`` is ``"vl"`` (Qwen2.5-VL, which takes ``mm_token_type_ids``) or ``"omni"``.
+    ``family`` is ``"vl"`` (Qwen2.5-VL, which takes ``mm_token_type_ids``) or ``"omni"``;
+    an image of ``image_grid`` x ``image_grid`` patches gives ``image_grid**2 / 4`` tokens.
     """
     gen = torch.Generator().manual_seed(seed)
     ids, extra = [BOS, *_text_ids(gen, text_len // 2)], {}
     if image:
-        part, more = _image_part(gen, (1, 4, 4))
+        part, more = _image_part(gen, (1, image_grid, image_grid))
         ids += part
         extra.update(more)
     if audio:

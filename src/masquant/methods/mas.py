@@ -91,16 +91,20 @@ def learn_tables(ctx: LayerContext, tables: dict[str, torch.Tensor]) -> tuple[di
             p.requires_grad_(True)
         for path, linear in swapped.items():
             replace_module(ctx.layer, path, linear)
+    if len(history) == 2 and history[1] > history[0]:
+        log.info("layer %d: learned smoothing raised the loss (%.3g -> %.3g); keeping the initial vectors",
+                 ctx.index, *history)
+        return tables, history
     return {**tables, **{k: p.detach().clamp_min(ctx.config.min_scale) for k, p in params.items()}}, history
 
 
 def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tensor) -> list[float]:
+    """AdamW over the samples (batch 1) for ``epochs``; returns the mean loss before and after."""
     config = ctx.config
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    history = []
+    history = [_mean_loss(ctx, weights)]
     with torch.enable_grad():
         for _ in range(config.epochs):
-            total = 0.0
             for i, sample in enumerate(ctx.samples):
                 loss = _weighted_mae(ctx.run(i), ctx.fp_outputs[i], sample, weights)
                 opt.zero_grad(set_to_none=True)
@@ -109,9 +113,14 @@ def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tens
                 with torch.no_grad():
                     for p in params:
                         p.clamp_(min=config.min_scale)
-                total += float(loss.detach())
-            history.append(total / len(ctx.samples))
+    history.append(_mean_loss(ctx, weights))
     return history
+
+
+@torch.no_grad()
+def _mean_loss(ctx: LayerContext, weights: torch.Tensor) -> float:
+    losses = [float(_weighted_mae(ctx.run(i), ctx.fp_outputs[i], s, weights)) for i, s in enumerate(ctx.samples)]
+    return sum(losses) / len(losses)
 
 
 def _weighted_mae(out: torch.Tensor, ref: torch.Tensor, sample, weights: torch.Tensor) -> torch.Tensor:
@@ -126,7 +135,12 @@ def _fit(ctx: LayerContext, compensate: bool) -> LayerPlan:
     _warn_missing(ctx)
     tables, history = learn_tables(ctx, tables)
     present = tuple(m for m in ctx.modalities() if m != Modality.TEXT)
-    info = {"mas": {"loss_per_epoch": history, "lambdas": {m.name.lower(): v for m, v in layer_lambdas(ctx).items()}}}
+    for table in tables.values():  # absent modalities follow the (learned) text vector
+        for m in set(Modality) - {Modality.TEXT, *present}:
+            table[int(m)] = table[int(Modality.TEXT)]
+    lambdas = {m.name.lower(): v for m, v in layer_lambdas(ctx).items()}
+    info = {"mas": {"loss_before_after": history, "kept_learned": len(history) == 2 and history[1] <= history[0],
+                    "lambdas": lambdas}}
     return LayerPlan(tables, info, per_modality_weights=() if compensate else present, compensate=compensate)
 
 

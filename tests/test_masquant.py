@@ -1,0 +1,149 @@
+import copy
+import itertools
+import logging
+
+import pytest
+import torch
+
+import masquant
+from conftest import misaligned_vl, omni_samples, vl_samples
+from masquant import Modality, QuantConfig, QuantLinear, tiny
+from masquant.evaluate import compare
+
+
+@pytest.fixture(scope="module")
+def misaligned():
+    return misaligned_vl()
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return vl_samples(range(8), image_grid=8)  # 16 vision tokens per sample
+
+
+def run(model, calib, **kw):
+    qmodel = copy.deepcopy(model)
+    report = masquant.quantize(qmodel, calib, QuantConfig(**kw), progress=False)
+    return qmodel, report
+
+
+def test_misalignment_is_planted(misaligned, calib):
+    _, report = run(misaligned, calib, method="rtn")
+    acts = report.layers[0].linears["self_attn.q_proj"].activations
+    assert acts["text"]["outlier_ratio"] > 10
+    assert report.layers[0].linears["self_attn.o_proj"].activations["vision"]["absmax"] > 0
+
+
+def test_per_modality_smoothing_beats_unified_smoothquant(misaligned, calib):
+    """MAS at its per-modality SmoothQuant initialisation vs one unified vector (both alpha 0.5)."""
+    _, unified = run(misaligned, calib, method="smoothquant", w_bits=8, a_bits=8)
+    _, per_modality = run(misaligned, calib, method="mas", w_bits=8, a_bits=8, epochs=0)
+    u, p = unified.mean_output_sqnr(), per_modality.mean_output_sqnr()
+    # text is the non-dominant modality here (vision tokens are ~20x larger)
+    assert p["text"] > u["text"] + 1.0, (p, u)
+    assert p["vision"] > u["vision"], (p, u)
+
+
+def test_learning_lowers_the_layer_loss(misaligned, calib):
+    _, report = run(misaligned, calib, method="mas", w_bits=4, a_bits=8, epochs=2)
+    for layer in report.layers:
+        before, after = layer.groups["mas"]["loss_before_after"]
+        assert after < before and layer.groups["mas"]["kept_learned"]
+
+
+def test_rank_sweep_on_calibration_data(misaligned, calib):
+    _, mas_only = run(misaligned, calib, method="mas", w_bits=4, a_bits=8)
+    vision = {}
+    for rank in (0, 4, 8, 16, 32, 64):
+        _, report = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8, rank=rank)
+        vision[rank] = report.mean_output_sqnr()["vision"]
+    ranks = sorted(vision)
+    # raising the rank never makes the non-text SQNR worse
+    assert all(vision[b] >= vision[a] - 0.1 for a, b in itertools.pairwise(ranks)), vision
+    assert vision[32] > vision[0] + 10, vision  # per-modality vectors without a patch are clearly worse
+    assert vision[16] > mas_only.mean_output_sqnr()["vision"] - 1.0, (vision, mas_only.mean_output_sqnr())
+
+
+def test_masquant_stays_close_on_held_out_samples(misaligned, calib):
+    qmodel, _ = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8, rank=32)
+    mas_model, _ = run(misaligned, calib, method="mas", w_bits=4, a_bits=8)
+    sq_model, _ = run(misaligned, calib, method="smoothquant", w_bits=4, a_bits=8)
+    held_out = vl_samples(range(500, 504), image_grid=8)
+    ours, mas, sq = (compare(misaligned, m, held_out)["decoder_sqnr"] for m in (qmodel, mas_model, sq_model))
+    assert ours["vision"] > mas["vision"] - 1.0 and ours["text"] > mas["text"] - 1.0, (ours, mas)
+    assert ours["text"] > sq["text"] and ours["vision"] > sq["vision"], (ours, sq)
+
+
+def test_one_stored_weight_in_masquant_and_one_per_modality_in_mas(misaligned, calib):
+    qmodel, report = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8, rank=8)
+    mas_model, mas_report = run(misaligned, calib, method="mas", w_bits=4, a_bits=8)
+    layer = "model.language_model.layers.0."
+    for model, smoothed_count in ((qmodel, 1), (mas_model, 2)):
+        state = model.state_dict()
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj"):
+            codes = [k for k in state if k.startswith(layer + name + ".") and k.endswith(".codes")]
+            assert len(codes) == smoothed_count, codes
+        # down_proj is not smoothed: a single weight in both modes
+        assert len([k for k in state if k.startswith(layer + "mlp.down_proj.") and k.endswith(".codes")]) == 1
+    q = qmodel.model.language_model.layers[0].self_attn.q_proj
+    assert set(q.patches) == {"vision"} and q.patches["vision"].l1.shape == (64, 8)
+    comp = report.layers[0].linears["self_attn.q_proj"].compensation["vision"]
+    assert comp["rank"] == 8 and len(comp["whitened_spectrum"]) == 64 and 0 < comp["energy_kept"] <= 1
+    storage = report.layers[0].linears["self_attn.q_proj"].storage
+    assert storage["patches"] == comp["patch_bytes"] > 0
+    assert mas_report.layers[0].linears["self_attn.q_proj"].storage["weight"] == 2 * storage["weight"]
+
+
+def test_whitened_spectrum_decays_faster_than_plain(misaligned, calib):
+    _, report = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8, rank=8)
+    kept = [(c["vision"]["whitened_energy_kept"], c["vision"]["plain_energy_kept"])
+            for layer in report.layers for lin in layer.linears.values() if (c := lin.compensation)]
+    assert kept and sum(w > p for w, p in kept) >= 0.75 * len(kept), kept
+
+
+def test_plain_svd_ablation_is_worse_on_calibration_data(misaligned, calib):
+    _, whitened = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8, rank=8)
+    _, plain = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8, rank=8, whiten=False)
+    w = whitened.layers[0].linears
+    p = plain.layers[0].linears
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj"):
+        assert w[name].sqnr["vision"] > p[name].sqnr["vision"], (name, w[name].sqnr, p[name].sqnr)
+
+
+@pytest.mark.parametrize("family", ["vl", "omni"])
+def test_both_families_quantize_and_generate(family, vl_model, omni_model):
+    model = vl_model if family == "vl" else omni_model
+    samples = vl_samples(range(4), image_grid=8) if family == "vl" else omni_samples(range(4))
+    qmodel, report = run(model, samples, method="masquant", w_bits=4, a_bits=8, rank=8, epochs=1)
+    expected = {"vision"} | ({"audio"} if family == "omni" else set())
+    assert set(qmodel.model.language_model.layers[0].self_attn.q_proj.patches) == expected
+    assert set(report.layers[0].output_sqnr) == {"text"} | expected
+    out = qmodel.generate(**samples[0], max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == samples[0]["input_ids"].shape[1] + 4
+
+
+def test_absent_modality_falls_back_to_text_with_a_warning(omni_model, caplog):
+    samples = [tiny.tiny_sample(i, family="omni", image=True, audio=False) for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="masquant"):
+        qmodel, _ = run(omni_model, samples, method="masquant", w_bits=4, a_bits=8, rank=4, epochs=1)
+    assert "no calibration tokens for audio" in caplog.text
+    q = qmodel.model.language_model.layers[0].self_attn.q_proj
+    assert set(q.patches) == {"vision"}
+    assert torch.equal(q.smooth[Modality.AUDIO], q.smooth[Modality.TEXT])
+
+
+def test_auto_lambdas_and_mbq_use_gradient_ratios(misaligned, calib):
+    _, report = run(misaligned, calib, method="mas", w_bits=4, a_bits=8, lambdas="auto", epochs=1)
+    ratios = [layer.groups["mas"]["lambdas"]["vision"] for layer in report.layers]
+    assert all(r > 0 for r in ratios) and report.layers[0].groups["mas"]["lambdas"]["text"] == 1.0
+    assert min(ratios) >= sorted(ratios)[(len(ratios) - 1) // 2] - 1e-12  # floored at the median
+    _, mbq = run(misaligned, calib, method="mbq", w_bits=4, a_bits=8, awq_grid=5)
+    assert [layer.groups["mbq"]["weights"]["vision"] for layer in mbq.layers] == pytest.approx(ratios)
+    assert all(0 <= g["alpha"] < 1 for layer in mbq.layers for k, g in layer.groups.items() if k != "mbq")
+
+
+def test_mbq_weight_only_mode_runs(vl_model):
+    qmodel, report = run(vl_model, vl_samples(range(3)), method="mbq", w_bits=4, a_bits=16, w_group_size=32,
+                         w_symmetric=False, awq_grid=4)
+    assert isinstance(qmodel.model.language_model.layers[1].mlp.gate_proj, QuantLinear)
+    assert report.config["a_bits"] == 16
