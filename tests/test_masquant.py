@@ -54,14 +54,16 @@ def test_learning_lowers_the_layer_loss(misaligned, calib):
 def test_rank_sweep_on_calibration_data(misaligned, calib):
     _, mas_only = run(misaligned, calib, method="mas", w_bits=4, a_bits=8)
     vision = {}
-    for rank in (0, 4, 8, 16, 32, 64):
-        _, report = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8, rank=rank)
+    for rank in (0, 4, 8, 16, 32, 64):  # fixed per-modality vectors: the guard may not swap them
+        _, report = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8, rank=rank, cmc_guard=False)
         vision[rank] = report.mean_output_sqnr()["vision"]
     ranks = sorted(vision)
     # raising the rank never makes the non-text SQNR worse
     assert all(vision[b] >= vision[a] - 0.1 for a, b in itertools.pairwise(ranks)), vision
     assert vision[32] > vision[0] + 10, vision  # per-modality vectors without a patch are clearly worse
     assert vision[16] > mas_only.mean_output_sqnr()["vision"] - 1.0, (vision, mas_only.mean_output_sqnr())
+    _, guarded = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8, rank=0)
+    assert guarded.mean_output_sqnr()["vision"] > vision[0] + 5  # without a patch the guard picks text vectors
 
 
 def test_masquant_stays_close_on_held_out_samples(misaligned, calib):
@@ -147,3 +149,21 @@ def test_mbq_weight_only_mode_runs(vl_model):
                          w_symmetric=False, awq_grid=4)
     assert isinstance(qmodel.model.language_model.layers[1].mlp.gate_proj, QuantLinear)
     assert report.config["a_bits"] == 16
+
+
+def test_guard_routes_through_the_text_vector_when_the_patch_cannot_keep_up(misaligned, calib):
+    """At W8 the rank-8 patch cannot absorb W * (s_vision - s_text); the guard notices."""
+    held_out = vl_samples(range(500, 504), image_grid=8)
+    guarded, report = run(misaligned, calib, method="masquant", w_bits=8, a_bits=8, rank=8)
+    plain, plain_report = run(misaligned, calib, method="masquant", w_bits=8, a_bits=8, rank=8, cmc_guard=False)
+    assert any(layer.groups["mas"]["text_vector_for"] for layer in report.layers)
+    assert not any(layer.groups["mas"]["text_vector_for"] for layer in plain_report.layers)
+    assert report.mean_output_sqnr()["vision"] > plain_report.mean_output_sqnr()["vision"] + 5
+    on, off = (compare(misaligned, m, held_out)["decoder_sqnr"] for m in (guarded, plain))
+    assert on["vision"] > off["vision"] + 5 and on["text"] > off["text"]
+
+
+def test_few_tokens_per_channel_are_flagged(vl_model, caplog):
+    with caplog.at_level(logging.WARNING, logger="masquant"):
+        run(vl_model, vl_samples(range(2)), method="masquant", w_bits=4, a_bits=8, rank=4, epochs=0)
+    assert "calibration tokens for 64 input channels" in caplog.text

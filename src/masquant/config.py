@@ -31,6 +31,8 @@ class QuantConfig:
       ``residual``: ``"fp"`` (``W*s_m - Q(W*s_text)``) or ``"quantized"``
       (``Q(W*s_m) - Q(W*s_text)``). ``whiten=False`` gives the plain-SVD ablation.
       ``ridge``: added to the activation covariance, relative to its mean diagonal.
+      ``cmc_guard``: per group and modality, fall back to the text vector when the patched
+      per-modality vector reconstructs that modality's layer output worse (not in the paper).
     """
 
     method: str = "smoothquant"
@@ -51,6 +53,7 @@ class QuantConfig:
     residual: str = "fp"
     whiten: bool = True
     ridge: float = 1e-6
+    cmc_guard: bool = True
 
     VERSION: ClassVar[int] = 1
 

@@ -33,7 +33,7 @@ class LayerPlan:
     * ``smooth``: a smoothing table ``[modalities, in]`` per group;
     * ``per_modality_weights``: non-text modalities that get their own quantized weight
       (MAS-only); empty = one stored weight per linear;
-    * ``compensate``: add CMC low-rank patches to groups with per-modality smoothing.
+    * ``compensate``: add CMC low-rank patches for the non-text modalities of smoothed groups.
     """
 
     smooth: dict[str, torch.Tensor]
@@ -112,14 +112,15 @@ class LayerContext:
                 self.stats[path] = self.stats[group.linears[0]]
 
     def block_mse(self, smooth: dict[str, torch.Tensor], weights: dict[Modality, float] | None = None,
-                  answer_only: bool = False) -> float:
+                  answer_only: bool = False, compensate: bool = False) -> float:
         """Squared error of the layer output against FP with only the given groups quantized.
 
         Without ``weights`` it is the plain MSE over valid tokens. With ``weights``, each
         modality's summed error is weighted and divided by the number of counted elements;
-        ``answer_only`` drops text tokens that are not answer tokens (MBQ).
+        ``answer_only`` drops text tokens that are not answer tokens (MBQ). ``compensate``
+        adds CMC patches as ``masquant`` would.
         """
-        with self.quantized(smooth):
+        with self.quantized(smooth, compensate):
             total, count = 0.0, 0
             for i, sample in enumerate(self.samples):
                 err = (self.run(i) - self.fp_outputs[i]).double().pow(2).sum(-1)
@@ -136,9 +137,9 @@ class LayerContext:
         return total / max(count, 1)
 
     @contextlib.contextmanager
-    def quantized(self, smooth: dict[str, torch.Tensor]) -> Iterator[dict[str, nn.Linear]]:
+    def quantized(self, smooth: dict[str, torch.Tensor], compensate: bool = False) -> Iterator[dict[str, nn.Linear]]:
         """Temporarily swap the linears of the named groups for ``QuantLinear``s."""
-        originals = self.apply(LayerPlan(smooth))
+        originals = self.apply(LayerPlan(smooth, compensate=compensate))
         try:
             yield originals
         finally:
@@ -152,12 +153,12 @@ class LayerContext:
             if group.name not in plan.smooth:
                 continue
             table = plan.smooth[group.name]
-            distinct = not bool((table == table[:1]).all())  # extra weights / patches only where rows differ
+            distinct = not bool((table == table[:1]).all())  # MAS-only: extra weights only where rows differ
             for path in group.linears:
                 linear = self.layer.get_submodule(path)
                 qlinear = QuantLinear.from_linear(linear, table, self.config, self.router,
                                                   plan.per_modality_weights if distinct else ())
-                if plan.compensate and distinct:
+                if plan.compensate and self.smoothed(group):
                     plan.info.setdefault("compensation", {})[path] = compensate_linear(
                         qlinear, linear, self.stats[path], self.config, where=f"layer {self.index} {path}: ")
                 originals[path] = replace_module(self.layer, path, qlinear)

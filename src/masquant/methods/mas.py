@@ -138,18 +138,52 @@ def _fit(ctx: LayerContext, compensate: bool) -> LayerPlan:
     for table in tables.values():  # absent modalities follow the (learned) text vector
         for m in set(Modality) - {Modality.TEXT, *present}:
             table[int(m)] = table[int(Modality.TEXT)]
+    guard = _guard(ctx, tables, present) if compensate and ctx.config.cmc_guard else {}
     lambdas = {m.name.lower(): v for m, v in layer_lambdas(ctx).items()}
     info = {"mas": {"loss_before_after": history, "kept_learned": len(history) == 2 and history[1] <= history[0],
-                    "lambdas": lambdas}}
+                    "lambdas": lambdas, "text_vector_for": guard}}
     return LayerPlan(tables, info, per_modality_weights=() if compensate else present, compensate=compensate)
 
 
+def _guard(ctx: LayerContext, tables: dict[str, torch.Tensor], present: tuple[Modality, ...]) -> dict[str, list[str]]:
+    """Per group and modality, keep the modality's own vector only if it (with its patch)
+    reconstructs that modality's layer output better than the text vector does.
+
+    A low-rank patch cannot always absorb ``W * (s_m - s_text)``; when it cannot (typically
+    at 8-bit weights, where the rounding error is small), routing the tokens through the
+    text vector is the better model. Decided on the calibration tokens; modifies ``tables``.
+    """
+    chosen: dict[str, list[str]] = {}
+    for group in ctx.groups():
+        table = tables[group.name]
+        for m in present:
+            if torch.equal(table[int(m)], table[int(Modality.TEXT)]):
+                continue
+            own = ctx.block_mse(tables, {m: 1.0}, compensate=True)
+            candidate = table.clone()
+            candidate[int(m)] = table[int(Modality.TEXT)]
+            text = ctx.block_mse({**tables, group.name: candidate}, {m: 1.0}, compensate=True)
+            if text < own:
+                tables[group.name] = table = candidate
+                chosen.setdefault(group.name, []).append(m.name.lower())
+    return chosen
+
+
 def _warn_missing(ctx: LayerContext) -> None:
+    """Once per run (layer 0): modalities without tokens, and modalities with too few for CMC."""
+    if ctx.index:
+        return
     expected = {Modality.TEXT, *ctx.router.table.values()}
     missing = sorted(expected - set(ctx.modalities()))
-    if missing and ctx.index == 0:
+    if missing:
         log.warning("no calibration tokens for %s: those tokens will use the text smoothing vector and no patch",
                     ", ".join(m.name.lower() for m in missing))
+    site = ctx.site(ctx.groups()[0])
+    for m, stats in site.per_modality.items():
+        if m != Modality.TEXT and stats.count < 2 * ctx.linears(ctx.groups()[0])[0].in_features:
+            log.warning("only %d %s calibration tokens for %d input channels: the whitened patches may overfit "
+                        "the calibration set; add samples or raise `ridge`", stats.count, m.name.lower(),
+                        ctx.linears(ctx.groups()[0])[0].in_features)
 
 
 def _prepare(model, adapter, samples, config) -> dict:
