@@ -141,7 +141,8 @@ def test_auto_lambdas_and_mbq_use_gradient_ratios(misaligned, calib):
     assert min(ratios) >= sorted(ratios)[(len(ratios) - 1) // 2] - 1e-12  # floored at the median
     _, mbq = run(misaligned, calib, method="mbq", w_bits=4, a_bits=8, awq_grid=5)
     assert [layer.groups["mbq"]["weights"]["vision"] for layer in mbq.layers] == pytest.approx(ratios)
-    assert all(0 <= g["alpha"] < 1 for layer in mbq.layers for k, g in layer.groups.items() if k != "mbq")
+    searched = [g for layer in mbq.layers for k, g in layer.groups.items() if k != "mbq"]
+    assert searched and all(0 <= g["alpha"] < 1 and g["weighted_mse"] <= g["rtn_weighted_mse"] for g in searched)
 
 
 def test_mbq_weight_only_mode_runs(vl_model):

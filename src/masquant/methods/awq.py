@@ -7,6 +7,8 @@ quantized (weights, and activations when ``a_bits < 16``: the weight-activation 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..modality import NUM_MODALITIES
@@ -19,6 +21,18 @@ def awq_vector(act_absmean: torch.Tensor, exponent: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
+def search_exponent(ctx: LayerContext, group, vector: Callable[[float], torch.Tensor],
+                    loss: Callable[[dict[str, torch.Tensor]], float]) -> tuple[float, torch.Tensor, dict[float, float]]:
+    """Try ``vector(a)`` for ``a`` in ``k / awq_grid``; return the best exponent, its table, all losses."""
+    tables, losses = {}, {}
+    for k in range(ctx.config.awq_grid):
+        exponent = k / ctx.config.awq_grid
+        tables[exponent] = vector(exponent).expand(NUM_MODALITIES, -1).clone()
+        losses[exponent] = loss({group.name: tables[exponent]})
+    best = min(losses, key=losses.__getitem__)
+    return best, tables[best], losses
+
+
 @register("awq")
 def awq(ctx: LayerContext) -> LayerPlan:
     plan = LayerPlan({})
@@ -27,12 +41,7 @@ def awq(ctx: LayerContext) -> LayerPlan:
         if not ctx.smoothed(group):
             continue
         mean = ctx.site(group).absmean()
-        losses = {}
-        for k in range(ctx.config.awq_grid):
-            exponent = k / ctx.config.awq_grid
-            table = awq_vector(mean, exponent).expand(NUM_MODALITIES, -1).clone()
-            losses[exponent] = (ctx.block_mse({group.name: table}), table)
-        best = min(losses, key=lambda a: losses[a][0])
-        plan.smooth[group.name] = losses[best][1]
-        plan.info[group.name] = {"alpha": best, "block_mse": losses[best][0], "rtn_block_mse": losses[0.0][0]}
+        best, table, losses = search_exponent(ctx, group, lambda a, mean=mean: awq_vector(mean, a), ctx.block_mse)
+        plan.smooth[group.name] = table
+        plan.info[group.name] = {"alpha": best, "block_mse": losses[best], "rtn_block_mse": losses[0.0]}
     return plan

@@ -10,10 +10,9 @@ family for weight-only quantization (``a_bits=16``), SmoothQuant's
 from __future__ import annotations
 
 from ..gradients import modality_gradient_ratios
-from ..modality import NUM_MODALITIES
 from ..pipeline import LayerContext, LayerPlan
 from . import register
-from .awq import awq_vector
+from .awq import awq_vector, search_exponent
 from .smoothquant import group_weight_absmax, smoothquant_vector
 
 
@@ -32,14 +31,11 @@ def mbq(ctx: LayerContext) -> LayerPlan:
         plan.smooth[group.name] = ctx.identity(group)
         if not ctx.smoothed(group):
             continue
-        losses = {}
-        for k in range(ctx.config.awq_grid):
-            exponent = k / ctx.config.awq_grid
-            table = candidate(ctx, group, exponent).expand(NUM_MODALITIES, -1).clone()
-            losses[exponent] = (ctx.block_mse({group.name: table}, weights, answer_only=True), table)
-        best = min(losses, key=lambda a: losses[a][0])
-        plan.smooth[group.name] = losses[best][1]
-        plan.info[group.name] = {"alpha": best, "weighted_mse": losses[best][0]}
+        best, table, losses = search_exponent(
+            ctx, group, lambda a, group=group: candidate(ctx, group, a),
+            lambda smooth: ctx.block_mse(smooth, weights, answer_only=True))
+        plan.smooth[group.name] = table
+        plan.info[group.name] = {"alpha": best, "weighted_mse": losses[best], "rtn_weighted_mse": losses[0.0]}
     return plan
 
 
