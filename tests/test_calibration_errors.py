@@ -2,8 +2,9 @@ import pytest
 import torch
 
 import masquant
-from conftest import omni_samples, vl_samples
 from masquant import CalibrationError, QuantConfig
+
+from conftest import omni_samples, vl_samples
 
 
 def run(model, calib):

@@ -4,7 +4,7 @@ from masquant.cli import main
 
 
 def test_demo_quick_writes_results(tmp_path, capsys):
-    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--tiny", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "demo.json").read_text())
     printed = capsys.readouterr().out
     assert "| tiny-qwen2.5-vl | smoothquant | W8A8 |" in printed
@@ -22,3 +22,10 @@ def test_help_lists_examples(capsys):
     except SystemExit as exit_:
         assert exit_.code == 0
     assert "masquant demo" in capsys.readouterr().out
+
+
+def test_bad_input_gives_one_line_error(capsys):
+    assert main(["eval", "--model", "ref-nothing"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("masquant: error: ") and "unknown reference model 'ref-nothing'" in err
+    assert "Traceback" not in err

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import masquant
-from conftest import misaligned_vl, omni_samples, vl_samples
 from masquant import Modality, QuantConfig, QuantLinear, tiny
 from masquant.evaluate import compare
+
+from conftest import misaligned_vl, omni_samples, vl_samples
 
 
 @pytest.fixture(scope="module")

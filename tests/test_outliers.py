@@ -1,8 +1,9 @@
 import torch
 
 import masquant
-from conftest import vl_samples
 from masquant import QuantConfig, tiny
+
+from conftest import vl_samples
 
 OUTLIER_CHANNELS = [3, 17, 42]
 

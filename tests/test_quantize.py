@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import masquant
-from conftest import omni_samples, vl_samples
 from masquant import QuantConfig, QuantLinear, QuantReport
 from masquant.evaluate import compare
+
+from conftest import omni_samples, vl_samples
 
 
 @pytest.mark.parametrize("family", ["vl", "omni"])

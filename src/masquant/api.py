@@ -54,11 +54,9 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     router = ModalityRouter(table)
     method = METHODS[config.method]
     try:
-        inputs = _validate_all(model, adapter, calib)
+        inputs = validate_all(model, adapter, calib)
         prepared = method.prepare(model, adapter, inputs, config) if hasattr(method, "prepare") else {}
-        with torch.no_grad():
-            samples = [capture(model, adapter, x, modality_ids(model, x["input_ids"], adapter))
-                       for x in tqdm(inputs, desc="capture", unit="sample", disable=not progress)]
+        samples = capture_all(model, adapter, inputs, progress)
         del inputs
         reports = quantize_layers(model, adapter, samples, config, router, method, prepared, progress)
     finally:
@@ -71,7 +69,15 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     return QuantReport(config.to_dict(), adapter.name, len(samples), tokens, reports, seconds)
 
 
-def _validate_all(model: nn.Module, adapter: Adapter, calib: Iterable[Mapping]) -> list[dict]:
+@torch.no_grad()
+def capture_all(model: nn.Module, adapter: Adapter, inputs: list[dict], progress: bool = True) -> list[Captured]:
+    """Decoder-layer inputs of every validated sample (see ``masquant.capture``)."""
+    return [capture(model, adapter, x, modality_ids(model, x["input_ids"], adapter))
+            for x in tqdm(inputs, desc="capture", unit="sample", disable=not progress)]
+
+
+def validate_all(model: nn.Module, adapter: Adapter, calib: Iterable[Mapping]) -> list[dict]:
+    """Check every calibration dict (clear errors naming the sample) and move it to the model's device."""
     device = next(model.parameters()).device
     samples = []
     for index, sample in enumerate(calib):

@@ -1,0 +1,1 @@
+"""Small reference multimodal models trained by the project on real, offline data."""

@@ -1,0 +1,87 @@
+"""The reference tasks: image question answering in varied phrasings, and prose.
+
+An image example is a user turn (image + question) and an assistant answer (the class
+name); a prose example is a paragraph of held-out-able text. Accuracy ranks every class
+answer by its log-likelihood under the model (and reports that of the right one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import ImageSet
+from .processor import RefProcessor, to_rgb
+
+TEMPLATES = {
+    "item": ("What is this item?", "Which piece of clothing is shown?", "Name the object in the picture.",
+             "What do you see in this image?", "Tell me what this product is."),
+    "digit": ("Which digit is this?", "What number is written here?", "Read the handwritten digit.",
+              "What digit do you see?", "Name the number in the picture."),
+}
+
+
+def qa_messages(task: str, template: int, answer: str | None = None) -> list[dict]:
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TEMPLATES[task][template]}]}]
+    if answer is not None:
+        msgs.append({"role": "assistant", "content": answer})
+    return msgs
+
+
+def prompt_texts() -> list[str]:
+    """Every prompt and answer string, for the tokenizer."""
+    from .data import DIGIT_WORDS, FASHION_CLASSES
+
+    return [*(t for ts in TEMPLATES.values() for t in ts), *FASHION_CLASSES, *DIGIT_WORDS]
+
+
+def answer_labels(input_ids: torch.Tensor, processor: RefProcessor) -> torch.Tensor:
+    """Labels that keep only the last assistant turn (answer + <|im_end|>), -100 elsewhere."""
+    tok = processor.tokenizer
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    labels = torch.full_like(input_ids, -100)
+    for row, ids in enumerate(input_ids.tolist()):
+        last = max(i for i, t in enumerate(ids) if t == start) + 3  # <|im_start|> assistant \n
+        stop = next(i for i in range(last, len(ids)) if ids[i] == end)
+        labels[row, last: stop + 1] = input_ids[row, last: stop + 1]
+    return labels
+
+
+@torch.no_grad()
+def rank_answers(model, processor: RefProcessor, images: list, task: str, classes: tuple[str, ...],
+                 template: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """For each image: the index of the most likely class and the log-likelihood of every class."""
+    picks, scores = [], []
+    for image in images:
+        texts = [processor.apply_chat_template(qa_messages(task, template, c)) for c in classes]
+        batch = processor(texts, images=[image] * len(classes))
+        labels = answer_labels(batch["input_ids"], processor)
+        logits = model(**batch, use_cache=False).logits
+        logp = F.log_softmax(logits[:, :-1].float(), -1)
+        target = labels[:, 1:]
+        ll = (logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (target != -100)).sum(-1)
+        scores.append(ll.numpy())
+        picks.append(int(ll.argmax()))
+    return np.array(picks), np.stack(scores)
+
+
+def image_accuracy(model, processor: RefProcessor, dataset: ImageSet, n: int, template: int = 0) -> dict:
+    images = [to_rgb(x) for x in dataset.images[:n]]
+    picks, scores = rank_answers(model, processor, images, dataset.name, dataset.classes, template)
+    labels = dataset.labels[:n]
+    return {"accuracy": float((picks == labels).mean()),
+            "answer_nll": float(-scores[np.arange(n), labels].mean()), "n": n}
+
+
+@torch.no_grad()
+def prose_perplexity(model, processor: RefProcessor, paragraphs: list[str], max_tokens: int = 96) -> float:
+    total, count = 0.0, 0
+    for text in paragraphs:
+        ids = processor.tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens]
+        if ids.shape[1] < 2:
+            continue
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        total += float(out.loss) * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    return float(np.exp(total / max(count, 1)))
