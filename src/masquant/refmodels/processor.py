@@ -1,11 +1,14 @@
 """Tokenizer and processor of the reference models.
 
-The processor turns chat messages with images into exactly the inputs
-``Qwen2_5_VLProcessor`` produces (``input_ids``, ``attention_mask``, ``pixel_values``,
-``image_grid_thw``, ``mm_token_type_ids``): the chat template marks each image with
-``<|vision_start|><|image_pad|><|vision_end|>`` and the pad is repeated once per merged
-patch. It uses transformers' PIL image processor; ``Qwen2_5_VLProcessor`` itself needs
-torchvision (for its video processor), which does not install beside the CPU torch here.
+The processor turns chat messages with images (and audio) into exactly the inputs
+``Qwen2_5_VLProcessor`` / ``Qwen2_5OmniProcessor`` produce (``input_ids``,
+``attention_mask``, ``pixel_values``, ``image_grid_thw``, and ``mm_token_type_ids`` for VL;
+``input_features``, ``feature_attention_mask`` for audio): the chat template marks each
+image with ``<|vision_start|><|image_pad|><|vision_end|>`` (each audio clip with
+``<|audio_start|><|AUDIO|><|audio_end|>``) and the pad is repeated once per merged patch
+(per audio token). It uses transformers' PIL image processor and Whisper feature
+extractor; the HF processors themselves need torchvision (for their video processors),
+which does not install beside the CPU torch here.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 IMAGE_SIZE, PATCH, MERGE = 56, 7, 2
+MEL_BINS, SAMPLE_RATE = 80, 16_000
+
+
+def audio_tokens(frames: int) -> int:
+    """Tokens of a clip of ``frames`` mel frames after the Omni audio tower's convolutions and pooling."""
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
@@ -62,30 +71,41 @@ def to_rgb(image: np.ndarray):
 
 
 class RefProcessor:
-    """Chat messages + images -> model inputs, like ``Qwen2_5_VLProcessor``."""
+    """Chat messages + images (+ audio) -> model inputs, like the Qwen2.5-VL / Omni processors.
 
-    def __init__(self, tokenizer, images=None):
-        self.tokenizer = tokenizer
+    ``family``: ``"vl"`` adds ``mm_token_type_ids`` (Qwen2.5-VL takes them), ``"omni"`` does not.
+    """
+
+    def __init__(self, tokenizer, images=None, family: str = "vl"):
+        from transformers import WhisperFeatureExtractor
+
+        self.tokenizer, self.family = tokenizer, family
         self.image_processor = images or image_processor()
+        self.feature_extractor = WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=SAMPLE_RATE)
         self.image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def __call__(self, text: list[str], images: list | None = None, return_tensors: str = "pt") -> dict:
+    def __call__(self, text: list[str], images: list | None = None, audio: list | None = None,
+                 return_tensors: str = "pt") -> dict:
         out: dict = {}
         per_image: list[int] = []
+        per_clip: list[int] = []
         if images:
             vision = self.image_processor(images=images, return_tensors="pt")
             out["pixel_values"], out["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
             per_image = (vision["image_grid_thw"].prod(-1) // MERGE**2).tolist()
-        expanded, queue = [], iter(per_image)
-        for t in text:
-            parts = t.split("<|image_pad|>")
-            expanded.append(parts[0] + "".join("<|image_pad|>" * next(queue) + p for p in parts[1:]))
-        enc = self.tokenizer(expanded, return_tensors="pt", padding=True, padding_side="left")
+        if audio:
+            feats = self.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_attention_mask=True,
+                                           padding="longest", return_tensors="pt")
+            out["input_features"], out["feature_attention_mask"] = feats["input_features"], feats["attention_mask"]
+            per_clip = [audio_tokens(int(n)) for n in feats["attention_mask"].sum(-1)]
+        text = _expand(_expand(text, "<|image_pad|>", per_image), "<|AUDIO|>", per_clip)
+        enc = self.tokenizer(text, return_tensors="pt", padding=True, padding_side="left")
         out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
-        out["mm_token_type_ids"] = (enc["input_ids"] == self.image_pad).long()
+        if self.family == "vl":
+            out["mm_token_type_ids"] = (enc["input_ids"] == self.image_pad).long()
         return out
 
     def decode(self, ids: torch.Tensor | list[int], **kw) -> str:
@@ -95,11 +115,23 @@ class RefProcessor:
         path = Path(path)
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
-        (path / "masquant_processor.json").write_text(json.dumps({"class": "RefProcessor", "version": 1}))
+        (path / "masquant_processor.json").write_text(json.dumps({"class": "RefProcessor", "version": 1,
+                                                                  "family": self.family}))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> RefProcessor:
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        return cls(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path))
+        meta = json.loads((Path(path) / "masquant_processor.json").read_text())
+        return cls(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path),
+                   family=meta.get("family", "vl"))
+
+
+def _expand(texts: list[str], pad: str, counts: list[int]) -> list[str]:
+    """Repeat the ``i``-th ``pad`` of the batch ``counts[i]`` times."""
+    queue, out = iter(counts), []
+    for t in texts:
+        parts = t.split(pad)
+        out.append(parts[0] + "".join(pad * next(queue) + p for p in parts[1:]))
+    return out

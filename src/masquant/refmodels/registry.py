@@ -1,13 +1,15 @@
 """The shipped reference models: where they live, how to load them, their data slices.
 
 Each model directory holds the weights and processor files, ``training.json`` (how it was
-trained and what it scored) and ``slices.npz`` / ``slices.json``: fixed calibration and test
-examples cut from the disjoint ``calib`` and ``test`` splits, so that evaluation and the
-default calibration set need no data installation.
+trained and what it scored) and ``slices.npz`` / ``slices.json`` (+ ``speech.npz`` for the
+omni model): fixed calibration and test examples cut from the disjoint ``calib`` and
+``test`` splits, so that evaluation and the default calibration set need no data
+installation.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -15,34 +17,52 @@ import numpy as np
 import torch
 
 WEIGHTS = Path(__file__).parent / "weights"
-REFERENCE_MODELS = ("ref-vl",)
-SLICE_SIZES = {"calib": {"item": 96, "digit": 32, "prose": 32}, "test": {"item": 300, "digit": 300, "prose": 100}}
+REFERENCE_MODELS = ("ref-vl", "ref-omni")
+SLICE_SIZES = {"calib": {"item": 96, "digit": 32, "prose": 32, "word": 64},
+               "test": {"item": 300, "digit": 300, "prose": 100, "word": 300}}
 
 
-def model_dir(name: str) -> Path:
+def model_dir(name: str | Path) -> Path:
+    """The folder of a shipped reference model (by name), or a folder written by the training script."""
+    if Path(name).is_dir():
+        return Path(name)
     if name not in REFERENCE_MODELS:
         raise ValueError(f"unknown reference model {name!r}; choose one of {', '.join(REFERENCE_MODELS)}")
     path = WEIGHTS / name
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no weights; regenerate with python -m masquant.refmodels.train_vl")
+        raise FileNotFoundError(f"{path} has no weights; regenerate them with "
+                                f"python -m masquant.refmodels.train --model {name}")
     return path
 
 
-def load(name: str, dtype: torch.dtype = torch.float32):
+def load(name: str | Path, dtype: torch.dtype = torch.float32):
     """``(model, processor)`` of a reference model, in eval mode."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5OmniThinkerForConditionalGeneration
 
     from .processor import RefProcessor
 
     path = model_dir(name)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
-    return model, RefProcessor.from_pretrained(path)
+    omni = AutoConfig.from_pretrained(path).model_type == "qwen2_5_omni_thinker"
+    cls = Qwen2_5OmniThinkerForConditionalGeneration if omni else Qwen2_5_VLForConditionalGeneration
+    return cls.from_pretrained(path, dtype=dtype).eval(), RefProcessor.from_pretrained(path)
 
 
-def export_slices(out: Path) -> None:
+def has_audio(name: str | Path) -> bool:
+    return (model_dir(name) / "speech.npz").exists()
+
+
+def export_slices(out: Path, family: str = "vl") -> None:
     """Cut the calibration and test slices from the installed data into ``out``."""
-    from . import data
+    from . import data, speech
 
+    if family == "omni":
+        speech_arrays = {}
+        for split, sizes in SLICE_SIZES.items():
+            clips, labels = speech.spoken_words(split, sizes["word"])
+            speech_arrays[f"{split}_pcm"] = (np.concatenate(clips) * 32767).astype(np.int16)
+            speech_arrays[f"{split}_offsets"] = np.cumsum([0] + [len(c) for c in clips])
+            speech_arrays[f"{split}_labels"] = labels
+        np.savez_compressed(out / "speech.npz", **speech_arrays)
     arrays, texts = {}, {}
     for split, sizes in SLICE_SIZES.items():
         for s in data.image_sets(split):
@@ -54,12 +74,16 @@ def export_slices(out: Path) -> None:
     (out / "slices.json").write_text(json.dumps(texts, indent=0))
 
 
-def slices(name: str, split: str) -> dict:
-    """``{"item": (images, labels), "digit": (...), "prose": [paragraphs]}`` of one split."""
+def slices(name: str | Path, split: str) -> dict:
+    """``{"item": (images, labels), "digit": (...), "prose": [paragraphs], "word": (clips, labels)}``."""
     path = model_dir(name)
     arrays = np.load(path / "slices.npz")
     texts = json.loads((path / "slices.json").read_text())
     out: dict = {task: (arrays[f"{split}_{task}_images"], arrays[f"{split}_{task}_labels"])
                  for task in ("item", "digit")}
     out["prose"] = texts[f"{split}_prose"]
+    if has_audio(path):
+        sp = np.load(path / "speech.npz")
+        pcm, off = sp[f"{split}_pcm"].astype(np.float32) / 32767, sp[f"{split}_offsets"]
+        out["word"] = ([pcm[a:b] for a, b in itertools.pairwise(off)], sp[f"{split}_labels"])
     return out

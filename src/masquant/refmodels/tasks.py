@@ -19,6 +19,11 @@ TEMPLATES = {
              "What do you see in this image?", "Tell me what this product is."),
     "digit": ("Which digit is this?", "What number is written here?", "Read the handwritten digit.",
               "What digit do you see?", "Name the number in the picture."),
+    "word": ("Which word is spoken?", "What did the speaker say?", "Transcribe the spoken word.",
+             "What word do you hear?", "Repeat the word from the recording."),
+    "match": ("Does the spoken word name this item?", "Is the word you hear the thing in the picture?",
+              "Do the sound and the image agree?", "Does the recording describe the picture?",
+              "Is this item what the speaker says?"),
 }
 
 
@@ -29,11 +34,13 @@ def qa_messages(task: str, template: int, answer: str | None = None) -> list[dic
     return msgs
 
 
-def prompt_texts() -> list[str]:
-    """Every prompt and answer string, for the tokenizer."""
+def prompt_texts(family: str = "vl") -> list[str]:
+    """Every prompt and answer string of a family's tasks, for the tokenizer."""
     from .data import DIGIT_WORDS, FASHION_CLASSES
 
-    return [*(t for ts in TEMPLATES.values() for t in ts), *FASHION_CLASSES, *DIGIT_WORDS]
+    tasks = ("item", "digit") if family == "vl" else tuple(TEMPLATES)
+    extra = () if family == "vl" else ("yes", "no")
+    return [*(t for task in tasks for t in TEMPLATES[task]), *FASHION_CLASSES, *DIGIT_WORDS, *extra]
 
 
 def answer_labels(input_ids: torch.Tensor, processor: RefProcessor) -> torch.Tensor:
@@ -49,29 +56,42 @@ def answer_labels(input_ids: torch.Tensor, processor: RefProcessor) -> torch.Ten
 
 
 @torch.no_grad()
-def rank_answers(model, processor: RefProcessor, images: list, task: str, classes: tuple[str, ...],
-                 template: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """For each image: the index of the most likely class and the log-likelihood of every class."""
-    picks, scores = [], []
-    for image in images:
-        texts = [processor.apply_chat_template(qa_messages(task, template, c)) for c in classes]
-        batch = processor(texts, images=[image] * len(classes))
+def rank_answers(model, processor: RefProcessor, prompts: list[tuple[list[dict], dict]],
+                 candidates: tuple[str, ...], chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """For each ``(messages, media)`` prompt: the most likely candidate and every candidate's log-likelihood.
+
+    ``messages`` is the user turn; ``media`` holds the ``images`` / ``audio`` lists of the processor.
+    ``chunk`` prompts are scored in one forward (``chunk * len(candidates)`` sequences).
+    """
+    scores = []
+    for first in range(0, len(prompts), chunk):
+        texts, media = [], {}
+        for messages, items in prompts[first: first + chunk]:
+            for c in candidates:
+                texts.append(processor.apply_chat_template([*messages, {"role": "assistant", "content": c}]))
+                for key, values in items.items():
+                    media.setdefault(key, []).extend(values)
+        batch = processor(texts, **media)
         labels = answer_labels(batch["input_ids"], processor)
         logits = model(**batch, use_cache=False).logits
         logp = F.log_softmax(logits[:, :-1].float(), -1)
         target = labels[:, 1:]
         ll = (logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (target != -100)).sum(-1)
-        scores.append(ll.numpy())
-        picks.append(int(ll.argmax()))
-    return np.array(picks), np.stack(scores)
+        scores.append(ll.reshape(-1, len(candidates)).numpy())
+    scores = np.concatenate(scores)
+    return scores.argmax(1), scores
+
+
+def accuracy(model, processor: RefProcessor, prompts: list, labels: np.ndarray, candidates: tuple[str, ...]) -> dict:
+    picks, scores = rank_answers(model, processor, prompts, candidates)
+    n = len(labels)
+    return {"accuracy": float((picks == labels).mean()), "answer_nll": float(-scores[np.arange(n), labels].mean()),
+            "n": n}
 
 
 def image_accuracy(model, processor: RefProcessor, dataset: ImageSet, n: int, template: int = 0) -> dict:
-    images = [to_rgb(x) for x in dataset.images[:n]]
-    picks, scores = rank_answers(model, processor, images, dataset.name, dataset.classes, template)
-    labels = dataset.labels[:n]
-    return {"accuracy": float((picks == labels).mean()),
-            "answer_nll": float(-scores[np.arange(n), labels].mean()), "n": n}
+    prompts = [(qa_messages(dataset.name, template), {"images": [to_rgb(x)]}) for x in dataset.images[:n]]
+    return accuracy(model, processor, prompts, dataset.labels[:n], dataset.classes)
 
 
 @torch.no_grad()

@@ -1,0 +1,190 @@
+"""Train the reference models from scratch on real offline data (``scripts/prepare_data.sh``).
+
+``python -m masquant.refmodels.train --model ref-vl --minutes 40`` (or ``ref-omni``)
+regenerates a shipped model with a fixed seed, then evaluates it and cuts its data slices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from . import data, speech
+from .evaluate import audio_messages, evaluate_reference, match_messages
+from .processor import RefProcessor, to_rgb, train_tokenizer
+from .registry import WEIGHTS, export_slices
+from .tasks import answer_labels, prompt_texts, qa_messages
+
+log = logging.getLogger("masquant.train")
+
+TEXT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=1024, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]})
+VISION = dict(depth=4, hidden_size=128, intermediate_size=384, num_heads=4, in_channels=3, patch_size=7,
+              spatial_merge_size=2, temporal_patch_size=2, window_size=28, out_hidden_size=256,
+              fullatt_block_indexes=[1, 3])
+AUDIO = dict(num_mel_bins=80, encoder_layers=3, encoder_attention_heads=4, encoder_ffn_dim=384, d_model=128,
+             output_dim=256, max_source_positions=1500, n_window=50)
+
+
+def build_model(family: str, tokenizer) -> torch.nn.Module:
+    ids = tokenizer.convert_tokens_to_ids
+    text = {**TEXT, "vocab_size": len(tokenizer), "bos_token_id": None, "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>")}
+    tokens = dict(vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    if family == "vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=VISION, image_token_id=ids("<|image_pad|>"),
+                                  video_token_id=ids("<|video_pad|>"), tie_word_embeddings=False, **tokens)
+        return Qwen2_5_VLForConditionalGeneration(config)
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    config = Qwen2_5OmniThinkerConfig(
+        audio_config=AUDIO, vision_config=VISION, text_config=text, image_token_index=ids("<|image_pad|>"),
+        video_token_index=ids("<|video_pad|>"), audio_token_index=ids("<|AUDIO|>"),
+        audio_start_token_id=ids("<|audio_start|>"), audio_end_token_id=ids("<|audio_end|>"), **tokens)
+    return Qwen2_5OmniThinkerForConditionalGeneration(config)
+
+
+def _answered(messages: list[dict], answer: str) -> list[dict]:
+    return [*messages, {"role": "assistant", "content": answer}]
+
+
+class Batches:
+    """Random training batches: image QA, prose, and for omni spoken words and image/word matching."""
+
+    def __init__(self, processor: RefProcessor, family: str, batch_size: int, rng: random.Random):
+        self.processor, self.family, self.batch_size, self.rng = processor, family, batch_size, rng
+        self.images = {s.name: s for s in data.image_sets("train")}
+        self.prose = data.moby_dick("train")
+        if family == "omni":
+            self.clips, self.words = speech.cache("train", 6000)
+
+    def _answers(self, texts: list[str], **media) -> dict:
+        batch = self.processor(texts, **media)
+        batch["labels"] = answer_labels(batch["input_ids"], self.processor).masked_fill(
+            batch["attention_mask"] == 0, -100)
+        return batch
+
+    def qa(self, n: int) -> dict:
+        texts, images = [], []
+        for _ in range(n):
+            task = "item" if self.rng.random() < 0.7 else "digit"
+            ds = self.images[task]
+            i = self.rng.randrange(len(ds.labels))
+            texts.append(self.processor.apply_chat_template(
+                qa_messages(task, self.rng.randrange(5), ds.classes[ds.labels[i]])))
+            images.append(to_rgb(ds.images[i]))
+        return self._answers(texts, images=images)
+
+    def spoken(self, n: int) -> dict:
+        picks = [self.rng.randrange(len(self.words)) for _ in range(n)]
+        texts = [self.processor.apply_chat_template(_answered(audio_messages(self.rng.randrange(5)),
+                                                              speech.WORDS[self.words[i]])) for i in picks]
+        return self._answers(texts, audio=[self.clips[i] for i in picks])
+
+    def match(self, n: int) -> dict:
+        items = self.images["item"]
+        texts, images, clips = [], [], []
+        word_of = {w: [i for i, x in enumerate(self.words) if speech.WORDS[x] == w] for w in data.FASHION_CLASSES}
+        for _ in range(n):
+            i = self.rng.randrange(len(items.labels))
+            same = self.rng.random() < 0.5
+            word = items.classes[items.labels[i]] if same else self.rng.choice(
+                [c for c in data.FASHION_CLASSES if c != items.classes[items.labels[i]]])
+            texts.append(self.processor.apply_chat_template(_answered(match_messages(self.rng.randrange(5)),
+                                                                      "yes" if same else "no")))
+            images.append(to_rgb(items.images[i]))
+            clips.append(self.clips[self.rng.choice(word_of[word])])
+        return self._answers(texts, images=images, audio=clips)
+
+    def prose_batch(self, n: int, words: int = 40) -> dict:
+        texts = []
+        for _ in range(n):
+            para = self.prose[self.rng.randrange(len(self.prose))].split()
+            start = self.rng.randrange(max(1, len(para) - words))
+            texts.append(" ".join(para[start: start + words]))
+        batch = self.processor(texts)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
+
+    def next(self) -> dict:
+        b = self.batch_size
+        if self.family == "vl":
+            return {"qa": self.qa(round(0.65 * b)), "prose": self.prose_batch(b - round(0.65 * b))}
+        return {"qa": self.qa(b // 3), "spoken": self.spoken(b // 3), "match": self.match(b // 6),
+                "prose": self.prose_batch(b // 4)}
+
+
+def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int = 32, lr: float = 2e-3) -> dict:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(data.moby_dick("train") + prompt_texts(family) * 50, vocab_size=2048)
+    processor = RefProcessor(tokenizer, family=family)
+    model = build_model(family, tokenizer).train()
+    batches = Batches(processor, family, batch_size, random.Random(seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    start, step, ema, total_steps = time.time(), 0, None, None
+    while time.time() < start + 60 * minutes:
+        loss = sum(model(**part, use_cache=False).loss for part in batches.next().values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        step += 1
+        if step == 20:
+            total_steps = int(20 * 60 * minutes / (time.time() - start))
+        frac = min(1.0, step / total_steps) if total_steps else 0.0
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, step / 200) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        opt.step()
+        ema = float(loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(loss.detach())
+        if step % 100 == 0:
+            log.info("step %d loss %.3f (%.0f s)", step, ema, time.time() - start)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    run = {"steps": step, "minutes": (time.time() - start) / 60, "seed": seed, "batch_size": batch_size, "lr": lr}
+    (out / "training.json").write_text(json.dumps(run, indent=1))
+    return refresh(out, family)
+
+
+def refresh(out: Path, family: str) -> dict:
+    """Re-cut the data slices of a trained model folder and re-measure its held-out scores."""
+    from .registry import load
+
+    export_slices(out, family)
+    model, processor = load(out)
+    run = json.loads((out / "training.json").read_text())
+    run["test"] = evaluate_reference(model, processor, out)
+    (out / "training.json").write_text(json.dumps(run, indent=1))
+    log.info("%s: %s", out, run)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", choices=("ref-vl", "ref-omni"), default="ref-vl")
+    parser.add_argument("--out", type=Path, default=None, help="default: the package's weights folder")
+    parser.add_argument("--minutes", type=float, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refresh", action="store_true", help="only re-cut slices and re-evaluate --out")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out, family = args.out or WEIGHTS / args.model, args.model.removeprefix("ref-")
+    if args.refresh:
+        refresh(out, family)
+    else:
+        train(family, out, args.minutes, args.seed)
+
+
+if __name__ == "__main__":
+    main()
