@@ -77,21 +77,32 @@ def run_bench(models: tuple[str, ...] = ("ref-vl",), quick: bool = False, progre
     return [row for name in models for row in run_settings(name, settings(quick), quick, progress)]
 
 
+TASKS = ("item", "digit", "word", "match")
+MODALITIES = ("text", "vision", "audio")
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | bits | method | item acc | digit acc | prose ppl | SQNR text | SQNR vision | KL | "
-             "weights+patches MB | calib s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        cells = [r["model"], r["bits"], r["method"], f"{100 * r['item']['accuracy']:.1f}",
-                 f"{100 * r['digit']['accuracy']:.1f}", f"{r['prose_ppl']:.2f}"]
-        if "kl" in r:
-            s, store = r["decoder_sqnr"], r["storage"]
-            cells += [f"{s[k]:.1f}" if k in s else "-" for k in ("text", "vision")]
-            cells += [f"{r['kl']:.4f}", f"{(store['weight'] + store['patches']) / 2**20:.2f}",
-                      f"{r['calib_seconds']:.0f}"]
-        else:
-            cells += ["-"] * 5
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """One table per model: task accuracies, prose perplexity, per-modality SQNR, KL, storage, time."""
+    out = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        part = [r for r in rows if r["model"] == name]
+        tasks = [t for t in TASKS if t in part[0]]
+        mods = [m for m in MODALITIES if any(m in r.get("decoder_sqnr", {}) for r in part)]
+        head = (["bits", "method"] + [f"{t} acc" for t in tasks] + ["prose ppl"] + [f"SQNR {m}" for m in mods]
+                + ["KL", "weights+patches MB", "calib s"])
+        lines = [f"### {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in part:
+            cells = [r["bits"], r["method"], *(f"{100 * r[t]['accuracy']:.1f}" for t in tasks), f"{r['prose_ppl']:.2f}"]
+            if "kl" in r:
+                store = r["storage"]
+                cells += [f"{r['decoder_sqnr'][m]:.1f}" if m in r["decoder_sqnr"] else "-" for m in mods]
+                cells += [f"{r['kl']:.4f}", f"{(store['weight'] + store['patches']) / 2**20:.2f}",
+                          f"{r['calib_seconds']:.0f}"]
+            else:
+                cells += ["-"] * (len(mods) + 3)
+            lines.append("| " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def plot(rows: list[dict], path: Path) -> bool:
@@ -106,17 +117,20 @@ def plot(rows: list[dict], path: Path) -> bool:
     quant = [r for r in rows if "decoder_sqnr" in r]
     bits = sorted({r["bits"] for r in quant}, key=list(BITS).index)
     methods = [m for m in WA_METHODS if any(r["method"] == m for r in quant)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, modality in zip(axes, ("text", "vision"), strict=True):
+    panels = [(name, m) for name in dict.fromkeys(r["model"] for r in quant) for m in MODALITIES
+              if any(m in r["decoder_sqnr"] for r in quant if r["model"] == name)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), sharey=True, squeeze=False)
+    for ax, (name, modality) in zip(axes[0], panels, strict=True):
         width = 0.8 / len(methods)
         for j, method in enumerate(methods):
-            ys = [next((r["decoder_sqnr"].get(modality, 0) for r in quant if r["bits"] == b and r["method"] == method),
-                       0) for b in bits]
+            ys = [next((r["decoder_sqnr"].get(modality, 0) for r in quant
+                        if r["model"] == name and r["bits"] == b and r["method"] == method), 0) for b in bits]
             ax.bar([i + j * width for i in range(len(bits))], ys, width, label=method)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(bits))], bits)
-        ax.set_title(f"decoder-output SQNR, {modality} tokens (held-out)")
+        ax.set_title(f"{name}: {modality} tokens", fontsize=10)
         ax.set_ylabel("dB")
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("SQNR of the decoder output on held-out prompts (dB, higher is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

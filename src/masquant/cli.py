@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
     bench = sub.add_parser("bench", help="every method and bit-width on the reference models")
     bench.add_argument("--quick", action="store_true", help="CI-sized: W4A8, three methods, small slices")
+    bench.add_argument("--models", nargs="+", default=["ref-vl"], help="reference models (ref-vl, ref-omni)")
     bench.add_argument("--out", type=Path, default=Path("out/bench"))
     bench.add_argument("--results", type=Path, default=None, help="also write this results page (docs/RESULTS.md)")
     bench.add_argument("--no-progress", action="store_true")
@@ -70,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from .bench import run_bench, write
 
-            rows = run_bench(quick=args.quick, progress=not args.no_progress)
-            command = "masquant bench" + (" --quick" if args.quick else "") + (
-                f" --results {args.results}" if args.results else "")
+            rows = run_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress)
+            command = " ".join(["masquant bench", *(["--quick"] if args.quick else []), "--models", *args.models,
+                                *([f"--results {args.results}"] if args.results else [])])
             write(rows, args.out, args.results, command)
             from .bench import markdown
 
