@@ -120,19 +120,17 @@ class LayerContext:
         ``answer_only`` drops text tokens that are not answer tokens (MBQ). ``compensate``
         adds CMC patches as ``masquant`` would.
         """
+        per_modality = torch.ones(NUM_MODALITIES, dtype=torch.float64)
+        if weights is not None:
+            per_modality = torch.tensor([weights.get(m, 0.0) for m in Modality], dtype=torch.float64)
         with self.quantized(smooth, compensate):
             total, count = 0.0, 0
             for i, sample in enumerate(self.samples):
                 err = (self.run(i) - self.fp_outputs[i]).double().pow(2).sum(-1)
-                keep = sample.valid & (sample.answer | (sample.ids != int(Modality.TEXT)) if answer_only else
-                                       sample.valid)
-                if weights is None:
-                    total += float(err[keep].sum())
-                else:
-                    w = torch.zeros(NUM_MODALITIES, dtype=err.dtype, device=err.device)
-                    for m, value in weights.items():
-                        w[int(m)] = value
-                    total += float((err * w[sample.ids.to(err.device)])[keep].sum())
+                keep = sample.valid
+                if answer_only:
+                    keep = keep & (sample.answer | (sample.ids != int(Modality.TEXT)))
+                total += float((err * per_modality.to(err.device)[sample.ids.to(err.device)])[keep].sum())
                 count += int(keep.sum()) * self.fp_outputs[i].shape[-1]
         return total / max(count, 1)
 

@@ -10,7 +10,9 @@ and every entry of ``s`` kept >= ``min_scale``.
 ``method="mas"`` stores one quantized weight per modality (the ablation upper bound);
 ``method="masquant"`` stores only ``Q(W * s_text)`` and adds low-rank patches
 (``masquant.compensation``). A modality without calibration tokens falls back to the text
-vector (its tokens are then treated exactly like text) and a warning is logged.
+vector (its tokens are then treated exactly like text) and a warning is logged. With
+``cmc_guard`` (not in the paper) a modality whose patched vector reconstructs its layer
+output worse than the text vector is routed through the text vector (``_guard``).
 """
 
 from __future__ import annotations
