@@ -10,7 +10,7 @@ from .data import DIGIT_WORDS, FASHION_CLASSES, ImageSet
 from .processor import RefProcessor, to_rgb
 from .registry import slices
 from .speech import WORDS
-from .tasks import accuracy, answer_labels, image_accuracy, prose_perplexity, qa_messages
+from .tasks import TEMPLATES, accuracy, answer_labels, image_accuracy, prose_perplexity, qa_messages
 
 CLASSES = {"item": FASHION_CLASSES, "digit": DIGIT_WORDS}
 YES_NO = ("yes", "no")
@@ -30,14 +30,10 @@ QUICK = EvalSizes(item=60, digit=60, prose=20, word=60, match=40)
 
 
 def audio_messages(template: int = 0) -> list[dict]:
-    from .tasks import TEMPLATES
-
     return [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": TEMPLATES["word"][template]}]}]
 
 
 def match_messages(template: int = 0) -> list[dict]:
-    from .tasks import TEMPLATES
-
     return [{"role": "user", "content": [{"type": "image"}, {"type": "audio"},
                                          {"type": "text", "text": TEMPLATES["match"][template]}]}]
 

@@ -9,12 +9,13 @@ installation.
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import speech
 
 WEIGHTS = Path(__file__).parent / "weights"
 REFERENCE_MODELS = ("ref-vl", "ref-omni")
@@ -53,15 +54,12 @@ def has_audio(name: str | Path) -> bool:
 
 def export_slices(out: Path, family: str = "vl") -> None:
     """Cut the calibration and test slices from the installed data into ``out``."""
-    from . import data, speech
+    from . import data
 
     if family == "omni":
         speech_arrays = {}
         for split, sizes in SLICE_SIZES.items():
-            clips, labels = speech.spoken_words(split, sizes["word"])
-            speech_arrays[f"{split}_pcm"] = (np.concatenate(clips) * 32767).astype(np.int16)
-            speech_arrays[f"{split}_offsets"] = np.cumsum([0] + [len(c) for c in clips])
-            speech_arrays[f"{split}_labels"] = labels
+            speech_arrays.update(speech.pack(*speech.spoken_words(split, sizes["word"]), prefix=f"{split}_"))
         np.savez_compressed(out / "speech.npz", **speech_arrays)
     arrays, texts = {}, {}
     for split, sizes in SLICE_SIZES.items():
@@ -83,7 +81,5 @@ def slices(name: str | Path, split: str) -> dict:
                  for task in ("item", "digit")}
     out["prose"] = texts[f"{split}_prose"]
     if has_audio(path):
-        sp = np.load(path / "speech.npz")
-        pcm, off = sp[f"{split}_pcm"].astype(np.float32) / 32767, sp[f"{split}_offsets"]
-        out["word"] = ([pcm[a:b] for a, b in itertools.pairwise(off)], sp[f"{split}_labels"])
+        out["word"] = speech.unpack(np.load(path / "speech.npz"), prefix=f"{split}_")
     return out

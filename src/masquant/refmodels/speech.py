@@ -64,17 +64,15 @@ def spoken_words(split: str, n: int, seed: int = SEED) -> tuple[list[np.ndarray]
     return clips, np.array(labels)
 
 
-def save_clips(path: Path, clips: list[np.ndarray], labels: np.ndarray) -> None:
-    """Clips as int16 in one ``.npz`` (ragged: concatenated with offsets)."""
-    offsets = np.cumsum([0] + [len(c) for c in clips])
-    pcm = (np.concatenate(clips) * 32767).clip(-32768, 32767).astype(np.int16)
-    np.savez_compressed(path, pcm=pcm, offsets=offsets, labels=labels)
+def pack(clips: list[np.ndarray], labels: np.ndarray, prefix: str = "") -> dict[str, np.ndarray]:
+    """Ragged clips as int16 PCM concatenated with offsets (arrays for one ``.npz``)."""
+    return {f"{prefix}pcm": (np.concatenate(clips) * 32767).clip(-32768, 32767).astype(np.int16),
+            f"{prefix}offsets": np.cumsum([0] + [len(c) for c in clips]), f"{prefix}labels": labels}
 
 
-def load_clips(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
-    data = np.load(path)
-    pcm, off = data["pcm"].astype(np.float32) / 32768, data["offsets"]
-    return [pcm[a:b] for a, b in itertools.pairwise(off)], data["labels"]
+def unpack(arrays, prefix: str = "") -> tuple[list[np.ndarray], np.ndarray]:
+    pcm, off = arrays[f"{prefix}pcm"].astype(np.float32) / 32767, arrays[f"{prefix}offsets"]
+    return [pcm[a:b] for a, b in itertools.pairwise(off)], arrays[f"{prefix}labels"]
 
 
 def cache(split: str, n: int, folder: Path | None = None) -> tuple[list[np.ndarray], np.ndarray]:
@@ -83,5 +81,5 @@ def cache(split: str, n: int, folder: Path | None = None) -> tuple[list[np.ndarr
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{split}-{n}.npz"
     if not path.exists():
-        save_clips(path, *spoken_words(split, n))
-    return load_clips(path)
+        np.savez_compressed(path, **pack(*spoken_words(split, n)))
+    return unpack(np.load(path))
