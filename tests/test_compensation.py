@@ -75,7 +75,8 @@ def test_full_rank_reproduces_the_smoothed_weight_for_that_modality(residual):
     smooth = torch.ones(NUM_MODALITIES, 24)
     smooth[Modality.TEXT] = torch.rand(24) + 0.5
     smooth[Modality.VISION] = torch.rand(24) * 3 + 0.1
-    config = QuantConfig(method="masquant", w_bits=4, a_bits=16, rank=1.0, residual=residual, ridge=0.0)
+    config = QuantConfig(method="masquant", w_bits=4, a_bits=16, rank=1.0, residual=residual, ridge=0.0,
+                         patch_dtype="float32")
     router = ModalityRouter({})
     q = QuantLinear.from_linear(linear, smooth, config, router)
     info = compensate_linear(q, linear, _vision_site(x), config)
@@ -94,13 +95,38 @@ def test_full_rank_reproduces_the_smoothed_weight_for_that_modality(residual):
     assert torch.allclose(y_text, torch.nn.functional.linear(x / smooth[0], q.dequantized_weight(), linear.bias))
 
 
-def test_patch_bytes_are_reported_next_to_the_weight():
+@pytest.mark.parametrize(("dtype", "itemsize"), [("float16", 2), ("bfloat16", 2), ("float32", 4)])
+def test_patch_bytes_are_reported_next_to_the_weight(dtype, itemsize):
     linear = torch.nn.Linear(64, 32)
     smooth = torch.ones(NUM_MODALITIES, 64)
     smooth[Modality.VISION] = 2.0
-    config = QuantConfig(method="masquant", w_bits=4, rank=8)
+    config = QuantConfig(method="masquant", w_bits=4, rank=8, patch_dtype=dtype)
     q = QuantLinear.from_linear(linear, smooth, config, ModalityRouter({}))
     info = compensate_linear(q, linear, _vision_site(anisotropic_activations(features=64).float()), config)
     storage = q.storage_bytes()
-    assert storage["patches"] == info["vision"]["patch_bytes"] == 8 * (64 + 32) * 4
+    assert storage["patches"] == info["vision"]["patch_bytes"] == 8 * (64 + 32) * itemsize
+    assert q.patches["vision"].l1.dtype == getattr(torch, dtype)
     assert storage["weight"] == 64 * 32 // 2 + 2 * 32 * 4  # 4-bit codes packed + fp32 scale/zero
+
+
+def test_half_precision_patch_keeps_almost_all_of_the_correction():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 16)
+    x = anisotropic_activations().float()
+    smooth = torch.ones(NUM_MODALITIES, 24)
+    smooth[Modality.VISION] = torch.rand(24) * 3 + 0.1
+    errors = {}
+    for dtype in ("float32", "float16", "bfloat16"):
+        config = QuantConfig(method="masquant", w_bits=4, a_bits=16, rank=1.0, ridge=0.0, patch_dtype=dtype)
+        router = ModalityRouter({})
+        q = QuantLinear.from_linear(linear, smooth, config, router)
+        compensate_linear(q, linear, _vision_site(x), config)
+        with router.scope(torch.full((x.shape[0],), int(Modality.VISION))), torch.no_grad():
+            errors[dtype] = (q(x) - linear(x)).pow(2).mean().item()
+        if dtype == "float32":
+            q.patches.clear()
+            with router.scope(torch.full((x.shape[0],), int(Modality.VISION))), torch.no_grad():
+                errors["none"] = (q(x) - linear(x)).pow(2).mean().item()
+    assert errors["float32"] < 1e-8
+    assert errors["float16"] < 1e-3 * errors["none"]
+    assert errors["bfloat16"] < 3e-2 * errors["none"]

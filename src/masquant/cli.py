@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", nargs="+", default=["ref-vl"], help="reference models (ref-vl, ref-omni)")
     bench.add_argument("--out", type=Path, default=Path("out/bench"))
     bench.add_argument("--results", type=Path, default=None, help="also write this results page (docs/RESULTS.md)")
+    bench.add_argument("--resume", action="store_true",
+                       help="reuse the rows already saved in OUT/bench.json (after an interrupted run)")
     bench.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from .bench import run_bench, write
 
-            rows = run_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress)
+            rows = run_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress, out=args.out,
+                             resume=args.resume)
             command = " ".join(["masquant bench", *(["--quick"] if args.quick else []), "--models", *args.models,
                                 *([f"--results {args.results}"] if args.results else [])])
             write(rows, args.out, args.results, command)

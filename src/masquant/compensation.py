@@ -109,8 +109,7 @@ def compensate_linear(qlinear, linear: torch.nn.Linear, site, config, where: str
         chosen = whitened if config.whiten else plain
         if rank > 0:
             qlinear.add_patch(modality, chosen.l1, chosen.l2)
-        patch_bytes = rank * (linear.in_features + linear.out_features) * qlinear.smooth.new_empty(
-            0, dtype=qlinear.compute_dtype).element_size()
+        patch_bytes = rank * (linear.in_features + linear.out_features) * qlinear.patch_dtype.itemsize
         info[modality.name.lower()] = {
             "rank": rank, "whiten": config.whiten, "residual": config.residual, "ridge": config.ridge,
             "tokens": stats.count, "energy_kept": chosen.energy_kept,

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 MODALITY_NAMES = ("text", "vision", "audio")
+PATCH_DTYPES = ("float16", "bfloat16", "float32")
 REFERENCE_LAMBDAS = {"text": 1.0, "vision": 0.15, "audio": 0.55}
 
 
@@ -33,6 +34,8 @@ class QuantConfig:
       ``ridge``: added to the activation covariance, relative to its mean diagonal.
       ``cmc_guard``: per group and modality, fall back to the text vector when the patched
       per-modality vector reconstructs that modality's layer output worse (not in the paper).
+      ``patch_dtype``: how the patch factors are stored (``"float16"``, ``"bfloat16"`` or
+      ``"float32"``); they are computed in float64 and applied in the model's dtype.
     """
 
     method: str = "smoothquant"
@@ -54,6 +57,7 @@ class QuantConfig:
     whiten: bool = True
     ridge: float = 1e-6
     cmc_guard: bool = True
+    patch_dtype: str = "float16"
 
     VERSION: ClassVar[int] = 1
 
@@ -91,6 +95,8 @@ class QuantConfig:
             raise ValueError(f"rank must be an int >= 0 or a float ratio in [0, 1] of min(in, out), got {self.rank!r}")
         if self.residual not in ("fp", "quantized"):
             raise ValueError(f"residual must be 'fp' or 'quantized', got {self.residual!r}")
+        if self.patch_dtype not in PATCH_DTYPES:
+            raise ValueError(f"patch_dtype must be one of {', '.join(PATCH_DTYPES)}, got {self.patch_dtype!r}")
 
     def lambda_of(self, modality: str) -> float:
         """Fixed loss weight of a modality (text defaults to 1, others to the reference values)."""

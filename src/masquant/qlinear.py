@@ -44,7 +44,8 @@ class IntWeight(nn.Module):
 
 
 class LowRankPatch(nn.Module):
-    """``x~ @ l1 @ l2`` with ``l1: [in, r]``, ``l2: [r, out]``."""
+    """``x~ @ l1 @ l2`` with ``l1: [in, r]``, ``l2: [r, out]`` (stored in any float dtype,
+    applied in the dtype of ``x~``)."""
 
     def __init__(self, l1: torch.Tensor, l2: torch.Tensor):
         super().__init__()
@@ -52,7 +53,7 @@ class LowRankPatch(nn.Module):
         self.register_buffer("l2", l2)
 
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
-        return (xs.to(self.l1.dtype) @ self.l1) @ self.l2
+        return (xs @ self.l1.to(xs.dtype)) @ self.l2.to(xs.dtype)
 
 
 class QuantLinear(nn.Module):
@@ -67,6 +68,7 @@ class QuantLinear(nn.Module):
         self.a_bits = config.a_bits
         self.router = router
         self.compute_dtype = dtype
+        self.patch_dtype = getattr(torch, config.patch_dtype)
         self.qweight = IntWeight(out_features, in_features, self.grid, config.w_group_size)
         self.modality_qweights = nn.ModuleDict()  # MAS-only: one more weight per non-text modality
         self.patches = nn.ModuleDict()  # MASQuant: low-rank patch per non-text modality
@@ -113,8 +115,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"patch shapes {tuple(l1.shape)} @ {tuple(l2.shape)} do not fit "
                              f"[{self.in_features}, r] @ [r, {self.out_features}]")
         device = self.smooth.device
-        self.patches[modality.name.lower()] = LowRankPatch(l1.to(device, self.compute_dtype),
-                                                           l2.to(device, self.compute_dtype))
+        self.patches[modality.name.lower()] = LowRankPatch(l1.to(device, self.patch_dtype),
+                                                           l2.to(device, self.patch_dtype))
 
     def dequantized_weight(self, modality: Modality = Modality.TEXT) -> torch.Tensor:
         """A stored weight in floating point, ``[out, in]`` (the text one unless MAS-only)."""

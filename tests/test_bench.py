@@ -1,0 +1,89 @@
+"""The benchmark's bookkeeping (saving after every row, resuming, the goals table), with the
+expensive parts (model loading, calibration, evaluation) replaced by counters."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from masquant import bench
+
+
+def _row(model, bits, method, acc, sqnr):
+    return {"model": model, "bits": bits, "method": method, "item": {"accuracy": acc, "answer_nll": 1 - acc},
+            "prose_ppl": 100.0, "decoder_sqnr": {"text": 20.0, "vision": sqnr}, "kl": 0.01,
+            "storage": {"weight": 1, "patches": 0}, "calib_seconds": 1.0}
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_bench(monkeypatch):
+    calls = {"quantize": [], "fp_evals": 0, "fail_at": None}
+
+    def evaluate(model, processor, name, sizes):
+        calls["fp_evals"] += model is fp_model
+        return {"item": {"accuracy": 0.5, "answer_nll": 1.0, "n": 4}, "prose_ppl": 10.0}
+
+    def quantize(model, calib, config, progress):
+        if len(calls["quantize"]) == calls["fail_at"]:
+            raise Interrupted
+        calls["quantize"].append((config.method, config.w_bits, config.a_bits, config.smooth_down_proj))
+        return SimpleNamespace(samples=len(calib))
+
+    fp_model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(bench.registry, "load", lambda name: (fp_model, None))
+    monkeypatch.setattr(bench, "evaluate_reference", evaluate)
+    monkeypatch.setattr(bench, "calibration_inputs", lambda processor, name: [{}] * 8)
+    monkeypatch.setattr(bench, "comparison_inputs", lambda processor, name, n: [])
+    monkeypatch.setattr(bench, "quantize", quantize)
+    monkeypatch.setattr(bench, "compare", lambda fp, q, held: {"decoder_sqnr": {"text": 1.0}, "kl": {"all": 0.1}})
+    return calls
+
+
+def test_an_interrupted_bench_keeps_its_rows_and_resumes_where_it_stopped(fake_bench, tmp_path):
+    fake_bench["fail_at"] = 2
+    with pytest.raises(Interrupted):
+        bench.run_bench(("ref-vl",), quick=True, progress=False, out=tmp_path)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["bits"], r["method"]) for r in saved] == [("FP32", "fp"), ("W4A8", "rtn"), ("W4A8", "smoothquant")]
+    fake_bench["fail_at"] = None
+    rows = bench.run_bench(("ref-vl",), quick=True, progress=False, out=tmp_path, resume=True)
+    assert [r["method"] for r in rows] == ["fp", "rtn", "smoothquant", "masquant"]
+    assert [q[0] for q in fake_bench["quantize"]] == ["rtn", "smoothquant", "masquant"]  # nothing twice
+    assert fake_bench["fp_evals"] == 1
+    assert len(json.loads((tmp_path / "bench.json").read_text())) == 4
+
+
+def test_without_resume_everything_is_recomputed(fake_bench, tmp_path):
+    bench.run_bench(("ref-vl",), quick=True, progress=False, out=tmp_path)
+    bench.run_bench(("ref-vl",), quick=True, progress=False, out=tmp_path)
+    assert len(fake_bench["quantize"]) == 6 and fake_bench["fp_evals"] == 2
+
+
+def test_full_settings_include_the_down_proj_variants():
+    todo = bench.settings(quick=False)
+    assert ("W4A8", "masquant+down") in todo and ("W4A16", "awq") in todo and ("W4A16", "masquant") not in todo
+    assert bench.config_for("W4A6", "masquant+down", quick=False).smooth_down_proj
+    assert not bench.config_for("W4A6", "masquant", quick=False).smooth_down_proj
+    with pytest.raises(ValueError, match="variant"):
+        bench.config_for("W4A8", "masquant+up", quick=False)
+
+
+def test_goals_table_reports_misses_as_misses():
+    rows = [{"model": "m", "bits": "FP32", "method": "fp", "item": {"accuracy": 0.8, "answer_nll": 0.5}},
+            _row("m", "W8A8", "masquant", 0.75, 40.0),
+            _row("m", "W4A8", "rtn", 0.70, 20.0), _row("m", "W4A8", "smoothquant", 0.72, 23.0),
+            _row("m", "W4A8", "mbq", 0.71, 21.0), _row("m", "W4A8", "mas", 0.80, 26.0),
+            _row("m", "W4A8", "masquant", 0.725, 23.5)]
+    table = bench.goals(rows).splitlines()
+    w8 = next(line for line in table if "W8A8 within 1 pt" in line)
+    assert w8.endswith("| no |") and "-5.0 pt" in w8
+    beats = next(line for line in table if "beats" in line)
+    assert "smoothquant 72.0" in beats and "+0.5 pt" in beats and beats.endswith("| no |")
+    assert next(line for line in table if "MAS-only" in line).endswith("| no |")  # 7.5 pt behind
+    sqnr = next(line for line in table if "SQNR" in line)
+    assert "+0.5 dB" in sqnr and sqnr.endswith("| no |")
