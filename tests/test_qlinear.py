@@ -79,5 +79,8 @@ def test_bad_smoothing_factors_are_rejected(bad):
 def test_state_dict_holds_one_integer_weight():
     _, _, q = make(torch.ones(NUM_MODALITIES, 16), w_bits=4)
     state = q.state_dict()
-    assert state["qweight.codes"].dtype == torch.int8 and int(state["qweight.codes"].abs().max()) <= 8
+    assert state["qweight.codes"].dtype == torch.uint8 and state["qweight.codes"].shape == (8, 8)  # 2 per byte
+    assert int(q.qweight.int8().abs().max()) <= 8
+    _, _, q8 = make(torch.ones(NUM_MODALITIES, 16), w_bits=8)
+    assert q8.state_dict()["qweight.codes"].dtype == torch.int8 and q8.state_dict()["qweight.codes"].shape == (8, 16)
     assert set(state) == {"qweight.codes", "qweight.scale", "qweight.zero", "smooth", "bias"}

@@ -36,6 +36,8 @@ class QuantConfig:
       per-modality vector reconstructs that modality's layer output worse (not in the paper).
       ``patch_dtype``: how the patch factors are stored (``"float16"``, ``"bfloat16"`` or
       ``"float32"``); they are computed in float64 and applied in the model's dtype.
+    * ``runtime``: ``"int"`` (int8 x int8 -> int32 GEMMs) or ``"fake"`` (dequantize and multiply
+      in floating point, the simulation research code uses); same results up to float rounding.
     """
 
     method: str = "smoothquant"
@@ -58,6 +60,7 @@ class QuantConfig:
     ridge: float = 1e-6
     cmc_guard: bool = True
     patch_dtype: str = "float16"
+    runtime: str = "int"
 
     VERSION: ClassVar[int] = 1
 
@@ -95,6 +98,8 @@ class QuantConfig:
             raise ValueError(f"rank must be an int >= 0 or a float ratio in [0, 1] of min(in, out), got {self.rank!r}")
         if self.residual not in ("fp", "quantized"):
             raise ValueError(f"residual must be 'fp' or 'quantized', got {self.residual!r}")
+        if self.runtime not in ("int", "fake"):
+            raise ValueError(f"runtime must be 'int' or 'fake', got {self.runtime!r}")
         if self.patch_dtype not in PATCH_DTYPES:
             raise ValueError(f"patch_dtype must be one of {', '.join(PATCH_DTYPES)}, got {self.patch_dtype!r}")
 

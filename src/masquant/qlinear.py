@@ -8,8 +8,13 @@ low-rank patches for non-text modalities, and quantizes activations per token:
 * modality-m token:  ``y = Q_a(x / s_m) @ Wq^T + (x / s_m) @ L1_m @ L2_m + b``
 
 ``method="mas"`` (the MAS-only ablation) instead keeps one quantized weight per modality
-(``modality_qweights``), which multiplies weight storage. This is the fake-quant runtime:
-codes are dequantized and products run in floating point.
+(``modality_qweights``), which multiplies weight storage.
+
+Two runtimes (``QuantConfig.runtime``): ``"int"`` (default) quantizes each token's smoothed
+activations to int8 codes and multiplies them with the int8 weight codes in int32
+(``kernels.int_linear``); ``"fake"`` dequantizes both and multiplies in floating point (the
+simulation used by research code). Both give the same result up to float rounding.
+Weight-only settings (``a_bits=16``) multiply the dequantized weight in floating point.
 """
 
 from __future__ import annotations
@@ -19,28 +24,58 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
+from .kernels import int_linear, pack_int4, quantize_tokens, unpack_int4
 from .modality import NUM_MODALITIES, Modality, ModalityRouter
-from .primitives import IntGrid, QuantizedWeight, fake_quantize_per_token, quantize_weight
+from .primitives import IntGrid, QuantizedWeight, fake_quantize_per_token, group_rows, quantize_weight
 
 
 class IntWeight(nn.Module):
-    """Integer weight codes ``[out, in]`` with per-row scales and zero points."""
+    """A weight ``[out, in]`` as signed integer codes with scales and zero points:
+    ``W = scale * (codes - zero)`` per row of ``group_rows`` (zero is 0 on symmetric grids).
+
+    Codes of 4 bits or fewer are packed two per byte (``codes`` is then uint8
+    ``[out, ceil(in / 2)]``, see ``kernels.pack_int4``); wider codes are int8. The integer
+    runtime works on the unpacked int8 codes, unpacked once and cached (``int8()``).
+    """
 
     def __init__(self, out_features: int, in_features: int, grid: IntGrid, group_size: int):
         super().__init__()
-        self.group_size = group_size
+        self.group_size, self.grid, self.in_features = group_size, grid, in_features
+        self.packed = grid.bits <= 4
+        shape = (out_features, (in_features + 1) // 2) if self.packed else (out_features, in_features)
         rows = _scale_rows(out_features, in_features, group_size)
-        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=grid.storage_dtype))
+        self.register_buffer("codes", torch.zeros(shape, dtype=torch.uint8 if self.packed else torch.int8))
         self.register_buffer("scale", torch.ones(rows, 1))
         self.register_buffer("zero", torch.zeros(rows, 1))
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    @property
+    def offset(self) -> int:
+        """What is subtracted from the grid's codes to make them signed (asymmetric grids)."""
+        return 0 if self.grid.symmetric else 2 ** (self.grid.bits - 1)
 
     def set(self, qw: QuantizedWeight) -> None:
-        self.codes.copy_(qw.codes)
+        signed = (qw.codes.to(torch.int16) - self.offset).to(torch.int8)
+        self.codes.copy_(pack_int4(signed) if self.packed else signed)
         self.scale.copy_(qw.scale)
-        self.zero.copy_(qw.zero)
+        self.zero.copy_(qw.zero - self.offset)
+
+    def int8(self) -> torch.Tensor:
+        """Signed int8 codes ``[out, in]`` (unpacked and cached when stored packed)."""
+        if not self.packed:
+            return self.codes
+        key = (self.codes.data_ptr(), self.codes._version, self.codes.device)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, unpack_int4(self.codes, self.in_features))
+        return self._cache[1]
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return QuantizedWeight(self.codes, self.scale, self.zero, self.group_size).dequantize().to(dtype)
+        codes = self.int8()
+        rows = group_rows(codes.float(), self.group_size)
+        return ((rows - self.zero) * self.scale).reshape(codes.shape).to(dtype)
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
 
 class LowRankPatch(nn.Module):
@@ -69,6 +104,7 @@ class QuantLinear(nn.Module):
         self.router = router
         self.compute_dtype = dtype
         self.patch_dtype = getattr(torch, config.patch_dtype)
+        self.runtime = config.runtime
         self.qweight = IntWeight(out_features, in_features, self.grid, config.w_group_size)
         self.modality_qweights = nn.ModuleDict()  # MAS-only: one more weight per non-text modality
         self.patches = nn.ModuleDict()  # MASQuant: low-rank patch per non-text modality
@@ -118,11 +154,13 @@ class QuantLinear(nn.Module):
         self.patches[modality.name.lower()] = LowRankPatch(l1.to(device, self.patch_dtype),
                                                            l2.to(device, self.patch_dtype))
 
+    def _weight(self, modality: Modality) -> IntWeight:
+        name = modality.name.lower()
+        return self.modality_qweights[name] if name in self.modality_qweights else self.qweight  # noqa: SIM401
+
     def dequantized_weight(self, modality: Modality = Modality.TEXT) -> torch.Tensor:
         """A stored weight in floating point, ``[out, in]`` (the text one unless MAS-only)."""
-        name = modality.name.lower()
-        source = self.modality_qweights[name] if name in self.modality_qweights else self.qweight  # noqa: SIM401
-        return source.dequantize(self.compute_dtype)
+        return self._weight(modality).dequantize(self.compute_dtype)
 
     @property
     def needs_ids(self) -> bool:
@@ -137,30 +175,34 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.router.rows(x) if self.needs_ids else None
         xs = self.smoothed_input(x.reshape(-1, self.in_features), ids)
-        xq = fake_quantize_per_token(xs, self.a_bits).to(self.compute_dtype)
-        if self.modality_qweights:
-            y = self._per_modality_matmul(xq, ids)
-        else:
-            y = F.linear(xq, self.dequantized_weight(), self.bias)
+        y = self._per_modality_matmul(xs, ids) if self.modality_qweights else self._matmul(xs, self.qweight)
         for name, patch in self.patches.items():
             rows = (ids == int(Modality[name.upper()])).nonzero().squeeze(1)
             if rows.numel():
                 y = y.index_add(0, rows, patch(xs.index_select(0, rows)).to(y.dtype))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def _per_modality_matmul(self, xq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        y = xq.new_empty(xq.shape[0], self.out_features)
+    def _matmul(self, xs: torch.Tensor, weight: IntWeight) -> torch.Tensor:
+        """``Q_a(xs) @ W^T + b``: int8 GEMM (integer runtime) or dequantized float matmul (fake)."""
+        if self.runtime == "int" and self.a_bits < 16:
+            codes, scale = quantize_tokens(xs, self.a_bits)
+            zero = None if self.grid.symmetric else weight.zero
+            return int_linear(codes, scale, weight.int8(), weight.scale, zero, self.w_group_size,
+                              self.bias).to(self.compute_dtype)
+        xq = fake_quantize_per_token(xs, self.a_bits).to(self.compute_dtype)
+        return F.linear(xq, weight.dequantize(self.compute_dtype), self.bias)
+
+    def _per_modality_matmul(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        y = xs.new_empty(xs.shape[0], self.out_features, dtype=self.compute_dtype)
         for modality in Modality:
             rows = (ids == int(modality)).nonzero().squeeze(1)
             if rows.numel():
-                y[rows] = F.linear(xq[rows], self.dequantized_weight(modality), self.bias)
+                y[rows] = self._matmul(xs[rows], self._weight(modality))
         return y
 
     def storage_bytes(self) -> dict[str, int]:
         """Bytes of the stored weights and of the patches (at their stored dtypes)."""
-        weights = [self.qweight, *self.modality_qweights.values()]
-        w = sum(t.numel() * t.element_size() * (self.grid.bits / 8 if t is iw.codes else 1)
-                for iw in weights for t in (iw.codes, iw.scale, iw.zero))
+        w = sum(iw.storage_bytes() for iw in [self.qweight, *self.modality_qweights.values()])
         p = sum(t.numel() * t.element_size() for t in self.patches.buffers())
         return {"weight": int(w), "patches": int(p)}
 
@@ -190,3 +232,13 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, name)
     setattr(parent, name, new)
     return old
+
+
+def set_runtime(model: nn.Module, runtime: str) -> int:
+    """Switch every ``QuantLinear`` of ``model`` to ``"int"`` or ``"fake"``; returns how many."""
+    if runtime not in ("int", "fake"):
+        raise ValueError(f"runtime must be 'int' or 'fake', got {runtime!r}")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.runtime = runtime
+    return len(layers)

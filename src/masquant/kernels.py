@@ -1,0 +1,97 @@
+"""Integer kernels of the runtime: nibble packing, per-token activation quantization and the
+int8 x int8 -> int32 GEMM with a dequantizing epilogue.
+
+Weights are kept as signed codes ``c`` with per-row scales ``s`` and zero points ``z``
+(``W = s * (c - z)``, ``z = 0`` for symmetric grids); activations as signed per-token codes
+``q`` with scales ``t`` (``x = t * q``). Then, per weight group ``g``::
+
+    y = t * sum_g s_g * (q_g @ c_g^T - z_g * sum(q_g)) + b
+
+The products ``q_g @ c_g^T`` run in int32 (``torch._int_mm``) and are exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .primitives import EPS
+
+NIBBLE_OFFSET = 8  # a signed 4-bit code c in [-8, 7] is stored as c + 8 in [0, 15]
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit codes per byte along the last dim (odd widths are padded with a 0 code)."""
+    if codes.dtype != torch.int8:
+        raise TypeError(f"pack_int4 takes int8 codes, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < -8 or int(codes.max()) > 7):
+        raise ValueError("pack_int4 takes codes in [-8, 7]")
+    nibbles = (codes.to(torch.int16) + NIBBLE_OFFSET).to(torch.uint8)
+    if nibbles.shape[-1] % 2:
+        nibbles = torch.nn.functional.pad(nibbles, (0, 1), value=NIBBLE_OFFSET)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of ``pack_int4``: int8 codes ``[..., width]``."""
+    low = (packed & 0xF).to(torch.int8) - NIBBLE_OFFSET
+    high = (packed >> 4).to(torch.int8) - NIBBLE_OFFSET
+    return torch.stack((low, high), -1).flatten(-2)[..., :width].contiguous()
+
+
+def quantize_tokens(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token codes (int8) and float32 scales ``[tokens, 1]``.
+
+    The same grid as ``primitives.fake_quantize_per_token``: ``t = max|x| / qmax``.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(EPS) / qmax
+    codes = torch.clamp(torch.round(x / scale), -qmax - 1, qmax).to(torch.int8)
+    return codes, scale
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b.T`` for int8 ``a [m, k]`` and ``b [n, k]``, as int32.
+
+    ``torch._int_mm`` on CPU takes any shape; on CUDA it needs more than 16 rows and widths
+    that are multiples of 8, so small batches are padded and odd widths fall back to float64
+    (exact for these magnitudes).
+    """
+    if a.device.type == "cuda":
+        m, k = a.shape
+        if k % 8 or b.shape[0] % 8:
+            return (a.double() @ b.double().T).to(torch.int32)
+        if m <= 16:
+            return torch._int_mm(torch.nn.functional.pad(a, (0, 0, 0, 32 - m)), b.T)[:m]
+    return torch._int_mm(a, b.T)
+
+
+def int_linear(codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               weight_zero: torch.Tensor | None, group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y [m, n]`` (float32) from activation codes/scales and a weight in signed codes.
+
+    ``weight [n, k]`` int8; ``weight_scale`` / ``weight_zero`` have one entry per weight row
+    (``group_size`` 0), per tensor (-1) or per group of ``group_size`` inputs (``[n * k/g, 1]``);
+    ``weight_zero`` is None for symmetric grids.
+    """
+    n, k = weight.shape
+    if group_size in (0, -1) or group_size >= k:
+        acc = int_matmul(codes, weight).float()
+        if weight_zero is not None:
+            acc -= codes.sum(-1, keepdim=True, dtype=torch.int32).float() * weight_zero.reshape(1, -1)
+        y = acc * (scale * weight_scale.reshape(1, -1))
+    else:
+        groups = k // group_size
+        w_scale = weight_scale.reshape(n, groups)
+        w_zero = None if weight_zero is None else weight_zero.reshape(n, groups)
+        y = codes.new_zeros(codes.shape[0], n, dtype=torch.float32)
+        for g in range(groups):
+            part = slice(g * group_size, (g + 1) * group_size)
+            acc = int_matmul(codes[:, part].contiguous(), weight[:, part].contiguous()).float()
+            if w_zero is not None:
+                acc -= codes[:, part].sum(-1, keepdim=True, dtype=torch.int32).float() * w_zero[:, g]
+            y += acc * w_scale[:, g]
+        y *= scale
+    if bias is not None:
+        y += bias.float()
+    return y
