@@ -15,6 +15,7 @@ EPILOG = """examples:
   masquant eval --model ref-vl --method masquant --w-bits 4 --a-bits 8
   masquant bench --quick                 CI-sized benchmark
   masquant bench --results docs/RESULTS.md   the full benchmark, regenerating the results page
+  masquant bench --speed --results docs/PERFORMANCE.md   integer runtime vs FP32/BF16, calibration cost
 """
 
 
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", nargs="+", default=["ref-vl"], help="reference models (ref-vl, ref-omni)")
     bench.add_argument("--out", type=Path, default=Path("out/bench"))
     bench.add_argument("--results", type=Path, default=None, help="also write this results page (docs/RESULTS.md)")
+    bench.add_argument("--speed", action="store_true",
+                       help="measure speed, checkpoint bytes and calibration cost instead of accuracy")
     bench.add_argument("--resume", action="store_true",
                        help="reuse the rows already saved in OUT/bench.json (after an interrupted run)")
     bench.add_argument("--no-progress", action="store_true")
@@ -70,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             (run_tiny_demo if args.tiny else run_demo)(quick=args.quick, out=args.out, progress=not args.no_progress)
         elif args.command == "eval":
             _eval(args)
+        elif args.command == "bench" and args.speed:
+            from .perf import markdown, run_speed, write
+
+            result = run_speed(quick=args.quick)
+            command = " ".join(["masquant bench --speed", *(["--quick"] if args.quick else []),
+                                *([f"--results {args.results}"] if args.results else [])])
+            write(result, args.out, args.results, command)
+            print(markdown(result))
         elif args.command == "bench":
             from .bench import run_bench, write
 

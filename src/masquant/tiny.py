@@ -16,11 +16,11 @@ VISION_START, VISION_END, AUDIO_START, AUDIO_END = 246, 247, 248, 249
 BOS, EOS = 1, 2
 
 
-def _text_config(hidden: int, layers: int) -> dict:
-    half = hidden // 4 // 2  # 4 heads; mrope splits half the head dim as in Qwen (1/4, 3/8, 3/8)
+def _text_config(hidden: int, layers: int, intermediate: int | None = None, heads: int = 4) -> dict:
+    half = hidden // heads // 2  # mrope splits half the head dim as in Qwen (1/4, 3/8, 3/8)
     return dict(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
         max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=BOS, eos_token_id=EOS,
         pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                          "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]},
@@ -35,12 +35,14 @@ def _vision_config(hidden: int) -> dict:
     )
 
 
-def tiny_qwen2_5_vl(hidden: int = 64, layers: int = 2, seed: int = 0) -> torch.nn.Module:
-    """A random-weight ``Qwen2_5_VLForConditionalGeneration`` small enough for unit tests."""
+def tiny_qwen2_5_vl(hidden: int = 64, layers: int = 2, seed: int = 0, intermediate: int | None = None,
+                    heads: int = 4) -> torch.nn.Module:
+    """A random-weight ``Qwen2_5_VLForConditionalGeneration`` (small for unit tests; the speed
+    benchmark builds Qwen2.5-VL-3B-wide layers with ``hidden=2048, intermediate=11008, heads=16``)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     config = Qwen2_5_VLConfig(
-        text_config=_text_config(hidden, layers), vision_config=_vision_config(hidden),
+        text_config=_text_config(hidden, layers, intermediate, heads), vision_config=_vision_config(hidden),
         image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
         vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
     )

@@ -1,0 +1,129 @@
+"""``masquant bench --speed``: run the measurements of ``masquant.speed`` and write
+``speed.json`` / ``speed.md`` (and, with ``--results``, docs/PERFORMANCE.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+from . import speed
+
+log = logging.getLogger("masquant")
+
+QUICK_SHAPES = {"square 4096": (4096, 4096)}
+
+
+def run_speed(quick: bool = False) -> dict:
+    """Everything in one process, so that every ratio compares numbers from the same run."""
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "quick": quick}
+    result["linear"] = speed.linear_rows(QUICK_SHAPES if quick else speed.LINEAR_SHAPES,
+                                         (16, 512) if quick else speed.TOKENS)
+    result["models"] = speed.wide_model_rows(layers=1 if quick else 2)
+    result["models"] += speed.reference_model_rows("ref-vl", calib_samples=4 if quick else 16)
+    result["calibration"] = speed.calibration_rows("ref-vl", calib_samples=8 if quick else 32)
+    result["memory"] = speed.calibration_memory("masquant", (2, 4) if quick else (4, 8))
+    return result
+
+
+def _find(rows: list[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def goals(result: dict) -> list[tuple[str, str, bool | None]]:
+    """(goal, measured, met) for each goal of the issue that this run measured."""
+    out: list[tuple[str, str, bool | None]] = []
+    sq = _find(result["linear"], shape="square 4096", tokens=512)
+    if sq:
+        w8, kernel = sq["speedup"]["W8A8"], sq["speedup"]["int_mm kernel"]
+        out.append(("linear W8A8 >= 3x FP32 (4096x4096, 512 tokens)", f"{w8:.2f}x (raw kernel {kernel:.2f}x)",
+                    w8 >= 3))
+    overheads = [r["ms"]["MASQuant W8A8 r32"] / r["ms"]["W8A8"] - 1 for r in result["linear"] if r["tokens"] >= 512]
+    if overheads:
+        worst = max(overheads)
+        out.append(("MASQuant patch overhead <= 10% (rank 32, half non-text), linears >= 512 tokens",
+                    f"worst {100 * worst:+.1f}%", worst <= 0.10))
+    models = result["models"]
+    for name in dict.fromkeys(r["model"] for r in models):
+        fp, w8 = _find(models, model=name, variant="fp32"), _find(models, model=name, variant="W8A8")
+        mq = _find(models, model=name, variant="MASQuant W8A8 r32")
+        if fp and w8:
+            ratio = fp["prefill_ms"] / w8["prefill_ms"]
+            out.append((f"{name}: prefill W8A8 >= 2x FP32", f"{ratio:.2f}x", ratio >= 2))
+            ratio = fp["decode_ms"] / w8["decode_ms"]
+            out.append((f"{name}: decode W8A8 not slower than FP32", f"{ratio:.2f}x", ratio >= 1))
+        if w8 and mq:
+            over = mq["prefill_ms"] / w8["prefill_ms"] - 1
+            out.append((f"{name}: MASQuant prefill overhead <= 10%", f"{100 * over:+.1f}%", over <= 0.10))
+        for variant, limit in (("W8A8", 0.55), ("W4A8", 0.30), ("MASQuant W8A8 r32", 0.55)):
+            row = _find(models, model=name, variant=variant)
+            if row and "linear_vs_fp16" in row:
+                out.append((f"{name}: {variant} decoder linears <= {limit}x FP16 bytes",
+                            f"{row['linear_vs_fp16']:.3f}x (whole model {row['model_vs_fp16']:.3f}x)",
+                            row["linear_vs_fp16"] <= limit))
+    calib = {r["method"]: r["seconds"] for r in result["calibration"]}
+    if "smoothquant" in calib and "masquant" in calib:
+        ratio = calib["masquant"] / calib["smoothquant"]
+        out.append(("MAS+CMC calibration <= 5x SmoothQuant (same samples)", f"{ratio:.1f}x", ratio <= 5))
+    mem = result["memory"]
+    if len(mem) == 2:
+        grow = mem[1]["calibration_mb"] / max(mem[0]["calibration_mb"], 1e-9) - 1
+        out.append((f"peak RSS of calibration grows < 20% from {mem[0]['layers']} to {mem[1]['layers']} layers",
+                    f"{100 * grow:+.1f}% (model itself {mem[0]['loaded_mb']:.0f} -> {mem[1]['loaded_mb']:.0f} MB)",
+                    grow < 0.20))
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Machine: {result['machine']}, {result['threads']} threads, torch {result['torch']} "
+             f"({result['cpu_capability']}).", "", "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
+    lines += [f"| {g} | {m} | {'yes' if ok else 'no'} |" for g, m, ok in goals(result)]
+    labels = list(result["linear"][0]["ms"]) if result["linear"] else []
+    lines += ["", "## Linear layers", "", "Speed-up over FP32 `nn.Linear` (FP32 in milliseconds).", "",
+              "| shape | tokens | FP32 ms | " + " | ".join(labels[1:]) + " |", "|---" * (len(labels) + 2) + "|"]
+    for r in result["linear"]:
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['ms']['fp32']:.2f} | "
+                     + " | ".join(f"{r['speedup'][k]:.2f}x" for k in labels[1:]) + " |")
+    lines += ["", "## Whole models", "",
+              "| model | variant | prompt tokens | prefill ms | decode ms/token | linear bytes/param | "
+              "linears vs FP16 | model vs FP16 |", "|---" * 8 + "|"]
+    for r in result["models"]:
+        size = (f"{r['linear_bytes_per_param']:.3f} | {r['linear_vs_fp16']:.3f} | {r['model_vs_fp16']:.3f}"
+                if "linear_vs_fp16" in r else "- | - | -")
+        lines.append(f"| {r['model']} | {r['variant']} | {r['prompt_tokens']} | {r['prefill_ms']:.1f} | "
+                     f"{r['decode_ms']:.2f} | {size} |")
+    lines += ["", "## Calibration", "", "| model | method | samples | seconds |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['method']} | {r['samples']} | {r['seconds']:.1f} |" for r in result["calibration"]]
+    lines += ["", "| method | layers | RSS after loading MB | peak RSS MB | calibration on top MB |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['layers']} | {r['loaded_mb']:.0f} | {r['peak_mb']:.0f} | "
+              f"{r['calibration_mb']:.0f} |" for r in result["memory"]]
+    return "\n".join(lines)
+
+
+HEADER = """# Performance
+
+Generated by `{command}`; do not edit by hand. Every number comes from one run on one
+machine; compare ratios, not absolute times. Linear-level MASQuant rows have a random rank-32
+vision patch and half of the tokens are vision tokens; the random 3B-wide model gets random
+vectors and patches (speed and bytes only). The reference model's W8A8 and MASQuant rows are
+really calibrated (RTN / MASQuant, W8A8). Decode is timed per generated token after a short
+text prompt. Bytes count codes, scales, zero points, vectors and patches at rest; "model vs
+FP16" counts every other tensor at 2 bytes.
+
+"""
+
+
+def write(result: dict, out: Path, results: Path | None = None, command: str = "masquant bench --speed") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(result, indent=1))
+    text = HEADER.format(command=command) + markdown(result) + "\n"
+    (out / "speed.md").write_text(text)
+    if results is not None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(text)
+    log.info("wrote %s", out)

@@ -1,0 +1,270 @@
+"""``masquant bench --speed``: the integer runtime against floating point, as ratios measured
+in one run (machines are noisy; absolute times are printed but only ratios are compared).
+
+* linear level: shapes of Qwen2.5-VL-3B / 7B and a 4096 x 4096 square, 1 to 2048 tokens:
+  FP32 and BF16 ``nn.Linear``, the raw ``torch._int_mm`` kernel, W8A8 / W4A8 ``QuantLinear``,
+  MASQuant W8A8 (rank-32 patch, half of the tokens non-text) and torchao's dynamic int8
+  when it is installed;
+* whole model: prefill and per-token decode of the reference models and of a random
+  Qwen2.5-VL with 3B-wide decoder layers;
+* checkpoint bytes per parameter.
+
+Patches and per-modality vectors of the speed-only models are random: these measure time and
+bytes, not accuracy (accuracy is ``masquant bench`` without ``--speed``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .modality import NUM_MODALITIES, Modality, ModalityRouter
+from .qlinear import QuantLinear
+
+log = logging.getLogger("masquant")
+
+LINEAR_SHAPES = {  # name: (in_features, out_features)
+    "square 4096": (4096, 4096),
+    "3B attn 2048>2048": (2048, 2048),
+    "3B up 2048>11008": (2048, 11008),
+    "3B down 11008>2048": (11008, 2048),
+    "7B up 3584>18944": (3584, 18944),
+    "7B down 18944>3584": (18944, 3584),
+}
+TOKENS = (1, 16, 512, 2048)
+
+
+def timeit(fn: Callable[[], object], min_time: float = 0.3, min_runs: int = 3, max_runs: int = 50) -> float:
+    """Median seconds per call after one warm-up call."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_time and len(times) < max_runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def quant_linear(linear: nn.Linear, w_bits: int, a_bits: int = 8, rank: int = 0,
+                 router: ModalityRouter | None = None) -> QuantLinear:
+    """A W{w_bits}A{a_bits} ``QuantLinear`` of ``linear``; with ``rank``, a distinct vision vector and
+    a random rank-``rank`` vision patch (MASQuant's runtime cost, not its accuracy)."""
+    smooth = torch.ones(NUM_MODALITIES, linear.in_features)
+    if rank:
+        smooth[Modality.VISION] = torch.rand(linear.in_features) + 0.5
+    config = QuantConfig(method="masquant" if rank else "rtn", w_bits=w_bits, a_bits=a_bits, rank=rank)
+    q = QuantLinear.from_linear(linear, smooth, config, router)
+    if rank:
+        q.add_patch(Modality.VISION, torch.randn(linear.in_features, rank) * 1e-2,
+                    torch.randn(rank, linear.out_features) * 1e-2)
+    return q
+
+
+def _torchao_linear(linear: nn.Linear) -> nn.Module | None:
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except Exception:  # torchao absent, or built for another torch
+        return None
+    model = nn.Sequential(copy.deepcopy(linear))
+    try:
+        quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    except Exception as err:
+        log.info("torchao could not quantize a linear here: %s", err)
+        return None
+    return model
+
+
+@torch.no_grad()
+def linear_rows(shapes: dict[str, tuple[int, int]], tokens: tuple[int, ...]) -> list[dict]:
+    """Per shape and token count: milliseconds of FP32 and speed-up of every other variant."""
+    rows = []
+    for name, (k, n) in shapes.items():
+        torch.manual_seed(0)
+        fp32 = nn.Linear(k, n)
+        variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"fp32": fp32}
+        bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+        variants["bf16"] = lambda x, m=bf16: m(x.to(torch.bfloat16))
+        w8 = quant_linear(fp32, 8)
+        codes = w8.qweight.int8()
+        variants["int_mm kernel"] = lambda x, c=codes: torch._int_mm(x, c.T)
+        variants["W8A8"] = w8
+        variants["W4A8"] = quant_linear(fp32, 4)
+        router = ModalityRouter({})
+        variants["MASQuant W8A8 r32"] = quant_linear(fp32, 8, rank=32, router=router)
+        torchao = _torchao_linear(fp32)
+        if torchao is not None:
+            variants["torchao int8 dyn"] = torchao
+        for m in tokens:
+            x = torch.randn(m, k)
+            ids = torch.zeros(m, dtype=torch.long)
+            ids[m // 2:] = int(Modality.VISION)  # half of the tokens are vision tokens
+            x_int8 = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+            row = {"shape": name, "in": k, "out": n, "tokens": m, "ms": {}}
+            with router.scope(ids):
+                for label, fn in variants.items():
+                    arg = x_int8 if label == "int_mm kernel" else x
+                    row["ms"][label] = 1e3 * timeit(lambda fn=fn, arg=arg: fn(arg))
+            row["speedup"] = {label: row["ms"]["fp32"] / ms for label, ms in row["ms"].items()}
+            log.info("%s x %d tokens: %s", name, m, {k: f"{v:.2f}x" for k, v in row["speedup"].items()})
+            rows.append(row)
+    return rows
+
+
+def synthetic_quantize(model: nn.Module, w_bits: int, a_bits: int = 8, rank: int = 0) -> nn.Module:
+    """Swap every decoder linear of ``model`` for a ``quant_linear`` (RTN; random vision vector
+    and patch with ``rank``), with the model's modality router attached. Speed only."""
+    from .arch import get_adapter
+    from .modality import attach_router
+    from .qlinear import replace_module
+
+    adapter = get_adapter(model)
+    router = ModalityRouter(adapter.token_table(model.config))
+    for layer in adapter.decoder_layers(model):
+        for group in adapter.groups:
+            for path in group.linears:
+                patched = rank if group.smooth else 0
+                replace_module(layer, path, quant_linear(layer.get_submodule(path), w_bits, a_bits, patched, router))
+    attach_router(model, router)
+    return model
+
+
+@torch.no_grad()
+def model_times(model: nn.Module, prompt: dict, short_prompt: dict, decode_tokens: int = 32) -> dict[str, float]:
+    """Prefill (one forward over ``prompt``) and decode (per generated token after
+    ``short_prompt``, from the difference of two ``generate`` lengths) in milliseconds."""
+    prefill = timeit(lambda: model(**prompt, use_cache=False), min_time=1.0)
+
+    def gen(n: int) -> None:
+        model.generate(**short_prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    short, long = timeit(lambda: gen(1), min_time=1.0), timeit(lambda: gen(1 + decode_tokens), min_time=1.0)
+    return {"prefill_ms": 1e3 * prefill, "decode_ms": 1e3 * max(long - short, 0.0) / decode_tokens}
+
+
+def checkpoint_bytes(model: nn.Module) -> dict[str, float]:
+    """Bytes of the decoder linears (weights, scales, zero points, patches, vectors) and of the
+    whole state dict with unquantized tensors counted in FP16, both per parameter of the
+    original model, next to FP16's 2 bytes per parameter."""
+    linear_params = linear_bytes = other_params = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            linear_params += module.in_features * module.out_features + (module.out_features if module.bias is not None
+                                                                         else 0)
+            linear_bytes += sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    seen = {t.data_ptr() for m in model.modules() if isinstance(m, QuantLinear) for t in m.state_dict().values()}
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen and t.is_floating_point():
+            seen.add(t.data_ptr())
+            other_params += t.numel()
+    total_params = linear_params + other_params
+    return {"linear_bytes_per_param": linear_bytes / max(linear_params, 1),
+            "linear_vs_fp16": linear_bytes / max(2 * linear_params, 1),
+            "model_vs_fp16": (linear_bytes + 2 * other_params) / max(2 * total_params, 1)}
+
+
+def _strip(sample: dict) -> dict:
+    return {k: v for k, v in sample.items() if k != "labels"}
+
+
+def wide_model_rows(layers: int) -> list[dict]:
+    """A random Qwen2.5-VL with Qwen2.5-VL-3B-wide decoder layers (2048 / 11008, 16 heads):
+    FP32, BF16, W8A8, W4A8 and MASQuant W8A8 (rank 32); a 512-token prompt, half image."""
+    from . import tiny
+
+    fp = tiny.tiny_qwen2_5_vl(hidden=2048, layers=layers, intermediate=11008, heads=16)
+    prompt = tiny.tiny_sample(0, "vl", text_len=254, image_grid=32)  # 256 image tokens + 2 markers
+    short = tiny.tiny_sample(1, "vl", image=False, text_len=16)
+    variants = {"fp32": lambda: fp, "bf16": lambda: copy.deepcopy(fp).to(torch.bfloat16),
+                "W8A8": lambda: synthetic_quantize(copy.deepcopy(fp), 8),
+                "W4A8": lambda: synthetic_quantize(copy.deepcopy(fp), 4),
+                "MASQuant W8A8 r32": lambda: synthetic_quantize(copy.deepcopy(fp), 8, rank=32)}
+    name = f"random Qwen2.5-VL, {layers} layers 3B-wide"
+    return [_model_row(name, label, build(), prompt, short) for label, build in variants.items()]
+
+
+def reference_model_rows(name: str = "ref-vl", calib_samples: int = 16) -> list[dict]:
+    """A shipped reference model: FP32, W8A8 RTN and W8A8 MASQuant (really calibrated)."""
+    from .api import quantize
+    from .refmodels import registry
+    from .refmodels.evaluate import calibration_inputs, comparison_inputs
+
+    fp, processor = registry.load(name)
+    calib = calibration_inputs(processor, name)
+    calib = calib[:: max(len(calib) // calib_samples, 1)][:calib_samples]
+    prompt = _strip(comparison_inputs(processor, name, n=1)[0])
+    rows = [_model_row(name, "fp32", fp, prompt, prompt)]
+    for label, config in (("W8A8", QuantConfig(method="rtn")),
+                          ("MASQuant W8A8 r32", QuantConfig(method="masquant", epochs=1))):
+        model = copy.deepcopy(fp)
+        quantize(model, calib, config, progress=False)
+        rows.append(_model_row(name, label, model, prompt, prompt))
+    return rows
+
+
+def _model_row(name: str, label: str, model: nn.Module, prompt: dict, short: dict) -> dict:
+    row = {"model": name, "variant": label, "prompt_tokens": int(prompt["input_ids"].shape[1]),
+           **model_times(model, prompt, short)}
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        row.update(checkpoint_bytes(model))
+    log.info("%s %s: prefill %.1f ms, decode %.2f ms/token", name, label, row["prefill_ms"], row["decode_ms"])
+    return row
+
+
+def calibration_rows(name: str = "ref-vl", calib_samples: int = 32) -> list[dict]:
+    """Calibration wall time of every method on the same samples of a reference model."""
+    from .api import quantize
+    from .refmodels import registry
+    from .refmodels.evaluate import calibration_inputs
+
+    fp, processor = registry.load(name)
+    calib = calibration_inputs(processor, name)
+    calib = calib[:: max(len(calib) // calib_samples, 1)][:calib_samples]
+    rows = []
+    for method in ("rtn", "smoothquant", "awq", "mbq", "mas", "masquant"):
+        model = copy.deepcopy(fp)
+        start = time.perf_counter()
+        quantize(model, calib, QuantConfig(method=method, w_bits=4, a_bits=8), progress=False)
+        rows.append({"model": name, "method": method, "samples": len(calib), "seconds": time.perf_counter() - start})
+        log.info("calibration %s on %d samples: %.1f s", method, len(calib), rows[-1]["seconds"])
+    return rows
+
+
+RSS_PROBE = """
+import json, sys, torch
+from masquant import QuantConfig, quantize, tiny
+torch.set_num_threads(1)
+layers, method = int(sys.argv[1]), sys.argv[2]
+model = tiny.tiny_qwen2_5_vl(hidden=512, layers=layers, intermediate=1536, heads=8)
+samples = [tiny.tiny_sample(i, "vl", text_len=96, image_grid=16) for i in range(8)]
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":")) * 1024
+before = status("VmRSS")
+quantize(model, samples, QuantConfig(method=method, epochs=1), progress=False)
+print(json.dumps({"loaded": before, "peak": status("VmHWM")}))
+"""
+
+
+def calibration_memory(method: str = "masquant", layers: tuple[int, int] = (4, 8)) -> list[dict]:
+    """Peak RSS of calibrating a random Qwen2.5-VL (512 wide) with L and 2L layers, each in a
+    fresh process (Linux ``/proc``): the model itself and the calibration on top of it."""
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for n in layers:
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(n), method], capture_output=True, text=True,
+                             check=True)
+        probe = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append({"method": method, "layers": n, "loaded_mb": probe["loaded"] / 2**20,
+                     "peak_mb": probe["peak"] / 2**20, "calibration_mb": (probe["peak"] - probe["loaded"]) / 2**20})
+        log.info("peak RSS, %s, %d layers: %s", method, n, rows[-1])
+    return rows
