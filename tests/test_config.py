@@ -24,6 +24,9 @@ def test_round_trip_with_version():
     ({"a_bits": True}, r"a_bits"),
     ({"w_group_size": -5}, "w_group_size"),
     ({"alpha": 1.5}, "alpha"),
+    ({"method": "mas", "mas_batch": 0}, "mas_batch"),
+    ({"runtime": "cuda"}, "runtime must be"),
+    ({"patch_dtype": "int8"}, "patch_dtype must be"),
 ])
 def test_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -45,8 +45,9 @@ def test_per_modality_smoothing_beats_unified_smoothquant(misaligned, calib):
     assert p["vision"] > u["vision"], (p, u)
 
 
-def test_learning_lowers_the_layer_loss(misaligned, calib):
-    _, report = run(misaligned, calib, method="mas", w_bits=4, a_bits=8, epochs=2)
+@pytest.mark.parametrize("mas_batch", [1, 4])
+def test_learning_lowers_the_layer_loss(misaligned, calib, mas_batch):
+    _, report = run(misaligned, calib, method="mas", w_bits=4, a_bits=8, epochs=2, mas_batch=mas_batch)
     for layer in report.layers:
         before, after = layer.groups["mas"]["loss_before_after"]
         assert after < before and layer.groups["mas"]["kept_learned"]

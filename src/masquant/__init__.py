@@ -12,12 +12,12 @@ from .arch import (
 )
 from .config import QuantConfig
 from .modality import Modality, modality_scope
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, set_runtime
 from .report import QuantReport
 
 __all__ = [
     "ADAPTERS", "Adapter", "CalibrationError", "LinearGroup", "Modality", "QuantConfig", "QuantLinear",
     "QuantReport", "UnsupportedArchitectureError", "generic_adapter", "get_adapter", "modality_ids",
-    "modality_scope", "quantize",
+    "modality_scope", "quantize", "set_runtime",
 ]
 __version__ = "0.1.0"

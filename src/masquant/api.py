@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .arch import Adapter, get_adapter, modality_ids
 from .capture import Captured, capture
+from .collate import collate
 from .config import QuantConfig
 from .methods import METHODS
 from .modality import Modality, ModalityRouter, attach_router
@@ -55,6 +56,8 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     method = METHODS[config.method]
     try:
         inputs = validate_all(model, adapter, calib)
+        n_samples = len(inputs)
+        inputs = collate(inputs, config.calib_batch, _pad_token_id(model))
         prepared = method.prepare(model, adapter, inputs, config) if hasattr(method, "prepare") else {}
         samples = capture_all(model, adapter, inputs, progress)
         del inputs
@@ -66,7 +69,14 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     tokens = _token_counts(samples)
     seconds = time.perf_counter() - start
     log.info("quantized %d layers with %s in %.1fs", len(reports), config.method, seconds)
-    return QuantReport(config.to_dict(), adapter.name, len(samples), tokens, reports, seconds)
+    return QuantReport(config.to_dict(), adapter.name, n_samples, tokens, reports, seconds)
+
+
+def _pad_token_id(model: nn.Module) -> int:
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if getattr(config, "pad_token_id", None) is not None:
+            return int(config.pad_token_id)
+    return 0  # padded positions are masked; the id only has to exist
 
 
 @torch.no_grad()

@@ -83,37 +83,54 @@ def smoothed_covariance(second_moment: torch.Tensor, smooth: torch.Tensor) -> to
     return second_moment.double() * inv[:, None] * inv[None, :]
 
 
-def compensate_linear(qlinear, linear: torch.nn.Linear, site, config, where: str = "") -> dict[str, dict]:
+def compensate_linear(qlinear, linear: torch.nn.Linear, site, config, where: str = "",
+                      cache: dict | None = None) -> dict[str, dict]:
     """Attach a CMC patch to ``qlinear`` for every non-text modality of ``site``; return the report.
 
     ``qlinear`` holds ``Q(W * s_text)`` and the per-modality smoothing table; ``site`` holds
-    the per-modality second moments of the layer input (unsmoothed).
+    the per-modality second moments of the layer input (unsmoothed). ``cache`` (keyed by
+    ``where``, the modality and both vectors) spares recomputing a patch that a previous call
+    already derived for the same vectors (the CMC guard tries several tables per layer).
     """
     from .modality import Modality
 
-    text_weight = qlinear.dequantized_weight().double()
+    text_weight = None
     info = {}
     for modality, stats in sorted(site.per_modality.items()):
         if modality == Modality.TEXT:
             continue
-        smooth = qlinear.smooth[int(modality)].double()
-        if config.residual == "quantized":
-            target = qlinear.quantize_smoothed(linear.weight, modality).dequantize().double()
-        else:
-            target = linear.weight.detach().double() * smooth
-        delta = target - text_weight
-        rank = resolve_rank(config.rank, linear.in_features, linear.out_features, where)
-        cov = smoothed_covariance(stats.second, smooth)
-        whitened = low_rank_patch(delta, rank, cov, config.ridge)
-        plain = low_rank_patch(delta, rank)
-        chosen = whitened if config.whiten else plain
-        if rank > 0:
-            qlinear.add_patch(modality, chosen.l1, chosen.l2)
-        patch_bytes = rank * (linear.in_features + linear.out_features) * qlinear.patch_dtype.itemsize
-        info[modality.name.lower()] = {
-            "rank": rank, "whiten": config.whiten, "residual": config.residual, "ridge": config.ridge,
-            "tokens": stats.count, "energy_kept": chosen.energy_kept,
-            "whitened_energy_kept": whitened.energy_kept, "plain_energy_kept": plain.energy_kept,
-            "whitened_spectrum": whitened.spectrum, "plain_spectrum": plain.spectrum, "patch_bytes": patch_bytes,
-        }
+        key = (where, int(modality), qlinear.smooth[0].cpu().numpy().tobytes(),
+               qlinear.smooth[int(modality)].cpu().numpy().tobytes())
+        if cache is None or key not in cache:
+            if text_weight is None:
+                text_weight = qlinear.dequantized_weight().double()
+            found = _patch_for(qlinear, linear, modality, stats, config, text_weight, where)
+            if cache is not None:
+                cache[key] = found
+        patch, entry = cache[key] if cache is not None else found
+        if patch is not None:
+            qlinear.add_patch(modality, *patch)
+        info[modality.name.lower()] = dict(entry)
     return info
+
+
+def _patch_for(qlinear, linear, modality, stats, config, text_weight, where) -> tuple[tuple | None, dict]:
+    smooth = qlinear.smooth[int(modality)].double()
+    if config.residual == "quantized":
+        target = qlinear.quantize_smoothed(linear.weight, modality).dequantize().double()
+    else:
+        target = linear.weight.detach().double() * smooth
+    delta = target - text_weight
+    rank = resolve_rank(config.rank, linear.in_features, linear.out_features, where)
+    cov = smoothed_covariance(stats.second, smooth)
+    whitened = low_rank_patch(delta, rank, cov, config.ridge)
+    plain = low_rank_patch(delta, rank)
+    chosen = whitened if config.whiten else plain
+    patch_bytes = rank * (linear.in_features + linear.out_features) * qlinear.patch_dtype.itemsize
+    entry = {
+        "rank": rank, "whiten": config.whiten, "residual": config.residual, "ridge": config.ridge,
+        "tokens": stats.count, "energy_kept": chosen.energy_kept,
+        "whitened_energy_kept": whitened.energy_kept, "plain_energy_kept": plain.energy_kept,
+        "whitened_spectrum": whitened.spectrum, "plain_spectrum": plain.spectrum, "patch_bytes": patch_bytes,
+    }
+    return ((chosen.l1, chosen.l2) if rank > 0 else None), entry

@@ -21,12 +21,15 @@ class QuantConfig:
       Activations are always dynamic, per token, symmetric.
     * ``alpha``: SmoothQuant migration strength. ``awq_grid``: number of exponents AWQ tries.
     * ``smooth_down_proj``: also smooth the ``down_proj`` input (off in the reference setting).
+    * ``calib_batch``: calibration samples per decoder-layer call (right-padded batches;
+      padding never counts). MAS takes one AdamW step per batch of ``mas_batch`` batches.
 
     MAS / MASQuant (``method="mas"``: one quantized weight per modality, the accuracy upper
     bound; ``method="masquant"``: one weight ``Q(W * s_text)`` plus low-rank patches):
 
     * ``lambdas``: weight of each modality in the layer-output MAE, or ``"auto"`` for
-      MBQ-style gradient ratios measured on the calibration set. ``epochs``, ``lr``,
+      MBQ-style gradient ratios measured on the calibration set. ``epochs``, ``mas_batch``
+      (samples per AdamW step, mean loss; 1 as in the paper), ``lr``,
       ``weight_decay``, ``min_scale`` (entries of s are kept >= it): the optimisation.
     * ``rank``: patch rank, an int or a float ratio of min(in, out) (0 = no patch).
       ``residual``: ``"fp"`` (``W*s_m - Q(W*s_text)``) or ``"quantized"``
@@ -49,8 +52,10 @@ class QuantConfig:
     awq_grid: int = 20
     smooth_down_proj: bool = False
     seed: int = 0
+    calib_batch: int = 1
     lambdas: dict[str, float] | str = field(default_factory=lambda: dict(REFERENCE_LAMBDAS))
     epochs: int = 2
+    mas_batch: int = 1
     lr: float = 5e-2
     weight_decay: float = 0.0
     min_scale: float = 1e-2
@@ -77,6 +82,7 @@ class QuantConfig:
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {self.alpha!r}")
         _check_int("awq_grid", self.awq_grid, 1, 1000)
+        _check_int("calib_batch", self.calib_batch, 1, 100_000)
         self._check_mas()
 
     def _check_mas(self) -> None:
@@ -88,6 +94,7 @@ class QuantConfig:
             if unknown or any(not isinstance(v, int | float) or v < 0 for v in self.lambdas.values()):
                 raise ValueError(f"lambdas must map {MODALITY_NAMES} to non-negative numbers, got {self.lambdas!r}")
         _check_int("epochs", self.epochs, 0, 10_000)
+        _check_int("mas_batch", self.mas_batch, 1, 1_000_000)
         for name in ("lr", "min_scale"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

@@ -56,6 +56,7 @@ class LayerContext:
     stats: dict[str, SiteStats] = field(default_factory=dict)
     fp_outputs: list[torch.Tensor] = field(default_factory=list)
     prepared: dict = field(default_factory=dict)  # what the method's prepare() measured on the model
+    patches: dict = field(default_factory=dict)  # CMC patches already derived in this layer (by vectors)
 
     def groups(self) -> list[LinearGroup]:
         return list(self.adapter.groups)
@@ -158,7 +159,8 @@ class LayerContext:
                                                   plan.per_modality_weights if distinct else ())
                 if plan.compensate and self.smoothed(group):
                     plan.info.setdefault("compensation", {})[path] = compensate_linear(
-                        qlinear, linear, self.stats[path], self.config, where=f"layer {self.index} {path}: ")
+                        qlinear, linear, self.stats[path], self.config, where=f"layer {self.index} {path}: ",
+                        cache=self.patches)
                 originals[path] = replace_module(self.layer, path, qlinear)
         return originals
 

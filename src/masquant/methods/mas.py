@@ -41,6 +41,14 @@ class _TrainableLinear(nn.Module):
         super().__init__()
         self.linear, self.smooth, self.ctx, self.modalities = linear, smooth, ctx, modalities
         self.grid = IntGrid(ctx.config.w_bits, ctx.config.w_symmetric)
+        self.weights: dict[Modality, torch.Tensor] = {}  # Q(W * s_m) of the current optimiser step
+
+    def weight(self, m: Modality) -> torch.Tensor:
+        """``Q(W * s_m)``, computed once per optimiser step (``weights`` is cleared after each)."""
+        if m not in self.weights:
+            self.weights[m] = fake_quantize_weight(self.linear.weight * self.smooth[int(m)], self.grid,
+                                                   self.ctx.config.w_group_size)
+        return self.weights[m]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.ctx.router.rows(x)
@@ -49,10 +57,8 @@ class _TrainableLinear(nn.Module):
         for m in self.modalities:
             idx = (ids == int(m)).nonzero().squeeze(1)
             if idx.numel():
-                s = self.smooth[int(m)]
-                xq = fake_quantize_per_token(rows.index_select(0, idx) / s, self.ctx.config.a_bits)
-                wq = fake_quantize_weight(self.linear.weight * s, self.grid, self.ctx.config.w_group_size)
-                out = out.index_copy(0, idx, F.linear(xq, wq, self.linear.bias))
+                xq = fake_quantize_per_token(rows.index_select(0, idx) / self.smooth[int(m)], self.ctx.config.a_bits)
+                out = out.index_copy(0, idx, F.linear(xq, self.weight(m), self.linear.bias))
         return out.reshape(*x.shape[:-1], self.linear.out_features)
 
 
@@ -81,13 +87,14 @@ def learn_tables(ctx: LayerContext, tables: dict[str, torch.Tensor]) -> tuple[di
         table = params.get(group.name, tables[group.name])
         for path, linear in zip(group.linears, ctx.linears(group), strict=True):
             swapped[path] = replace_module(ctx.layer, path, _TrainableLinear(linear, table, ctx, modalities))
+    trainable = [ctx.layer.get_submodule(p) for p in swapped]
     weights = torch.tensor([layer_lambdas(ctx)[m] for m in Modality], dtype=torch.float32)
     history: list[float] = []
     try:
         for p in frozen:
             p.requires_grad_(False)
         if params and ctx.config.epochs:
-            history = _optimise(ctx, list(params.values()), weights)
+            history = _optimise(ctx, list(params.values()), weights, trainable)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -100,22 +107,34 @@ def learn_tables(ctx: LayerContext, tables: dict[str, torch.Tensor]) -> tuple[di
     return {**tables, **{k: p.detach().clamp_min(ctx.config.min_scale) for k, p in params.items()}}, history
 
 
-def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tensor) -> list[float]:
-    """AdamW over the samples (batch 1) for ``epochs``; returns the mean loss before and after."""
+def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tensor,
+              trainable: list[_TrainableLinear]) -> list[float]:
+    """AdamW for ``epochs`` over the samples, ``mas_batch`` samples (mean loss) per step;
+    returns the mean loss before and after."""
     config = ctx.config
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    def new_step() -> None:
+        for module in trainable:
+            module.weights.clear()
+
+    new_step()
     history = [_mean_loss(ctx, weights)]
     with torch.enable_grad():
         for _ in range(config.epochs):
-            for i, sample in enumerate(ctx.samples):
-                loss = _weighted_mae(ctx.run(i), ctx.fp_outputs[i], sample, weights)
+            for first in range(0, len(ctx.samples), config.mas_batch):
+                batch = range(first, min(first + config.mas_batch, len(ctx.samples)))
+                new_step()
+                loss = sum(_weighted_mae(ctx.run(i), ctx.fp_outputs[i], ctx.samples[i], weights) for i in batch)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss / len(batch)).backward()
                 opt.step()
                 with torch.no_grad():
                     for p in params:
                         p.clamp_(min=config.min_scale)
+    new_step()
     history.append(_mean_loss(ctx, weights))
+    new_step()
     return history
 
 
@@ -156,17 +175,19 @@ def _guard(ctx: LayerContext, tables: dict[str, torch.Tensor], present: tuple[Mo
     text vector is the better model. Decided on the calibration tokens; modifies ``tables``.
     """
     chosen: dict[str, list[str]] = {}
-    for group in ctx.groups():
-        table = tables[group.name]
-        for m in present:
+    for m in present:
+        current = None  # error of the tables as they stand (known after the first comparison)
+        for group in ctx.groups():
+            table = tables[group.name]
             if torch.equal(table[int(m)], table[int(Modality.TEXT)]):
                 continue
-            own = ctx.block_mse(tables, {m: 1.0}, compensate=True)
+            if current is None:
+                current = ctx.block_mse(tables, {m: 1.0}, compensate=True)
             candidate = table.clone()
             candidate[int(m)] = table[int(Modality.TEXT)]
             text = ctx.block_mse({**tables, group.name: candidate}, {m: 1.0}, compensate=True)
-            if text < own:
-                tables[group.name] = table = candidate
+            if text < current:
+                tables[group.name], current = candidate, text
                 chosen.setdefault(group.name, []).append(m.name.lower())
     return chosen
 
