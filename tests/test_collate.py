@@ -51,5 +51,9 @@ def test_merge_pads_on_the_right_and_refuses_unknown_inputs():
     out = merge([a, b], pad_token_id=0)
     assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    typed = {**a, "labels": torch.tensor([[-100, 6, 7]]), "mm_token_type_ids": torch.ones(1, 3, dtype=torch.long)}
+    mixed = merge([typed, b])
+    assert mixed["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]  # no labels: every token counts
+    assert mixed["mm_token_type_ids"].tolist() == [[1, 1, 1], [0, 0, 0]]
     with pytest.raises(CollateError, match="cache_position"):
         merge([a, {**b, "cache_position": torch.tensor([0])}])

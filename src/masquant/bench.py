@@ -45,7 +45,7 @@ def config_for(bits: str, method: str, quick: bool) -> QuantConfig:
         raise ValueError(f"unknown bench variant {method!r} (use METHOD or METHOD+down)")
     extra = {"w_group_size": 128, "w_symmetric": False} if a_bits == 16 else {}
     return QuantConfig(method=base, w_bits=w_bits, a_bits=a_bits, rank=32, epochs=1 if quick else 2,
-                       smooth_down_proj=variant == "down", **extra)
+                       smooth_down_proj=variant == "down", calib_batch=1, **extra)  # the paper's MAS schedule
 
 
 def storage_bytes(model: torch.nn.Module) -> dict[str, int]:

@@ -45,12 +45,9 @@ def merge(samples: list[dict], pad_token_id: int = 0) -> dict:
     for key, pad in SEQUENCE_KEYS.items():
         if key not in keys and key != "attention_mask":
             continue
-        if any(s.get(key) is None for s in samples):
-            if key == "mm_token_type_ids" or key == "labels":
-                raise CollateError(f"'{key}' is present in some calibration samples and not in others")
-            continue
         value = pad_token_id if pad is None else pad
-        out[key] = torch.cat([F.pad(s[key], (0, length - s[key].shape[1]), value=value) for s in samples])
+        parts = [_filled(s, key) for s in samples]
+        out[key] = torch.cat([F.pad(p, (0, length - p.shape[1]), value=value) for p in parts])
     for key in CONCAT_KEYS:
         parts = [s[key] for s in samples if s.get(key) is not None]
         if parts:
@@ -61,6 +58,16 @@ def merge(samples: list[dict], pad_token_id: int = 0) -> dict:
             frames = max(p.shape[-1] for p in parts)
             out[key] = torch.cat([F.pad(p, (0, frames - p.shape[-1]), value=pad) for p in parts])
     return out
+
+
+def _filled(sample: dict, key: str) -> torch.Tensor:
+    """``sample[key]``, or what its absence means: no multimodal token types (all text), or
+    no labels (every text token counts as an answer, as ``capture`` reads it)."""
+    if sample.get(key) is not None:
+        return sample[key]
+    if key == "labels":
+        return sample["input_ids"].clone()
+    return torch.zeros_like(sample["input_ids"])
 
 
 def _with_mask(sample: dict) -> dict:

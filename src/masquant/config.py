@@ -22,14 +22,15 @@ class QuantConfig:
     * ``alpha``: SmoothQuant migration strength. ``awq_grid``: number of exponents AWQ tries.
     * ``smooth_down_proj``: also smooth the ``down_proj`` input (off in the reference setting).
     * ``calib_batch``: calibration samples per decoder-layer call (right-padded batches;
-      padding never counts). MAS takes one AdamW step per batch of ``mas_batch`` batches.
+      padding never counts). MAS takes one AdamW step per ``mas_batch`` such batches, so
+      ``calib_batch=1, mas_batch=1`` is the paper's schedule (one step per sample).
 
     MAS / MASQuant (``method="mas"``: one quantized weight per modality, the accuracy upper
     bound; ``method="masquant"``: one weight ``Q(W * s_text)`` plus low-rank patches):
 
     * ``lambdas``: weight of each modality in the layer-output MAE, or ``"auto"`` for
       MBQ-style gradient ratios measured on the calibration set. ``epochs``, ``mas_batch``
-      (samples per AdamW step, mean loss; 1 as in the paper), ``lr``,
+      (calibration batches per AdamW step, mean loss), ``lr``,
       ``weight_decay``, ``min_scale`` (entries of s are kept >= it): the optimisation.
     * ``rank``: patch rank, an int or a float ratio of min(in, out) (0 = no patch).
       ``residual``: ``"fp"`` (``W*s_m - Q(W*s_text)``) or ``"quantized"``
@@ -52,7 +53,7 @@ class QuantConfig:
     awq_grid: int = 20
     smooth_down_proj: bool = False
     seed: int = 0
-    calib_batch: int = 1
+    calib_batch: int = 8
     lambdas: dict[str, float] | str = field(default_factory=lambda: dict(REFERENCE_LAMBDAS))
     epochs: int = 2
     mas_batch: int = 1
