@@ -14,10 +14,25 @@ from .config import QuantConfig
 from .modality import Modality, modality_scope
 from .qlinear import QuantLinear, set_runtime
 from .report import QuantReport
+from .serialization import load, save
 
 __all__ = [
-    "ADAPTERS", "Adapter", "CalibrationError", "LinearGroup", "Modality", "QuantConfig", "QuantLinear",
-    "QuantReport", "UnsupportedArchitectureError", "generic_adapter", "get_adapter", "modality_ids",
-    "modality_scope", "quantize", "set_runtime",
+    "ADAPTERS",
+    "Adapter",
+    "CalibrationError",
+    "LinearGroup",
+    "Modality",
+    "QuantConfig",
+    "QuantLinear",
+    "QuantReport",
+    "UnsupportedArchitectureError",
+    "generic_adapter",
+    "get_adapter",
+    "load",
+    "modality_ids",
+    "modality_scope",
+    "quantize",
+    "save",
+    "set_runtime",
 ]
 __version__ = "0.1.0"

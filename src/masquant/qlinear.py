@@ -200,6 +200,30 @@ class QuantLinear(nn.Module):
                 y[rows] = self._matmul(xs[rows], self._weight(modality))
         return y
 
+    def layout(self) -> dict:
+        """What a checkpoint needs to rebuild this layer's empty buffers (``from_layout``)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "dtype": str(self.compute_dtype).removeprefix("torch."),
+                "patches": {name: int(p.l1.shape[1]) for name, p in self.patches.items()},
+                "modality_weights": list(self.modality_qweights)}
+
+    @classmethod
+    def from_layout(cls, layout: dict, config: QuantConfig, router: ModalityRouter | None) -> QuantLinear:
+        """An empty layer shaped as ``layout`` describes; ``load_state_dict`` fills it."""
+        layer = cls(layout["in_features"], layout["out_features"], layout["bias"], config, router,
+                    dtype=getattr(torch, layout["dtype"]))
+        for name in layout["modality_weights"]:
+            layer.modality_qweights[name] = IntWeight(layer.out_features, layer.in_features, layer.grid,
+                                                      layer.w_group_size)
+        for name, rank in layout["patches"].items():
+            layer.patches[name] = LowRankPatch(torch.zeros(layer.in_features, rank, dtype=layer.patch_dtype),
+                                               torch.zeros(rank, layer.out_features, dtype=layer.patch_dtype))
+        return layer
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.uniform = bool((self.smooth == self.smooth[:1]).all())
+
     def storage_bytes(self) -> dict[str, int]:
         """Bytes of the stored weights and of the patches (at their stored dtypes)."""
         w = sum(iw.storage_bytes() for iw in [self.qweight, *self.modality_qweights.values()])

@@ -1,0 +1,124 @@
+"""Save and load quantized models.
+
+A saved model is a directory with
+
+* ``model.safetensors``: every tensor of the model; each quantized linear as integer
+  ``codes`` (W4 packed two per byte), ``scale`` / ``zero`` per row or group, its smoothing
+  table ``smooth`` (one row per modality), ``bias`` and, for MASQuant, ``patches.<modality>.l1/l2``;
+* ``quant_config.json``: format name and version, the ``QuantConfig``, the modality routing
+  table (token id -> modality) and the layout of every quantized linear;
+* ``config.json`` / ``generation_config.json`` of the original model, and the processor
+  files when a processor is given.
+
+``load`` rebuilds the architecture from ``config.json``, swaps in empty ``QuantLinear``s as the
+layout says, fills them from the safetensors file and attaches the router: the model runs
+``generate`` with the integer runtime, and gives the logits of the model that was saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from .config import QuantConfig
+from .modality import Modality, ModalityRouter, attach_router
+from .qlinear import QuantLinear, replace_module
+
+log = logging.getLogger("masquant")
+
+FORMAT = "masquant"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+QUANT_CONFIG = "quant_config.json"
+
+
+def save(model: nn.Module, directory: str | Path, processor=None, overwrite: bool = False) -> Path:
+    """Write a quantized ``model`` (and ``processor``) to ``directory``; returns the path.
+
+    Everything is written to a temporary sibling directory first and moved into place at the
+    end, so a failure never leaves a half-written model at ``directory``.
+    """
+    from safetensors.torch import save_model
+
+    from . import __version__
+
+    directory = Path(directory)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers or not hasattr(model, "masquant_config"):
+        raise ValueError("this model is not quantized by masquant; run masquant.quantize(model, calib, config) first")
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} exists and is not empty; choose another directory or pass overwrite=True")
+    router = getattr(model, "_masquant_router", None)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "masquant_version": __version__,
+            "quant_config": model.masquant_config.to_dict(),
+            "router": {str(k): v.name.lower() for k, v in sorted((router.table if router else {}).items())},
+            "linears": {name: layer.layout() for name, layer in layers.items()}}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        hf_config = copy.deepcopy(model.config)
+        hf_config.architectures = [type(model).__name__]
+        hf_config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        (tmp / QUANT_CONFIG).write_text(json.dumps(meta, indent=1))  # written last: marks a complete model
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %d quantized linears to %s", len(layers), directory)
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict:
+    path = Path(directory) / QUANT_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} has no {QUANT_CONFIG}: not a model saved by masquant.save "
+                                "(or an unfinished one)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
+                         f"{FORMAT!r} version {FORMAT_VERSION}")
+    return meta
+
+
+def load(directory: str | Path, runtime: str | None = None) -> nn.Module:
+    """Rebuild a model written by ``save`` (in eval mode, integer runtime unless ``runtime``)."""
+    import transformers
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    config = QuantConfig.from_dict(meta["quant_config"])
+    if runtime is not None:
+        config = QuantConfig.from_dict({**config.to_dict(), "runtime": runtime})
+    hf_config = transformers.AutoConfig.from_pretrained(directory)
+    arch = (getattr(hf_config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise ValueError(f"{directory}/config.json names architecture {arch!r}, which this transformers "
+                         f"{transformers.__version__} does not provide")
+    model = cls._from_config(hf_config)
+    router = ModalityRouter({int(k): Modality[v.upper()] for k, v in meta["router"].items()})
+    for name, layout in meta["linears"].items():
+        replace_module(model, name, QuantLinear.from_layout(layout, config, router))
+    missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS} does not match the saved layout: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    attach_router(model, router)
+    model.masquant_config = config
+    return model.eval()

@@ -1,0 +1,87 @@
+"""``masquant.save`` / ``masquant.load``: exact round trips, and refusals that lose nothing."""
+
+import json
+
+import pytest
+import torch
+
+import masquant
+from masquant import QuantConfig, QuantLinear
+
+from conftest import omni_samples, vl_samples
+
+CASES = [("vl", dict(method="rtn")), ("vl", dict(method="mas", w_bits=4, epochs=1)),
+         ("omni", dict(method="masquant", w_bits=4, rank=4, epochs=1)),
+         ("omni", dict(method="awq", w_bits=4, a_bits=16, w_group_size=32, w_symmetric=False, awq_grid=3))]
+
+
+def _quantize(family, kwargs, vl_model, omni_model, fresh):
+    model = fresh(vl_model if family == "vl" else omni_model)
+    make = vl_samples if family == "vl" else omni_samples
+    masquant.quantize(model, make(range(3)), QuantConfig(**kwargs), progress=False)
+    return model, make([77])[0]
+
+
+@pytest.mark.parametrize(("family", "kwargs"), CASES)
+def test_round_trip_gives_identical_logits(family, kwargs, vl_model, omni_model, fresh, tmp_path):
+    model, sample = _quantize(family, kwargs, vl_model, omni_model, fresh)
+    masquant.save(model, tmp_path / "q")
+    loaded = masquant.load(tmp_path / "q")
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    assert loaded.masquant_config == model.masquant_config
+    with torch.no_grad():
+        assert torch.equal(model(**sample).logits, loaded(**sample).logits)
+    out = loaded.generate(**sample, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, model.generate(**sample, max_new_tokens=4, do_sample=False))
+    layers = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.runtime == "int" for m in layers)
+    if kwargs["method"] == "masquant":
+        assert any(m.patches for m in layers)
+    if kwargs["method"] == "mas":
+        assert any(m.modality_qweights for m in layers)
+
+
+def test_w4_codes_are_stored_packed(vl_model, fresh, tmp_path):
+    model, _ = _quantize("vl", dict(method="rtn", w_bits=4), vl_model, None, fresh)
+    masquant.save(model, tmp_path / "q")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        codes = [k for k in f.keys() if k.endswith("qweight.codes")]  # noqa: SIM118 - safe_open is not iterable
+        assert codes and all(f.get_tensor(k).dtype == torch.uint8 for k in codes)
+        q_proj = next(k for k in codes if "layers.0.self_attn.q_proj" in k)
+        assert f.get_tensor(q_proj).shape[1] == 64 // 2
+
+
+def test_refusals(vl_model, fresh, tmp_path):
+    with pytest.raises(ValueError, match="not quantized by masquant"):
+        masquant.save(fresh(vl_model), tmp_path / "fp")
+    model, _ = _quantize("vl", dict(method="rtn"), vl_model, None, fresh)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        masquant.save(model, tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match=r"quant_config\.json"):
+        masquant.load(tmp_path / "busy")
+    masquant.save(model, tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "quant_config.json").read_text())
+    (tmp_path / "q" / "quant_config.json").write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(ValueError, match="version 99"):
+        masquant.load(tmp_path / "q")
+    meta["linears"].popitem()  # a layout that does not match the tensors
+    (tmp_path / "q" / "quant_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not match the saved layout"):
+        masquant.load(tmp_path / "q")
+
+
+def test_a_failing_save_leaves_nothing_behind(vl_model, fresh, tmp_path):
+    model, _ = _quantize("vl", dict(method="rtn"), vl_model, None, fresh)
+
+    class Broken:
+        def save_pretrained(self, path):
+            raise OSError("disk full (simulated)")
+
+    with pytest.raises(OSError, match="disk full"):
+        masquant.save(model, tmp_path / "q", processor=Broken())
+    assert list(tmp_path.iterdir()) == []
