@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
+  masquant quantize --model ref-vl --method masquant --w-bits 4 --a-bits 8 --rank 32 --out q-vl
+  masquant quantize --model path/to/Qwen2.5-VL-3B-Instruct --calib calib.jsonl --method masquant --out q
+  masquant eval --model q-vl             accuracy of a saved quantized model on its reference test slices
   masquant demo                          ref-vl at W4A8: full precision vs SmoothQuant vs MASQuant
   masquant demo --tiny --quick           tiny random models, every method (seconds)
   masquant eval --model ref-vl           full-precision accuracy of the shipped model (held-out split)
@@ -23,14 +26,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="masquant", description="Modality-aware quantization of multimodal LLMs",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
+    quant = sub.add_parser("quantize", help="quantize a model and save it",
+                           description="Quantize a model with a calibration set and save it (masquant.save layout).")
+    quant.add_argument("--model", required=True,
+                       help="reference model name (ref-vl, ref-omni) or a local Hugging Face checkpoint directory")
+    quant.add_argument("--calib", type=Path, default=None,
+                       help="calibration JSONL (optional for the reference models, which ship a default set)")
+    quant.add_argument("--method", default="masquant", help="rtn, smoothquant, awq, mbq, mas or masquant")
+    quant.add_argument("--w-bits", type=int, default=4)
+    quant.add_argument("--a-bits", type=int, default=8, help="2-8, or 16 for weight-only")
+    quant.add_argument("--group-size", type=int, default=0, help="weight group size (0 = per channel)")
+    quant.add_argument("--rank", type=float, default=32, help="CMC patch rank (an int, or a ratio below 1)")
+    quant.add_argument("--epochs", type=int, default=2, help="MAS epochs")
+    quant.add_argument("--calib-batch", type=int, default=8, help="calibration samples per layer call")
+    quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument("--out", type=Path, required=True, help="output directory")
+    quant.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    quant.add_argument("--no-progress", action="store_true")
     demo = sub.add_parser("demo", help="offline demo (no downloads)")
     demo.add_argument("--tiny", action="store_true", help="tiny random-weight models instead of ref-vl")
     demo.add_argument("--quick", action="store_true", help="fewer samples")
     demo.add_argument("--out", type=Path, default=None, help="directory for demo.json")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ev = sub.add_parser("eval", help="evaluate a reference model, optionally after quantizing it")
-    ev.add_argument("--model", required=True, help="reference model name (ref-vl)")
+    ev.add_argument("--model", required=True,
+                    help="reference model name (ref-vl, ref-omni) or a directory written by masquant quantize")
     ev.add_argument("--method", default=None, help="quantize first with this method")
     ev.add_argument("--w-bits", type=int, default=8)
     ev.add_argument("--a-bits", type=int, default=8)
@@ -49,14 +71,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from .api import quantize
+    from .calibfile import read_calibration
+    from .config import QuantConfig
+    from .loading import load_any
+    from .serialization import save
+
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists and is not empty; choose another --out or pass --overwrite")
+    rank = int(args.rank) if float(args.rank).is_integer() and args.rank >= 1 else float(args.rank)
+    config = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, w_group_size=args.group_size,
+                         rank=rank, epochs=args.epochs, calib_batch=args.calib_batch, seed=args.seed)
+    model, processor, reference = load_any(args.model)
+    if args.calib is not None:
+        calib = read_calibration(args.calib, processor)
+    elif reference is not None:
+        from .refmodels.evaluate import calibration_inputs
+
+        calib = calibration_inputs(processor, reference)
+    else:
+        raise ValueError("--calib FILE.jsonl is required for models other than the reference models")
+    report = quantize(model, calib, config, progress=not args.no_progress)
+    save(model, args.out, processor, overwrite=args.overwrite, extra_files={"report.json": report.to_json()},
+         reference=reference)
+    print(report.summary())
+    print(f"saved to {args.out}")
+
+
 def _eval(args: argparse.Namespace) -> None:
     from .bench import run_settings
+    from .loading import load_any
     from .refmodels.evaluate import FULL, QUICK, evaluate_reference
-    from .refmodels.registry import load
 
     if args.method is None:
-        model, processor = load(args.model)
-        print(json.dumps(evaluate_reference(model, processor, args.model, QUICK if args.quick else FULL), indent=1))
+        model, processor, reference = load_any(args.model)
+        if reference is None:
+            raise ValueError(f"{args.model} has no reference test slices; masquant eval scores the reference "
+                             "models and models quantized from them (use the lmms-eval wrapper for others)")
+        print(json.dumps(evaluate_reference(model, processor, reference, QUICK if args.quick else FULL), indent=1))
         return
     rows = run_settings(args.model, [(f"W{args.w_bits}A{args.a_bits}", args.method)], args.quick,
                         not args.no_progress)
@@ -65,9 +118,11 @@ def _eval(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(args.log_json)
     try:
-        if args.command == "demo":
+        if args.command == "quantize":
+            _quantize(args)
+        elif args.command == "demo":
             from .demo import run_demo, run_tiny_demo
 
             (run_tiny_demo if args.tiny else run_demo)(quick=args.quick, out=args.out, progress=not args.no_progress)
@@ -98,6 +153,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"masquant: error: {err}", file=sys.stderr)
         return 1
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": round(record.created, 3), "level": record.levelname.lower(),
+                           "logger": record.name, "message": record.getMessage()})
+
+
+def _setup_logging(as_json: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonFormatter() if as_json else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the next layer's inputs.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ from .modality import NUM_MODALITIES, Modality, ModalityRouter
 from .qlinear import QuantLinear, replace_module
 from .report import LayerReport, LinearReport, SqnrMeter, activation_summary
 from .stats import SiteStats, StatsCollector, TokenContext
+
+log = logging.getLogger("masquant")
 
 
 @dataclass
@@ -217,5 +220,7 @@ def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured],
         for sample, out in zip(samples, outputs, strict=False):
             sample.hidden = out
         reports.append(report)
-        bar.set_postfix({k: f"{v:.1f}dB" for k, v in report.output_sqnr.items()})
+        sqnr = {k: f"{v:.1f}dB" for k, v in report.output_sqnr.items()}
+        bar.set_postfix(sqnr)
+        log.info("layer %d/%d: output SQNR %s", i + 1, len(layers), ", ".join(f"{k} {v}" for k, v in sqnr.items()))
     return reports

@@ -38,8 +38,12 @@ WEIGHTS = "model.safetensors"
 QUANT_CONFIG = "quant_config.json"
 
 
-def save(model: nn.Module, directory: str | Path, processor=None, overwrite: bool = False) -> Path:
+def save(model: nn.Module, directory: str | Path, processor=None, overwrite: bool = False,
+         extra_files: dict[str, str] | None = None, reference: str | None = None) -> Path:
     """Write a quantized ``model`` (and ``processor``) to ``directory``; returns the path.
+
+    ``extra_files`` (name -> text, e.g. the calibration report) are written alongside;
+    ``reference`` records which reference model this came from (its test slices evaluate it).
 
     Everything is written to a temporary sibling directory first and moved into place at the
     end, so a failure never leaves a half-written model at ``directory``.
@@ -59,6 +63,8 @@ def save(model: nn.Module, directory: str | Path, processor=None, overwrite: boo
             "quant_config": model.masquant_config.to_dict(),
             "router": {str(k): v.name.lower() for k, v in sorted((router.table if router else {}).items())},
             "linears": {name: layer.layout() for name, layer in layers.items()}}
+    if reference is not None:
+        meta["reference"] = reference
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -70,6 +76,8 @@ def save(model: nn.Module, directory: str | Path, processor=None, overwrite: boo
             model.generation_config.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / QUANT_CONFIG).write_text(json.dumps(meta, indent=1))  # written last: marks a complete model
         if directory.exists():
             shutil.rmtree(directory)

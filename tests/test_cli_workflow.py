@@ -1,0 +1,72 @@
+"""The command line through subprocesses on a reference model: quantize -> saved model -> eval."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from masquant.refmodels.registry import slices
+
+
+def masquant(*args, check=True):
+    run = subprocess.run([sys.executable, "-m", "masquant", *args], capture_output=True, text=True, timeout=900)
+    if check:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    images, _ = slices("ref-vl", "calib")["item"]
+    lines = []
+    for i in range(6):
+        Image.fromarray(images[i]).save(root / f"item{i}.png")
+        lines.append({"text": "What item is shown in this picture?", "image": f"item{i}.png"})
+    lines.append({"text": "It was the best of times, it was the worst of times."})
+    (root / "calib.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root / "calib.jsonl"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, calib_file):
+    out = tmp_path_factory.mktemp("q") / "ref-vl-w8a8"
+    run = masquant("--log-json", "quantize", "--model", "ref-vl", "--calib", str(calib_file), "--method",
+                   "smoothquant", "--w-bits", "8", "--a-bits", "8", "--out", str(out), "--no-progress")
+    events = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    assert any("layer 4/4: output SQNR" in e["message"] for e in events)
+    return out
+
+
+def test_quantize_writes_a_complete_model(saved):
+    names = {p.name for p in saved.iterdir()}
+    assert {"model.safetensors", "quant_config.json", "config.json", "report.json", "tokenizer.json",
+            "masquant_processor.json"} <= names
+    meta = json.loads((saved / "quant_config.json").read_text())
+    assert meta["reference"] == "ref-vl" and meta["quant_config"]["method"] == "smoothquant"
+    assert json.loads((saved / "report.json").read_text())["samples"] == 7
+
+
+def test_eval_scores_the_saved_model(saved):
+    scores = json.loads(masquant("eval", "--model", str(saved), "--quick").stdout)
+    assert scores["item"]["accuracy"] >= 0.6 and scores["digit"]["accuracy"] >= 0.7
+    assert np.isfinite(scores["prose_ppl"])
+
+
+def test_existing_output_is_refused_and_kept(saved, calib_file):
+    run = masquant("quantize", "--model", "ref-vl", "--calib", str(calib_file), "--method", "rtn", "--out",
+                   str(saved), check=False)
+    assert run.returncode == 1 and "not empty" in run.stderr and "Traceback" not in run.stderr
+    assert json.loads((saved / "quant_config.json").read_text())["quant_config"]["method"] == "smoothquant"
+
+
+def test_bad_calibration_line_is_one_line_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "hi", "image": "nowhere.png"}\n')
+    run = masquant("quantize", "--model", "ref-vl", "--calib", str(bad), "--out", str(tmp_path / "q"), check=False)
+    lines = [line for line in run.stderr.strip().splitlines() if line.startswith("masquant: error")]
+    assert run.returncode == 1 and len(lines) == 1 and "bad.jsonl:2:" in lines[0] and "Traceback" not in run.stderr
+    assert not (tmp_path / "q").exists()
