@@ -12,6 +12,7 @@ EPILOG = """examples:
   masquant quantize --model ref-vl --method masquant --w-bits 4 --a-bits 8 --rank 32 --out q-vl
   masquant quantize --model path/to/Qwen2.5-VL-3B-Instruct --calib calib.jsonl --method masquant --out q
   masquant eval --model q-vl             accuracy of a saved quantized model on its reference test slices
+  masquant analyze --model ref-vl --out analysis    misalignment report with plots and a recommendation
   masquant demo                          ref-vl at W4A8: full precision vs SmoothQuant vs MASQuant
   masquant demo --tiny --quick           tiny random models, every method (seconds)
   masquant eval --model ref-vl           full-precision accuracy of the shipped model (held-out split)
@@ -45,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--out", type=Path, required=True, help="output directory")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     quant.add_argument("--no-progress", action="store_true")
+    an = sub.add_parser("analyze", help="measure smoothing misalignment and recommend a method",
+                        description="Per layer and linear: activation ranges per modality, their misalignment, "
+                                    "SQNR under unified vs per-modality smoothing, CMC residual spectra; "
+                                    "writes report.md, analysis.json and PNG plots.")
+    an.add_argument("--model", required=True, help="reference model name or a local Hugging Face checkpoint")
+    an.add_argument("--calib", type=Path, default=None, help="calibration JSONL (optional for reference models)")
+    an.add_argument("--w-bits", type=int, default=4)
+    an.add_argument("--a-bits", type=int, default=8)
+    an.add_argument("--out", type=Path, required=True)
+    an.add_argument("--no-progress", action="store_true")
     demo = sub.add_parser("demo", help="offline demo (no downloads)")
     demo.add_argument("--tiny", action="store_true", help="tiny random-weight models instead of ref-vl")
     demo.add_argument("--quick", action="store_true", help="fewer samples")
@@ -73,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quantize(args: argparse.Namespace) -> None:
     from .api import quantize
-    from .calibfile import read_calibration
     from .config import QuantConfig
     from .loading import load_any
     from .serialization import save
@@ -84,19 +94,35 @@ def _quantize(args: argparse.Namespace) -> None:
     config = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, w_group_size=args.group_size,
                          rank=rank, epochs=args.epochs, calib_batch=args.calib_batch, seed=args.seed)
     model, processor, reference = load_any(args.model)
-    if args.calib is not None:
-        calib = read_calibration(args.calib, processor)
-    elif reference is not None:
-        from .refmodels.evaluate import calibration_inputs
-
-        calib = calibration_inputs(processor, reference)
-    else:
-        raise ValueError("--calib FILE.jsonl is required for models other than the reference models")
+    calib = _calibration(args, processor, reference)
     report = quantize(model, calib, config, progress=not args.no_progress)
     save(model, args.out, processor, overwrite=args.overwrite, extra_files={"report.json": report.to_json()},
          reference=reference)
     print(report.summary())
     print(f"saved to {args.out}")
+
+
+def _calibration(args: argparse.Namespace, processor, reference: str | None) -> list[dict]:
+    from .calibfile import read_calibration
+
+    if args.calib is not None:
+        return read_calibration(args.calib, processor)
+    if reference is not None:
+        from .refmodels.evaluate import calibration_inputs
+
+        return calibration_inputs(processor, reference)
+    raise ValueError("--calib FILE.jsonl is required for models other than the reference models")
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    from .diagnose import analyze
+    from .loading import load_any
+
+    model, processor, reference = load_any(args.model)
+    result = analyze(model, _calibration(args, processor, reference), args.out, args.w_bits, args.a_bits,
+                     progress=not args.no_progress)
+    print(result["recommendation"]["text"])
+    print(f"report: {args.out / 'report.md'}")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -122,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "quantize":
             _quantize(args)
+        elif args.command == "analyze":
+            _analyze(args)
         elif args.command == "demo":
             from .demo import run_demo, run_tiny_demo
 
