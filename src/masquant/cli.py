@@ -13,6 +13,7 @@ EPILOG = """examples:
   masquant quantize --model path/to/Qwen2.5-VL-3B-Instruct --calib calib.jsonl --method masquant --out q
   masquant eval --model q-vl             accuracy of a saved quantized model on its reference test slices
   masquant analyze --model ref-vl --out analysis    misalignment report with plots and a recommendation
+  masquant export q-vl --format compressed-tensors --out q-vl-ct   text path for vLLM + masquant sidecar
   masquant demo                          ref-vl at W4A8: full precision vs SmoothQuant vs MASQuant
   masquant demo --tiny --quick           tiny random models, every method (seconds)
   masquant eval --model ref-vl           full-precision accuracy of the shipped model (held-out split)
@@ -56,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--a-bits", type=int, default=8)
     an.add_argument("--out", type=Path, required=True)
     an.add_argument("--no-progress", action="store_true")
+    ex = sub.add_parser("export", help="export a saved model for serving (compressed-tensors, as vLLM loads)")
+    ex.add_argument("source", type=Path, help="a directory written by masquant quantize")
+    ex.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
+    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--overwrite", action="store_true")
     demo = sub.add_parser("demo", help="offline demo (no downloads)")
     demo.add_argument("--tiny", action="store_true", help="tiny random-weight models instead of ref-vl")
     demo.add_argument("--quick", action="store_true", help="fewer samples")
@@ -105,6 +111,8 @@ def _quantize(args: argparse.Namespace) -> None:
 def _calibration(args: argparse.Namespace, processor, reference: str | None) -> list[dict]:
     from .calibfile import read_calibration
 
+    if args.calib is not None and processor is None:
+        raise ValueError(f"{args.model} has no processor files; masquant needs the model's processor to read --calib")
     if args.calib is not None:
         return read_calibration(args.calib, processor)
     if reference is not None:
@@ -150,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             _quantize(args)
         elif args.command == "analyze":
             _analyze(args)
+        elif args.command == "export":
+            from .export import export_compressed_tensors
+
+            summary = export_compressed_tensors(args.source, args.out, overwrite=args.overwrite)
+            print(f"exported {summary['format']} W{summary['w_bits']}A{summary['a_bits']} to {args.out} "
+                  f"({len(summary['requantized'])} linears re-quantized without smoothing; sidecar: "
+                  f"{len(summary['linears'])} linears with per-modality vectors or patches)")
         elif args.command == "demo":
             from .demo import run_demo, run_tiny_demo
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from .refmodels.registry import REFERENCE_MODELS
 
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
+
 
 def load_any(spec: str):
     """``(model, processor, reference)``: ``reference`` names the reference model whose test
@@ -32,8 +34,10 @@ def load_any(spec: str):
         model = _hf_model(path)
     if (path / "masquant_processor.json").exists():
         processor = RefProcessor.from_pretrained(path)
-    else:
+    elif any((path / f).exists() for f in PROCESSOR_FILES):
         processor = _hf_processor(path)
+    else:
+        processor = None  # a model saved without its processor
     return model, processor, reference
 
 
