@@ -88,12 +88,32 @@ def test_integer_runtime_matches_fake_quantization(method, w_bits, a_bits, group
     sample = omni_samples([500])[0]
     calls = []
     monkeypatch.setattr(qlinear, "int_linear", lambda *a: calls.append(1) or int_linear(*a))
+    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLinear)}
+    inputs = {}
+    def keep(name):
+        def hook(module, args):
+            inputs.setdefault(name, (args[0], module.router.ids))  # returns None: the inputs stay as they are
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep(n)) for n, m in layers.items()]
     with torch.no_grad():
         y_int = qmodel(**sample).logits
         assert bool(calls) == (a_bits < 16)
+        for hook in hooks:
+            hook.remove()
+        # every linear, on the same input: integer and fake paths agree to float rounding
+        for name, layer in layers.items():
+            x, ids = inputs[name]
+            with layer.router.scope(ids):
+                a = layer(x)
+                layer.runtime = "fake"
+                b = layer(x)
+                layer.runtime = "int"
+            assert float((a - b).norm() / b.norm()) < 1e-5, name
         calls.clear()
         set_runtime(qmodel, "fake")
         y_fake = qmodel(**sample).logits
         assert not calls
+    # through the whole model, float rounding can flip a few activation codes in later layers
     err = (y_int - y_fake).norm() / y_fake.norm()
-    assert err < 1e-4, f"{method} W{w_bits}A{a_bits}: relative difference {err:.2e}"
+    assert err < 3e-3, f"{method} W{w_bits}A{a_bits}: relative difference {err:.2e}"
