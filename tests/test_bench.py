@@ -28,7 +28,7 @@ def fake_bench(monkeypatch):
         calls["fp_evals"] += model is fp_model
         return {"item": {"accuracy": 0.5, "answer_nll": 1.0, "n": 4}, "prose_ppl": 10.0}
 
-    def quantize(model, calib, config, progress):
+    def quantize(model, calib, config, progress, cache=None):
         if len(calls["quantize"]) == calls["fail_at"]:
             raise Interrupted
         calls["quantize"].append((config.method, config.w_bits, config.a_bits, config.smooth_down_proj))

@@ -57,3 +57,24 @@ def test_merge_pads_on_the_right_and_refuses_unknown_inputs():
     assert mixed["mm_token_type_ids"].tolist() == [[1, 1, 1], [0, 0, 0]]
     with pytest.raises(CollateError, match="cache_position"):
         merge([a, {**b, "cache_position": torch.tensor([0])}])
+
+
+def test_a_shared_cache_captures_once_and_changes_nothing(vl_model, monkeypatch):
+    from masquant import api
+
+    samples = [tiny.tiny_sample(i, "vl", text_len=6 + i) for i in range(4)]
+    calls = []
+    real = api.capture_all
+    monkeypatch.setattr(api, "capture_all", lambda *a: calls.append(1) or real(*a))
+    cache, models = {}, []
+    for method in ("smoothquant", "mbq", "smoothquant"):
+        qmodel = copy.deepcopy(vl_model)
+        masquant.quantize(qmodel, samples, QuantConfig(method=method, w_bits=4), progress=False, cache=cache)
+        models.append(qmodel)
+    assert len(calls) == 1
+    alone = copy.deepcopy(vl_model)
+    masquant.quantize(alone, samples, QuantConfig(method="smoothquant", w_bits=4), progress=False)
+    for model in (models[0], models[2]):
+        for a, b in zip(model.modules(), alone.modules(), strict=True):
+            if isinstance(a, QuantLinear):
+                assert torch.equal(a.smooth, b.smooth) and torch.equal(a.qweight.codes, b.qweight.codes)

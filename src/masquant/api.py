@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -35,12 +36,16 @@ class CalibrationError(ValueError):
 
 
 def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | None = None,
-             adapter: Adapter | None = None, progress: bool = True) -> QuantReport:
+             adapter: Adapter | None = None, progress: bool = True, cache: dict | None = None) -> QuantReport:
     """Quantize the decoder linears of ``model`` in place; return the per-modality report.
 
     ``calib`` yields dicts of model inputs as the model's HF processor returns them
     (``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``,
     ``input_features``, ``feature_attention_mask``, ...), batch size 1 or more.
+
+    ``cache``: a dict shared by several calls on **copies of the same full-precision model
+    with the same calibration set** (e.g. one per method): the decoder inputs captured by the
+    first call, and the gradient ratios MBQ / ``lambdas="auto"`` measure, are reused.
     """
     config = config or QuantConfig()
     adapter = adapter or get_adapter(model)
@@ -58,8 +63,13 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
         inputs = validate_all(model, adapter, calib)
         n_samples = len(inputs)
         inputs = collate(inputs, config.calib_batch, _pad_token_id(model))
-        prepared = method.prepare(model, adapter, inputs, config) if hasattr(method, "prepare") else {}
-        samples = capture_all(model, adapter, inputs, progress)
+        prepare = getattr(method, "prepare", None)
+        prepared = {} if prepare is None else _cached(
+            cache, ("prepare", config.method, config.lambdas == "auto", config.calib_batch, n_samples),
+            prepare, model, adapter, inputs, config)
+        captured = _cached(cache, ("capture", config.calib_batch, n_samples), capture_all, model, adapter, inputs,
+                           progress)
+        samples = [dataclasses.replace(s, hidden=s.hidden.clone()) for s in captured] if cache is not None else captured
         del inputs
         reports = quantize_layers(model, adapter, samples, config, router, method, prepared, progress)
     finally:
@@ -70,6 +80,14 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     seconds = time.perf_counter() - start
     log.info("quantized %d layers with %s in %.1fs", len(reports), config.method, seconds)
     return QuantReport(config.to_dict(), adapter.name, n_samples, tokens, reports, seconds)
+
+
+def _cached(cache: dict | None, key: tuple, compute, *args):
+    if cache is None:
+        return compute(*args)
+    if key not in cache:
+        cache[key] = compute(*args)
+    return cache[key]
 
 
 def _pad_token_id(model: nn.Module) -> int:

@@ -85,6 +85,7 @@ def run_settings(name: str, todo: list[tuple[str, str]], quick: bool, progress: 
         if quick:
             calib = calib[::4]
         held_out = comparison_inputs(processor, name, n=8 if quick else 24)
+    cache: dict = {}  # decoder inputs and gradient ratios, shared by the settings (same model and samples)
     for bits, method in todo:
         if (name, bits, method) in previous:
             log.info("%s %s %s: reusing the saved row", name, bits, method)
@@ -92,7 +93,7 @@ def run_settings(name: str, todo: list[tuple[str, str]], quick: bool, progress: 
             continue
         qmodel = copy.deepcopy(fp)
         start = time.perf_counter()
-        report = quantize(qmodel, calib, config_for(bits, method, quick), progress=progress)
+        report = quantize(qmodel, calib, config_for(bits, method, quick), progress=progress, cache=cache)
         seconds = time.perf_counter() - start
         scores = compare(fp, qmodel, held_out)
         row = {"model": name, "bits": bits, "method": method, **evaluate_reference(qmodel, processor, name, sizes),
