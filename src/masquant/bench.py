@@ -174,9 +174,10 @@ def goals(rows: list[dict]) -> str:
         tasks = [t for t in TASKS if t in part[0]]
         if fp and w8:
             for t in tasks:
-                drop = 100 * (fp[t]["accuracy"] - w8[t]["accuracy"])
+                drop = round(100 * (fp[t]["accuracy"] - w8[t]["accuracy"]), 1) + 0.0  # no "-0.0"
                 lines.append(f"| {name} | W8A8 within 1 pt of FP | {t} | {100 * w8[t]['accuracy']:.1f} | "
-                             f"FP {100 * fp[t]['accuracy']:.1f} | {-drop:+.1f} pt | {'yes' if drop <= 1 else 'no'} |")
+                             f"FP {100 * fp[t]['accuracy']:.1f} | {0.0 - drop:+.1f} pt | "
+                             f"{'yes' if drop <= 1 else 'no'} |")
         for bits in ("W4A8", "W4A6"):
             mq, mas = _find(part, bits, "masquant"), _find(part, bits, "mas")
             base = [r for b in BASELINES if (r := _find(part, bits, b))]
@@ -184,7 +185,7 @@ def goals(rows: list[dict]) -> str:
                 continue
             for t in tasks:
                 best = max(base, key=lambda r, t=t: r[t]["accuracy"])
-                gain = 100 * (mq[t]["accuracy"] - best[t]["accuracy"])
+                gain = round(100 * (mq[t]["accuracy"] - best[t]["accuracy"]), 1) + 0.0
                 nll = min(r[t]["answer_nll"] for r in base)
                 lines.append(f"| {name} | {bits} beats RTN/SQ/MBQ | {t} ({TASK_MODALITY[t]}) | "
                              f"{100 * mq[t]['accuracy']:.1f}, NLL {mq[t]['answer_nll']:.3f} | "
@@ -192,9 +193,9 @@ def goals(rows: list[dict]) -> str:
                              f"{gain:+.1f} pt, NLL {mq[t]['answer_nll'] - nll:+.3f} | "
                              f"{'yes' if gain >= 1 else 'no'} |")
                 if mas:
-                    gap = 100 * (mas[t]["accuracy"] - mq[t]["accuracy"])
+                    gap = round(100 * (mas[t]["accuracy"] - mq[t]["accuracy"]), 1) + 0.0
                     lines.append(f"| {name} | {bits} within 2 pt of MAS-only | {t} | {100 * mq[t]['accuracy']:.1f} | "
-                                 f"MAS {100 * mas[t]['accuracy']:.1f} | {-gap:+.1f} pt | "
+                                 f"MAS {100 * mas[t]['accuracy']:.1f} | {0.0 - gap:+.1f} pt | "
                                  f"{'yes' if gap <= 2 else 'no'} |")
             for m in (m for m in MODALITIES[1:] if m in mq["decoder_sqnr"]):
                 best = max(base, key=lambda r, m=m: r["decoder_sqnr"][m])
@@ -265,7 +266,10 @@ the quantized decoder linears at rest (weights at their bit width, patches at th
 NLL is the mean negative log-likelihood (nats, summed over the answer's tokens) of the correct
 answer: it moves when accuracy is saturated. `METHOD+down` also smooths the `down_proj` input
 (`smooth_down_proj=True`), where these models' modalities are most misaligned
-(docs/REFERENCE_MODELS.md). Calibration seconds are wall time on the machine that ran the bench.
+(docs/REFERENCE_MODELS.md). Every setting calibrates with the paper's schedule
+(`calib_batch=1`: one MAS step per sample, 2 epochs). Calibration seconds are wall time on
+the machine that ran the bench, which may have been shared; docs/PERFORMANCE.md has
+calibration timings measured alone.
 
 """
 
