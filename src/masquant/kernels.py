@@ -45,8 +45,8 @@ def quantize_tokens(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     """
     qmax = 2 ** (bits - 1) - 1
     x = x.float()
-    scale = x.abs().amax(-1, keepdim=True).clamp_min(EPS) / qmax
-    codes = torch.clamp(torch.round(x / scale), -qmax - 1, qmax).to(torch.int8)
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(EPS).div_(qmax)
+    codes = torch.div(x, scale).round_().clamp_(-qmax - 1, qmax).to(torch.int8)
     return codes, scale
 
 
@@ -76,10 +76,10 @@ def int_linear(codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, w
     """
     n, k = weight.shape
     if group_size in (0, -1) or group_size >= k:
-        acc = int_matmul(codes, weight).float()
+        y = int_matmul(codes, weight).float()
         if weight_zero is not None:
-            acc -= codes.sum(-1, keepdim=True, dtype=torch.int32).float() * weight_zero.reshape(1, -1)
-        y = acc * (scale * weight_scale.reshape(1, -1))
+            y -= codes.sum(-1, keepdim=True, dtype=torch.int32).float() * weight_zero.reshape(1, -1)
+        y.mul_(scale).mul_(weight_scale.reshape(1, -1))
     else:
         groups = k // group_size
         w_scale = weight_scale.reshape(n, groups)
@@ -93,5 +93,5 @@ def int_linear(codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, w
             y += acc * w_scale[:, g]
         y *= scale
     if bias is not None:
-        y += bias.float()
+        y.add_(bias.float())
     return y

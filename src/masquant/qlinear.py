@@ -110,7 +110,7 @@ class QuantLinear(nn.Module):
         self.patches = nn.ModuleDict()  # MASQuant: low-rank patch per non-text modality
         self.register_buffer("smooth", torch.ones(NUM_MODALITIES, in_features))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
-        self.uniform = True
+        self.uniform, self.unsmoothed = True, True
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, smooth: torch.Tensor, config: QuantConfig,
@@ -142,7 +142,12 @@ class QuantLinear(nn.Module):
         if not torch.isfinite(smooth).all() or (smooth <= 0).any():
             raise ValueError("smoothing factors must be finite and positive")
         self.smooth.copy_(smooth)
-        self.uniform = bool((smooth == smooth[:1]).all())
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Flags derived from the smoothing table (after ``set_smoothing`` or a state-dict load)."""
+        self.uniform = bool((self.smooth == self.smooth[:1]).all())
+        self.unsmoothed = self.uniform and bool((self.smooth == 1).all())
 
     def add_patch(self, modality: Modality, l1: torch.Tensor, l2: torch.Tensor) -> None:
         if modality == Modality.TEXT:
@@ -168,6 +173,8 @@ class QuantLinear(nn.Module):
 
     def smoothed_input(self, rows: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         """``x / s[m]`` row by row."""
+        if self.unsmoothed:
+            return rows
         if ids is None:
             return rows / self.smooth[0].to(rows.dtype)
         return rows / self.smooth.index_select(0, ids).to(rows.dtype)
@@ -222,7 +229,7 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.uniform = bool((self.smooth == self.smooth[:1]).all())
+        self._refresh()
 
     def storage_bytes(self) -> dict[str, int]:
         """Bytes of the stored weights and of the patches (at their stored dtypes)."""

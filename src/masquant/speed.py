@@ -39,6 +39,7 @@ LINEAR_SHAPES = {  # name: (in_features, out_features)
     "7B down 18944>3584": (18944, 3584),
 }
 TOKENS = (1, 16, 512, 2048)
+ROUNDS = 3
 
 
 def timeit(fn: Callable[[], object], min_time: float = 0.3, min_runs: int = 3, max_runs: int = 50) -> float:
@@ -111,10 +112,13 @@ def linear_rows(shapes: dict[str, tuple[int, int]], tokens: tuple[int, ...]) -> 
             ids[m // 2:] = int(Modality.VISION)  # half of the tokens are vision tokens
             x_int8 = torch.randint(-127, 128, (m, k), dtype=torch.int8)
             row = {"shape": name, "in": k, "out": n, "tokens": m, "ms": {}}
+            samples: dict[str, list[float]] = {label: [] for label in variants}
             with router.scope(ids):
-                for label, fn in variants.items():
-                    arg = x_int8 if label == "int_mm kernel" else x
-                    row["ms"][label] = 1e3 * timeit(lambda fn=fn, arg=arg: fn(arg))
+                for _ in range(ROUNDS):  # variants interleaved, so that a slow spell hits all of them
+                    for label, fn in variants.items():
+                        arg = x_int8 if label == "int_mm kernel" else x
+                        samples[label].append(timeit(lambda fn=fn, arg=arg: fn(arg), min_time=0.1))
+            row["ms"] = {label: 1e3 * statistics.median(t) for label, t in samples.items()}
             row["speedup"] = {label: row["ms"]["fp32"] / ms for label, ms in row["ms"].items()}
             log.info("%s x %d tokens: %s", name, m, {k: f"{v:.2f}x" for k, v in row["speedup"].items()})
             rows.append(row)
