@@ -248,6 +248,7 @@ def write(rows: list[dict], out: Path, results: Path | None = None, command: str
         results.parent.mkdir(parents=True, exist_ok=True)
         image = ""
         if has_plot:
+            (results.parent / "results.json").write_text(json.dumps(rows, indent=1))
             target = results.parent / "results.png"
             target.write_bytes((out / "bench.png").read_bytes())
             image = "\n![decoder-output SQNR per method and bit-width](results.png)\n"
@@ -269,7 +270,8 @@ answer: it moves when accuracy is saturated. `METHOD+down` also smooths the `dow
 (docs/REFERENCE_MODELS.md). Every setting calibrates with the paper's schedule
 (`calib_batch=1`: one MAS step per sample, 2 epochs). Calibration seconds are wall time on
 the machine that ran the bench, which may have been shared; docs/PERFORMANCE.md has
-calibration timings measured alone.
+calibration timings measured alone. The rows are in `results.json` next to this page; what they
+show and do not show: [RESULTS_DISCUSSION.md](RESULTS_DISCUSSION.md).
 
 """
 
