@@ -172,12 +172,18 @@ class QuantLinear(nn.Module):
         return not self.uniform or bool(self.patches) or bool(self.modality_qweights)
 
     def smoothed_input(self, rows: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-        """``x / s[m]`` row by row."""
+        """``x / s[m]`` row by row: every row by the text vector, then the rows of other
+        modalities (if their vectors differ) again from ``x`` (no gather of the whole table)."""
         if self.unsmoothed:
             return rows
-        if ids is None:
-            return rows / self.smooth[0].to(rows.dtype)
-        return rows / self.smooth.index_select(0, ids).to(rows.dtype)
+        xs = rows / self.smooth[0].to(rows.dtype)
+        if ids is None or self.uniform:
+            return xs
+        for modality in range(1, NUM_MODALITIES):
+            idx = (ids == modality).nonzero().squeeze(1)
+            if idx.numel():
+                xs.index_copy_(0, idx, rows.index_select(0, idx) / self.smooth[modality].to(rows.dtype))
+        return xs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.router.rows(x) if self.needs_ids else None
@@ -186,7 +192,7 @@ class QuantLinear(nn.Module):
         for name, patch in self.patches.items():
             rows = (ids == int(Modality[name.upper()])).nonzero().squeeze(1)
             if rows.numel():
-                y = y.index_add(0, rows, patch(xs.index_select(0, rows)).to(y.dtype))
+                y.index_add_(0, rows, patch(xs.index_select(0, rows)).to(y.dtype))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _matmul(self, xs: torch.Tensor, weight: IntWeight) -> torch.Tensor:
