@@ -92,10 +92,9 @@ def _quantize(args: argparse.Namespace) -> None:
     from .api import quantize
     from .config import QuantConfig
     from .loading import load_any
-    from .serialization import save
+    from .serialization import refuse_nonempty, save
 
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists and is not empty; choose another --out or pass --overwrite")
+    refuse_nonempty(args.out, args.overwrite)  # before calibrating; save checks again
     rank = int(args.rank) if float(args.rank).is_integer() and args.rank >= 1 else float(args.rank)
     config = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, w_group_size=args.group_size,
                          rank=rank, epochs=args.epochs, calib_batch=args.calib_batch, seed=args.seed)

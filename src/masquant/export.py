@@ -27,8 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -37,6 +35,7 @@ from torch import nn
 from .arch import get_adapter
 from .primitives import quantize_weight
 from .qlinear import IntWeight, QuantLinear, replace_module
+from .serialization import refuse_nonempty, staged_directory
 
 log = logging.getLogger("masquant")
 
@@ -51,8 +50,7 @@ def export_compressed_tensors(source: str | Path, out: str | Path, overwrite: bo
     from .loading import load_any
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose another directory or pass --overwrite")
+    refuse_nonempty(out, overwrite)  # before the (slow) load, and again when writing
     model, processor, _ = load_any(str(source))
     config = getattr(model, "masquant_config", None)
     if config is None:
@@ -77,9 +75,7 @@ def export_compressed_tensors(source: str | Path, out: str | Path, overwrite: bo
     fmt = "int-quantized" if config.w_bits == 8 else "pack-quantized"
     compressor = ModelCompressor.from_pretrained_model(dense, quantization_format=fmt)
     compressor.compress_model(dense)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out, overwrite) as tmp:
         dense.config.architectures = [type(dense).__name__]
         dense.save_pretrained(tmp)
         compressor.update_config(tmp)
@@ -90,12 +86,6 @@ def export_compressed_tensors(source: str | Path, out: str | Path, overwrite: bo
         summary = {"format": fmt, "w_bits": config.w_bits, "a_bits": config.a_bits, "method": config.method,
                    "modalities": ["text", "vision", "audio"], "linears": layout, "requantized": notes}
         (tmp / f"{SIDECAR}.json").write_text(json.dumps(summary, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %d linears (%s) to %s; %d re-quantized without smoothing", len(scales), fmt, out, len(notes))
     return summary
 

@@ -42,14 +42,9 @@ def load_any(spec: str):
 
 
 def _hf_model(path: Path):
-    import transformers
+    from .serialization import model_class
 
-    config = transformers.AutoConfig.from_pretrained(path)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise ValueError(f"{path}/config.json names architecture {arch!r}, which transformers "
-                         f"{transformers.__version__} does not provide")
+    cls, _ = model_class(path)
     return cls.from_pretrained(path).eval()
 
 

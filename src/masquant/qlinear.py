@@ -171,28 +171,38 @@ class QuantLinear(nn.Module):
     def needs_ids(self) -> bool:
         return not self.uniform or bool(self.patches) or bool(self.modality_qweights)
 
-    def smoothed_input(self, rows: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    def rows_by_modality(self, ids: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """Row indices of each modality present in ``ids`` (computed once per forward)."""
+        if ids is None:
+            return {}
+        return {m: idx for m in range(NUM_MODALITIES) if (idx := (ids == m).nonzero().squeeze(1)).numel()}
+
+    def smoothed_input(self, rows: torch.Tensor, by_modality: dict[int, torch.Tensor]) -> torch.Tensor:
         """``x / s[m]`` row by row: every row by the text vector, then the rows of other
         modalities (if their vectors differ) again from ``x`` (no gather of the whole table)."""
         if self.unsmoothed:
             return rows
         xs = rows / self.smooth[0].to(rows.dtype)
-        if ids is None or self.uniform:
+        if self.uniform:
             return xs
-        for modality in range(1, NUM_MODALITIES):
-            idx = (ids == modality).nonzero().squeeze(1)
-            if idx.numel():
+        for modality, idx in by_modality.items():
+            if modality != int(Modality.TEXT):
                 xs.index_copy_(0, idx, rows.index_select(0, idx) / self.smooth[modality].to(rows.dtype))
         return xs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = self.router.rows(x) if self.needs_ids else None
-        xs = self.smoothed_input(x.reshape(-1, self.in_features), ids)
-        y = self._per_modality_matmul(xs, ids) if self.modality_qweights else self._matmul(xs, self.qweight)
+        by_modality = self.rows_by_modality(self.router.rows(x) if self.needs_ids else None)
+        xs = self.smoothed_input(x.reshape(-1, self.in_features), by_modality)
+        if self.modality_qweights:
+            y = xs.new_empty(xs.shape[0], self.out_features, dtype=self.compute_dtype)
+            for modality, idx in by_modality.items():
+                y[idx] = self._matmul(xs[idx], self._weight(Modality(modality)))
+        else:
+            y = self._matmul(xs, self.qweight)
         for name, patch in self.patches.items():
-            rows = (ids == int(Modality[name.upper()])).nonzero().squeeze(1)
-            if rows.numel():
-                y.index_add_(0, rows, patch(xs.index_select(0, rows)).to(y.dtype))
+            idx = by_modality.get(int(Modality[name.upper()]))
+            if idx is not None:
+                y.index_add_(0, idx, patch(xs.index_select(0, idx)).to(y.dtype))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _matmul(self, xs: torch.Tensor, weight: IntWeight) -> torch.Tensor:
@@ -204,14 +214,6 @@ class QuantLinear(nn.Module):
                               self.bias).to(self.compute_dtype)
         xq = fake_quantize_per_token(xs, self.a_bits).to(self.compute_dtype)
         return F.linear(xq, weight.dequantize(self.compute_dtype), self.bias)
-
-    def _per_modality_matmul(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        y = xs.new_empty(xs.shape[0], self.out_features, dtype=self.compute_dtype)
-        for modality in Modality:
-            rows = (ids == int(modality)).nonzero().squeeze(1)
-            if rows.numel():
-                y[rows] = self._matmul(xs[rows], self._weight(modality))
-        return y
 
     def layout(self) -> dict:
         """What a checkpoint needs to rebuild this layer's empty buffers (``from_layout``)."""

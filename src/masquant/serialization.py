@@ -17,11 +17,13 @@ layout says, fills them from the safetensors file and attaches the router: the m
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
@@ -36,6 +38,43 @@ FORMAT = "masquant"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 QUANT_CONFIG = "quant_config.json"
+
+
+def refuse_nonempty(directory: Path, overwrite: bool) -> None:
+    """An existing non-empty output directory is never replaced unless asked."""
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} exists and is not empty; choose another directory or allow "
+                              "overwriting (--overwrite / overwrite=True)")
+
+
+@contextlib.contextmanager
+def staged_directory(directory: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of ``directory`` to write into; on success it replaces
+    ``directory``, on any failure it is removed, so a half-written output never appears."""
+    refuse_nonempty(directory, overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield tmp
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def model_class(directory: Path):
+    """``(class, config)`` of the Hugging Face architecture that ``directory/config.json`` names."""
+    import transformers
+
+    hf_config = transformers.AutoConfig.from_pretrained(directory)
+    arch = (getattr(hf_config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise ValueError(f"{directory}/config.json names architecture {arch!r}, which transformers "
+                         f"{transformers.__version__} does not provide")
+    return cls, hf_config
 
 
 def save(model: nn.Module, directory: str | Path, processor=None, overwrite: bool = False,
@@ -56,8 +95,6 @@ def save(model: nn.Module, directory: str | Path, processor=None, overwrite: boo
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers or not hasattr(model, "masquant_config"):
         raise ValueError("this model is not quantized by masquant; run masquant.quantize(model, calib, config) first")
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} exists and is not empty; choose another directory or pass overwrite=True")
     router = getattr(model, "_masquant_router", None)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "masquant_version": __version__,
             "quant_config": model.masquant_config.to_dict(),
@@ -65,9 +102,7 @@ def save(model: nn.Module, directory: str | Path, processor=None, overwrite: boo
             "linears": {name: layer.layout() for name, layer in layers.items()}}
     if reference is not None:
         meta["reference"] = reference
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_directory(directory, overwrite) as tmp:
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         hf_config = copy.deepcopy(model.config)
         hf_config.architectures = [type(model).__name__]
@@ -79,12 +114,6 @@ def save(model: nn.Module, directory: str | Path, processor=None, overwrite: boo
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         (tmp / QUANT_CONFIG).write_text(json.dumps(meta, indent=1))  # written last: marks a complete model
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("saved %d quantized linears to %s", len(layers), directory)
     return directory
 
@@ -103,7 +132,6 @@ def read_meta(directory: str | Path) -> dict:
 
 def load(directory: str | Path, runtime: str | None = None) -> nn.Module:
     """Rebuild a model written by ``save`` (in eval mode, integer runtime unless ``runtime``)."""
-    import transformers
     from safetensors.torch import load_model
 
     directory = Path(directory)
@@ -111,12 +139,7 @@ def load(directory: str | Path, runtime: str | None = None) -> nn.Module:
     config = QuantConfig.from_dict(meta["quant_config"])
     if runtime is not None:
         config = QuantConfig.from_dict({**config.to_dict(), "runtime": runtime})
-    hf_config = transformers.AutoConfig.from_pretrained(directory)
-    arch = (getattr(hf_config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise ValueError(f"{directory}/config.json names architecture {arch!r}, which this transformers "
-                         f"{transformers.__version__} does not provide")
+    cls, hf_config = model_class(directory)
     model = cls._from_config(hf_config)
     router = ModalityRouter({int(k): Modality[v.upper()] for k, v in meta["router"].items()})
     for name, layout in meta["linears"].items():
