@@ -57,3 +57,17 @@ def test_goals_are_judged_from_the_measurements():
     assert table["m: W8A8 decoder linears <= 0.55x FP16 bytes"] is True
     assert table["MAS+CMC calibration <= 5x SmoothQuant (same samples, calib_batch 1)"] is False
     assert table["peak RSS of calibration grows < 20% from 2 to 4 layers"] is True
+
+
+def test_model_rows_time_every_variant_in_the_same_rounds(monkeypatch):
+    calls = []
+    real = speed.timeit
+    monkeypatch.setattr(speed, "timeit", lambda fn, **kw: calls.append(1) or real(fn, min_time=0.0, min_runs=1))
+    fp = tiny.tiny_qwen2_5_vl(hidden=64, layers=1)
+    models = {"fp32": fp, "W8A8": speed.synthetic_quantize(tiny.tiny_qwen2_5_vl(hidden=64, layers=1), 8)}
+    sample = speed._strip(tiny.tiny_sample(0, "vl"))
+    rows = speed.model_rows("tiny", models, sample, sample, decode_tokens=2)
+    assert [r["variant"] for r in rows] == ["fp32", "W8A8"]
+    assert len(calls) == speed.ROUNDS * 3 * 2  # prefill, short and long generate of each variant, every round
+    assert "linear_vs_fp16" in rows[1] and "linear_vs_fp16" not in rows[0]
+    assert all(r["prefill_ms"] > 0 and r["decode_ms"] >= 0 for r in rows)

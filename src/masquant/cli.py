@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--results", type=Path, default=None, help="also write this results page (docs/RESULTS.md)")
     bench.add_argument("--speed", action="store_true",
                        help="measure speed, checkpoint bytes and calibration cost instead of accuracy")
+    bench.add_argument("--device", default="cpu",
+                       help="with --speed: cpu, or cuda for the GPU rows (linears and the wide model)")
     bench.add_argument("--resume", action="store_true",
                        help="reuse the rows already saved in OUT/bench.json (after an interrupted run)")
     bench.add_argument("--no-progress", action="store_true")
@@ -173,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench" and args.speed:
             from .perf import markdown, run_speed, write
 
-            result = run_speed(quick=args.quick)
+            result = run_speed(quick=args.quick, device=args.device)
             command = " ".join(["masquant bench --speed", *(["--quick"] if args.quick else []),
+                                *([f"--device {args.device}"] if args.device != "cpu" else []),
                                 *([f"--results {args.results}"] if args.results else [])])
             write(result, args.out, args.results, command)
             print(markdown(result))

@@ -17,16 +17,22 @@ log = logging.getLogger("masquant")
 QUICK_SHAPES = {"square 4096": (4096, 4096)}
 
 
-def run_speed(quick: bool = False) -> dict:
-    """Everything in one process, so that every ratio compares numbers from the same run."""
+def run_speed(quick: bool = False, device: str = "cpu") -> dict:
+    """Everything in one process, so that every ratio compares numbers from the same run.
+
+    On CUDA: the linear rows and the wide random model (calibration cost and RSS are CPU rows)."""
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "quick": quick}
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "quick": quick, "device": device}
+    if device.startswith("cuda"):
+        result["gpu"] = torch.cuda.get_device_name(device)
     result["linear"] = speed.linear_rows(QUICK_SHAPES if quick else speed.LINEAR_SHAPES,
-                                         (16, 512) if quick else speed.TOKENS)
-    result["models"] = speed.wide_model_rows(layers=1 if quick else 2)
-    result["models"] += speed.reference_model_rows("ref-vl", calib_samples=4 if quick else 16)
-    result["calibration"] = speed.calibration_rows("ref-vl", calib_samples=8 if quick else 32)
-    result["memory"] = speed.calibration_memory("masquant", (2, 4) if quick else (4, 8))
+                                         (16, 512) if quick else speed.TOKENS, device=device)
+    result["models"] = speed.wide_model_rows(layers=1 if quick else 2, device=device)
+    result["calibration"], result["memory"] = [], []
+    if device == "cpu":
+        result["models"] += speed.reference_model_rows("ref-vl", calib_samples=4 if quick else 16)
+        result["calibration"] = speed.calibration_rows("ref-vl", calib_samples=8 if quick else 32)
+        result["memory"] = speed.calibration_memory("masquant", (2, 4) if quick else (4, 8))
     return result
 
 
@@ -81,8 +87,9 @@ def goals(result: dict) -> list[tuple[str, str, bool | None]]:
 
 
 def markdown(result: dict) -> str:
+    where = f" on {result['gpu']}" if result.get("gpu") else ""
     lines = [f"Machine: {result['machine']}, {result['threads']} threads, torch {result['torch']} "
-             f"({result['cpu_capability']}).", "", "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
+             f"({result['cpu_capability']}){where}.", "", "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g} | {m} | {'yes' if ok else 'no'} |" for g, m, ok in goals(result)]
     labels = list(result["linear"][0]["ms"]) if result["linear"] else []
     lines += ["", "## Linear layers", "", "Speed-up over FP32 `nn.Linear` (FP32 in milliseconds).", "",

@@ -42,19 +42,35 @@ TOKENS = (1, 16, 512, 2048)
 ROUNDS = 3
 
 
-def timeit(fn: Callable[[], object], min_time: float = 0.3, min_runs: int = 3, max_runs: int = 50) -> float:
-    """Median seconds per call after one warm-up call (one timed call when a call is slow)."""
-    t0 = time.perf_counter()
-    fn()
-    if time.perf_counter() - t0 > 3 * min_time:
+def timeit(fn: Callable[[], object], min_time: float = 0.3, min_runs: int = 3, max_runs: int = 50,
+           device: str = "cpu") -> float:
+    """Median seconds per call after one warm-up call (one timed call when a call is slow); on
+    CUDA each call is followed by a synchronisation, so that the GPU's work is counted."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def call() -> float:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    if call() > 3 * min_time:
         min_runs = 1
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < min_runs or (time.perf_counter() - start < min_time and len(times) < max_runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        times.append(call())
     return statistics.median(times)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int = ROUNDS, **timeit_kw) -> dict[str, float]:
+    """Median seconds of each function over ``rounds`` rounds that time every function once
+    in turn, so that a slow spell of the machine hits all of them alike."""
+    samples: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(rounds):
+        for label, fn in fns.items():
+            samples[label].append(timeit(fn, **timeit_kw))
+    return {label: statistics.median(t) for label, t in samples.items()}
 
 
 def quant_linear(linear: nn.Linear, w_bits: int, a_bits: int = 8, rank: int = 0,
@@ -87,38 +103,37 @@ def _torchao_linear(linear: nn.Linear) -> nn.Module | None:
 
 
 @torch.no_grad()
-def linear_rows(shapes: dict[str, tuple[int, int]], tokens: tuple[int, ...]) -> list[dict]:
+def linear_rows(shapes: dict[str, tuple[int, int]], tokens: tuple[int, ...], device: str = "cpu") -> list[dict]:
     """Per shape and token count: milliseconds of FP32 and speed-up of every other variant."""
+    from .kernels import int_matmul
+
     rows = []
     for name, (k, n) in shapes.items():
         torch.manual_seed(0)
         fp32 = nn.Linear(k, n)
-        variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"fp32": fp32}
+        variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"fp32": fp32.to(device)}
         bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
         variants["bf16"] = lambda x, m=bf16: m(x.to(torch.bfloat16))
         w8 = quant_linear(fp32, 8)
         codes = w8.qweight.int8()
-        variants["int_mm kernel"] = lambda x, c=codes: torch._int_mm(x, c.T)
+        variants["int_mm kernel"] = lambda x, c=codes: int_matmul(x, c)
         variants["W8A8"] = w8
         variants["W4A8"] = quant_linear(fp32, 4)
         router = ModalityRouter({})
         variants["MASQuant W8A8 r32"] = quant_linear(fp32, 8, rank=32, router=router)
-        torchao = _torchao_linear(fp32)
+        torchao = _torchao_linear(fp32) if device == "cpu" else None
         if torchao is not None:
             variants["torchao int8 dyn"] = torchao
         for m in tokens:
-            x = torch.randn(m, k)
-            ids = torch.zeros(m, dtype=torch.long)
+            x = torch.randn(m, k, device=device)
+            ids = torch.zeros(m, dtype=torch.long, device=device)
             ids[m // 2:] = int(Modality.VISION)  # half of the tokens are vision tokens
-            x_int8 = torch.randint(-127, 128, (m, k), dtype=torch.int8)
-            row = {"shape": name, "in": k, "out": n, "tokens": m, "ms": {}}
-            samples: dict[str, list[float]] = {label: [] for label in variants}
+            x_int8 = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
+            row = {"shape": name, "in": k, "out": n, "tokens": m, "device": device}
             with router.scope(ids):
-                for _ in range(ROUNDS):  # variants interleaved, so that a slow spell hits all of them
-                    for label, fn in variants.items():
-                        arg = x_int8 if label == "int_mm kernel" else x
-                        samples[label].append(timeit(lambda fn=fn, arg=arg: fn(arg), min_time=0.1))
-            row["ms"] = {label: 1e3 * statistics.median(t) for label, t in samples.items()}
+                seconds = interleaved({label: (lambda fn=fn, arg=x_int8 if label == "int_mm kernel" else x: fn(arg))
+                                       for label, fn in variants.items()}, min_time=0.1, device=device)
+            row["ms"] = {label: 1e3 * t for label, t in seconds.items()}
             row["speedup"] = {label: row["ms"]["fp32"] / ms for label, ms in row["ms"].items()}
             log.info("%s x %d tokens: %s", name, m, {k: f"{v:.2f}x" for k, v in row["speedup"].items()})
             rows.append(row)
@@ -144,16 +159,30 @@ def synthetic_quantize(model: nn.Module, w_bits: int, a_bits: int = 8, rank: int
 
 
 @torch.no_grad()
-def model_times(model: nn.Module, prompt: dict, short_prompt: dict, decode_tokens: int = 32) -> dict[str, float]:
+def model_rows(name: str, models: dict[str, nn.Module], prompt: dict, short_prompt: dict, device: str = "cpu",
+               decode_tokens: int = 32) -> list[dict]:
     """Prefill (one forward over ``prompt``) and decode (per generated token after
-    ``short_prompt``, from the difference of two ``generate`` lengths) in milliseconds."""
-    prefill = timeit(lambda: model(**prompt, use_cache=False), min_time=1.0)
+    ``short_prompt``, from the difference of two ``generate`` lengths) of every variant in
+    milliseconds, all variants timed in interleaved rounds; plus checkpoint bytes."""
+    fns: dict[str, Callable[[], object]] = {}
+    for label, model in models.items():
+        def gen(n: int, model: nn.Module = model) -> None:
+            model.generate(**short_prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    def gen(n: int) -> None:
-        model.generate(**short_prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-    short, long = timeit(lambda: gen(1), min_time=1.0), timeit(lambda: gen(1 + decode_tokens), min_time=1.0)
-    return {"prefill_ms": 1e3 * prefill, "decode_ms": 1e3 * max(long - short, 0.0) / decode_tokens}
+        fns[f"{label}|prefill"] = lambda model=model: model(**prompt, use_cache=False)
+        fns[f"{label}|short"] = lambda gen=gen: gen(1)
+        fns[f"{label}|long"] = lambda gen=gen: gen(1 + decode_tokens)
+    seconds = interleaved(fns, min_time=1.0, device=device)
+    rows = []
+    for label, model in models.items():
+        row = {"model": name, "variant": label, "prompt_tokens": int(prompt["input_ids"].shape[1]), "device": device,
+               "prefill_ms": 1e3 * seconds[f"{label}|prefill"],
+               "decode_ms": 1e3 * max(seconds[f"{label}|long"] - seconds[f"{label}|short"], 0.0) / decode_tokens}
+        if any(isinstance(m, QuantLinear) for m in model.modules()):
+            row.update(checkpoint_bytes(model))
+        log.info("%s %s: prefill %.1f ms, decode %.2f ms/token", name, label, row["prefill_ms"], row["decode_ms"])
+        rows.append(row)
+    return rows
 
 
 def checkpoint_bytes(model: nn.Module) -> dict[str, float]:
@@ -177,24 +206,23 @@ def checkpoint_bytes(model: nn.Module) -> dict[str, float]:
             "model_vs_fp16": (linear_bytes + 2 * other_params) / max(2 * total_params, 1)}
 
 
-def _strip(sample: dict) -> dict:
-    return {k: v for k, v in sample.items() if k != "labels"}
+def _strip(sample: dict, device: str = "cpu") -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in sample.items() if k != "labels"}
 
 
-def wide_model_rows(layers: int) -> list[dict]:
+def wide_model_rows(layers: int, device: str = "cpu") -> list[dict]:
     """A random Qwen2.5-VL with Qwen2.5-VL-3B-wide decoder layers (2048 / 11008, 16 heads):
     FP32, BF16, W8A8, W4A8 and MASQuant W8A8 (rank 32); a 512-token prompt, half image."""
     from . import tiny
 
-    fp = tiny.tiny_qwen2_5_vl(hidden=2048, layers=layers, intermediate=11008, heads=16)
-    prompt = tiny.tiny_sample(0, "vl", text_len=254, image_grid=32)  # 256 image tokens + 2 markers
-    short = tiny.tiny_sample(1, "vl", image=False, text_len=16)
-    variants = {"fp32": lambda: fp, "bf16": lambda: copy.deepcopy(fp).to(torch.bfloat16),
-                "W8A8": lambda: synthetic_quantize(copy.deepcopy(fp), 8),
-                "W4A8": lambda: synthetic_quantize(copy.deepcopy(fp), 4),
-                "MASQuant W8A8 r32": lambda: synthetic_quantize(copy.deepcopy(fp), 8, rank=32)}
-    name = f"random Qwen2.5-VL, {layers} layers 3B-wide"
-    return [_model_row(name, label, build(), prompt, short) for label, build in variants.items()]
+    fp = tiny.tiny_qwen2_5_vl(hidden=2048, layers=layers, intermediate=11008, heads=16).to(device)
+    prompt = _strip(tiny.tiny_sample(0, "vl", text_len=254, image_grid=32), device)  # 256 image tokens + 2 markers
+    short = _strip(tiny.tiny_sample(1, "vl", image=False, text_len=16), device)
+    models = {"fp32": fp, "bf16": copy.deepcopy(fp).to(torch.bfloat16),
+              "W8A8": synthetic_quantize(copy.deepcopy(fp), 8),
+              "W4A8": synthetic_quantize(copy.deepcopy(fp), 4),
+              "MASQuant W8A8 r32": synthetic_quantize(copy.deepcopy(fp), 8, rank=32)}
+    return model_rows(f"random Qwen2.5-VL, {layers} layers 3B-wide", models, prompt, short, device)
 
 
 def reference_model_rows(name: str = "ref-vl", calib_samples: int = 16) -> list[dict]:
@@ -207,22 +235,12 @@ def reference_model_rows(name: str = "ref-vl", calib_samples: int = 16) -> list[
     calib = calibration_inputs(processor, name)
     calib = calib[:: max(len(calib) // calib_samples, 1)][:calib_samples]
     prompt = _strip(comparison_inputs(processor, name, n=1)[0])
-    rows = [_model_row(name, "fp32", fp, prompt, prompt)]
+    models = {"fp32": fp}
     for label, config in (("W8A8", QuantConfig(method="rtn")),
                           ("MASQuant W8A8 r32", QuantConfig(method="masquant", epochs=1))):
-        model = copy.deepcopy(fp)
-        quantize(model, calib, config, progress=False)
-        rows.append(_model_row(name, label, model, prompt, prompt))
-    return rows
-
-
-def _model_row(name: str, label: str, model: nn.Module, prompt: dict, short: dict) -> dict:
-    row = {"model": name, "variant": label, "prompt_tokens": int(prompt["input_ids"].shape[1]),
-           **model_times(model, prompt, short)}
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        row.update(checkpoint_bytes(model))
-    log.info("%s %s: prefill %.1f ms, decode %.2f ms/token", name, label, row["prefill_ms"], row["decode_ms"])
-    return row
+        models[label] = copy.deepcopy(fp)
+        quantize(models[label], calib, config, progress=False)
+    return model_rows(name, models, prompt, prompt)
 
 
 def calibration_rows(name: str = "ref-vl", calib_samples: int = 32) -> list[dict]:

@@ -1,0 +1,85 @@
+"""The integer runtime on CUDA (skipped without a GPU): ``torch._int_mm``'s shape rules
+(more than 16 rows, widths that are multiples of 8) and the padded / float64 fallbacks,
+and a quantized model giving the same logits on the GPU as on the CPU."""
+
+import copy
+
+import pytest
+import torch
+
+import masquant
+from masquant import QuantConfig, QuantLinear, tiny
+from masquant.kernels import int_linear, int_matmul, quantize_tokens
+from masquant.primitives import IntGrid, quantize_weight
+from masquant.qlinear import IntWeight
+
+from conftest import omni_samples, vl_samples
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 32, 100])
+@pytest.mark.parametrize(("k", "n"), [(64, 64), (64, 24), (60, 64), (64, 36), (4096, 1024)])
+def test_cuda_int_matmul_is_exact_for_every_shape(m, k, n):
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    got = int_matmul(a.cuda(), b.cuda())
+    assert got.dtype == torch.int32 and got.shape == (m, n)
+    assert torch.equal(got.cpu().long(), a.long() @ b.long().T)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [0, 32])
+def test_cuda_int_linear_matches_the_cpu(symmetric, group_size):
+    w, x, bias = torch.randn(48, 64), torch.randn(20, 64), torch.randn(48)
+    weight = IntWeight(48, 64, IntGrid(4, symmetric), group_size)
+    weight.set(quantize_weight(w, IntGrid(4, symmetric), group_size))
+    codes, scale = quantize_tokens(x, 8)
+    args = (weight.int8(), weight.scale, None if symmetric else weight.zero, group_size, bias)
+    cpu = int_linear(codes, scale, *args)
+    gpu = int_linear(codes.cuda(), scale.cuda(), *[a.cuda() if torch.is_tensor(a) else a for a in args])
+    assert torch.allclose(gpu.cpu(), cpu, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("family", "method", "w_bits"), [("vl", "masquant", 4), ("omni", "masquant", 8),
+                                                        ("vl", "smoothquant", 8), ("omni", "mas", 4)])
+def test_quantized_model_gives_the_same_logits_on_gpu(family, method, w_bits):
+    model = tiny.tiny_qwen2_5_vl() if family == "vl" else tiny.tiny_qwen2_5_omni_thinker()
+    samples = vl_samples(range(2)) if family == "vl" else omni_samples(range(2))
+    config = QuantConfig(method=method, w_bits=w_bits, a_bits=8, epochs=1, rank=8)
+    masquant.quantize(model, samples, config, progress=False)
+    sample = (vl_samples([500]) if family == "vl" else omni_samples([500]))[0]
+    with torch.no_grad():
+        cpu = model(**sample).logits
+        gpu_model = copy.deepcopy(model).cuda()
+        assert all(m.qweight.codes.is_cuda for m in gpu_model.modules() if isinstance(m, QuantLinear))
+        gpu = gpu_model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in sample.items()}).logits
+    err = float((gpu.cpu() - cpu).norm() / cpu.norm())
+    assert err < 3e-3, f"GPU vs CPU logits differ by {err:.2e}"
+
+
+@pytest.mark.parametrize("method", ["masquant", "mbq", "awq"])
+def test_calibration_runs_on_the_gpu_and_matches_the_cpu(method):
+    samples = vl_samples(range(2))
+    config = QuantConfig(method=method, w_bits=4, a_bits=8 if method != "awq" else 16, epochs=1, rank=8,
+                         awq_grid=4)
+    cpu_model, gpu_model = tiny.tiny_qwen2_5_vl(), tiny.tiny_qwen2_5_vl().cuda()
+    cpu_report = masquant.quantize(cpu_model, samples, config, progress=False)
+    gpu_report = masquant.quantize(gpu_model, samples, config, progress=False)
+    assert all(m.qweight.codes.is_cuda for m in gpu_model.modules() if isinstance(m, QuantLinear))
+    sample = vl_samples([500])[0]
+    with torch.no_grad():
+        cpu = cpu_model(**sample).logits
+        gpu = gpu_model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in sample.items()}).logits.cpu()
+    # different float reduction orders move a few rounding decisions: close, not equal
+    assert float((gpu - cpu).norm() / cpu.norm()) < 5e-2
+    for key, value in cpu_report.mean_output_sqnr().items():
+        assert abs(gpu_report.mean_output_sqnr()[key] - value) < 1.0, key
+
+
+def test_speed_rows_run_on_the_gpu():
+    from masquant import speed
+
+    rows = speed.linear_rows({"tiny": (64, 32)}, (1, 40), device="cuda")
+    assert [r["device"] for r in rows] == ["cuda", "cuda"]
+    assert all(v > 0 for r in rows for v in r["ms"].values())
