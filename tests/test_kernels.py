@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import masquant
-from masquant import QuantConfig, QuantLinear, qlinear
+from masquant import QuantConfig, QuantLinear, kernels
 from masquant.kernels import int_linear, int_matmul, pack_int4, quantize_tokens, unpack_int4
 from masquant.primitives import IntGrid, fake_quantize_per_token, quantize_weight
 from masquant.qlinear import IntWeight, set_runtime
@@ -87,7 +87,8 @@ def test_integer_runtime_matches_fake_quantization(method, w_bits, a_bits, group
     assert {m.runtime for m in qmodel.modules() if isinstance(m, QuantLinear)} == {"int"}
     sample = omni_samples([500])[0]
     calls = []
-    monkeypatch.setattr(qlinear, "int_linear", lambda *a: calls.append(1) or int_linear(*a))
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(1) or int_mm(*a))
     layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLinear)}
     inputs = {}
     def keep(name):
@@ -117,3 +118,84 @@ def test_integer_runtime_matches_fake_quantization(method, w_bits, a_bits, group
     # through the whole model, float rounding can flip a few activation codes in later layers
     err = (y_int - y_fake).norm() / y_fake.norm()
     assert err < 3e-3, f"{method} W{w_bits}A{a_bits}: relative difference {err:.2e}"
+
+
+needs_fusion = pytest.mark.skipif(not kernels.fusion_available(torch.device("cpu")),
+                                  reason="no C++ compiler for torch.compile on this machine")
+
+
+@needs_fusion
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 6])
+def test_fused_token_quantization_equals_the_eager_one(dtype, bits):
+    x = (torch.randn(37, 96) * torch.logspace(-2, 2, 37)[:, None]).to(dtype)
+    smooth = torch.rand(3, 96) + 0.3
+    ids = torch.randint(0, 3, (37,))
+    codes, scale = kernels.fused_quantize(x, bits, smooth, ids)
+    ref_codes, ref_scale = quantize_tokens(x.float() / smooth[ids], bits)
+    assert torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
+    flips = (codes.int() - ref_codes.int()).abs()
+    assert int(flips.max()) <= 1 and float((flips > 0).float().mean()) < 1e-3  # float ties at most
+
+
+@needs_fusion
+def test_fused_epilogue_equals_the_eager_one():
+    acc = torch.randint(-2**20, 2**20, (9, 24), dtype=torch.int32)
+    scale, w_scale, bias = torch.rand(9, 1), torch.rand(24, 1), torch.randn(24)
+    for b, dtype in ((bias, torch.float32), (None, torch.bfloat16)):
+        y = kernels.fused_epilogue(acc, scale, w_scale, b, dtype)
+        ref = acc.float() * scale * w_scale.reshape(1, -1) + (0 if b is None else b)
+        assert y.dtype == dtype and torch.allclose(y.float(), ref.to(dtype).float(), rtol=1e-2 if b is None else 1e-6)
+
+
+@needs_fusion
+@pytest.mark.parametrize("runs", ["contiguous", "scattered"])
+def test_quant_linear_fused_and_eager_agree_with_patches(runs, monkeypatch):
+    from masquant.modality import ModalityRouter
+    from masquant.speed import quant_linear
+
+    monkeypatch.setattr(kernels, "FUSE_MIN_ELEMENTS", 0)  # fuse even these few rows
+    router = ModalityRouter({})
+    layer = quant_linear(torch.nn.Linear(64, 48), 8, rank=4, router=router)
+    x = torch.randn(2, 10, 64)
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    if runs == "contiguous":
+        ids[0, 3:8] = int(masquant.Modality.VISION)
+    else:
+        ids[:, ::3] = int(masquant.Modality.VISION)
+    with router.scope(ids), torch.no_grad():
+        assert kernels.use_fusion(x)
+        fused = layer(x)
+        monkeypatch.setenv("MASQUANT_FUSE", "0")
+        eager = layer(x)
+        layer.runtime = "fake"
+        fake = layer(x)
+    assert float((fused - eager).norm() / eager.norm()) < 1e-5
+    assert float((fused - fake).norm() / fake.norm()) < 1e-5
+    # the vision rows really got the patch and their own vector: text-only routing differs there
+    with router.scope(torch.zeros_like(ids)), torch.no_grad():
+        text_only = layer(x)
+    vision = ids == int(masquant.Modality.VISION)
+    assert not torch.allclose(text_only[vision], fused[vision]) and torch.allclose(text_only[~vision], fused[~vision],
+                                                                                    atol=1e-5)
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_kernels(monkeypatch, caplog):
+    monkeypatch.setenv("MASQUANT_FUSE", "1")
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(kernels, "_broken", set())
+
+    def broken_compile(fn, **kw):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    x, smooth, ids = torch.randn(5, 16), torch.ones(3, 16), torch.zeros(5, dtype=torch.long)
+    with caplog.at_level("WARNING", logger="masquant"):
+        codes, _ = kernels.fused_quantize(x, 8, smooth, ids)
+    assert torch.equal(codes, quantize_tokens(x, 8)[0])
+    assert "fused kernels unavailable on cpu" in caplog.text and not kernels.fusion_available(torch.device("cpu"))
+    monkeypatch.setenv("MASQUANT_FUSE", "yes")
+    with pytest.raises(ValueError, match="MASQUANT_FUSE must be"):
+        kernels.fusion_available(torch.device("cpu"))

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import QuantConfig
-from .kernels import int_linear, pack_int4, quantize_tokens, unpack_int4
+from .kernels import int_linear, int_matmul, pack_int4, quantize_tokens, unpack_int4
 from .modality import NUM_MODALITIES, Modality, ModalityRouter
 from .primitives import IntGrid, QuantizedWeight, fake_quantize_per_token, group_rows, quantize_weight
 
@@ -79,16 +80,21 @@ class IntWeight(nn.Module):
 
 
 class LowRankPatch(nn.Module):
-    """``x~ @ l1 @ l2`` with ``l1: [in, r]``, ``l2: [r, out]`` (stored in any float dtype,
-    applied in the dtype of ``x~``)."""
+    """``(x / s) @ l1 @ l2`` with ``l1: [in, r]``, ``l2: [r, out]`` (stored in any float dtype,
+    applied in the dtype of ``x``). The smoothing vector ``s`` is folded into ``l1``
+    (``x @ (l1 / s)``), so the patch reads the unsmoothed rows and needs no smoothing pass."""
 
     def __init__(self, l1: torch.Tensor, l2: torch.Tensor):
         super().__init__()
         self.register_buffer("l1", l1)
         self.register_buffer("l2", l2)
 
-    def forward(self, xs: torch.Tensor) -> torch.Tensor:
-        return (xs @ self.l1.to(xs.dtype)) @ self.l2.to(xs.dtype)
+    def down(self, x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+        """``(x / s) @ l1``: the rank-r projection, ``[rows, r]``."""
+        return x @ (self.l1.to(x.dtype) / smooth.to(x.dtype)[:, None])
+
+    def forward(self, x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+        return self.down(x, smooth) @ self.l2.to(x.dtype)
 
 
 class QuantLinear(nn.Module):
@@ -171,13 +177,20 @@ class QuantLinear(nn.Module):
     def needs_ids(self) -> bool:
         return not self.uniform or bool(self.patches) or bool(self.modality_qweights)
 
-    def rows_by_modality(self, ids: torch.Tensor | None) -> dict[int, torch.Tensor]:
-        """Row indices of each modality present in ``ids`` (computed once per forward)."""
+    def rows_by_modality(self, ids: torch.Tensor | None) -> dict[int, torch.Tensor | slice]:
+        """Rows of each modality present in ``ids`` (computed once per forward): a slice when
+        they are one contiguous run (an image or a clip usually is), else an index tensor."""
         if ids is None:
             return {}
-        return {m: idx for m in range(NUM_MODALITIES) if (idx := (ids == m).nonzero().squeeze(1)).numel()}
+        out: dict[int, torch.Tensor | slice] = {}
+        for m in range(NUM_MODALITIES):
+            idx = (ids == m).nonzero().squeeze(1)
+            if idx.numel():
+                first, last = int(idx[0]), int(idx[-1])
+                out[m] = slice(first, last + 1) if last - first + 1 == idx.numel() else idx
+        return out
 
-    def smoothed_input(self, rows: torch.Tensor, by_modality: dict[int, torch.Tensor]) -> torch.Tensor:
+    def smoothed_input(self, rows: torch.Tensor, by_modality: dict[int, torch.Tensor | slice]) -> torch.Tensor:
         """``x / s[m]`` row by row: every row by the text vector, then the rows of other
         modalities (if their vectors differ) again from ``x`` (no gather of the whole table)."""
         if self.unsmoothed:
@@ -187,31 +200,51 @@ class QuantLinear(nn.Module):
             return xs
         for modality, idx in by_modality.items():
             if modality != int(Modality.TEXT):
-                xs.index_copy_(0, idx, rows.index_select(0, idx) / self.smooth[modality].to(rows.dtype))
+                xs[idx] = rows[idx] / self.smooth[modality].to(rows.dtype)
         return xs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        by_modality = self.rows_by_modality(self.router.rows(x) if self.needs_ids else None)
-        xs = self.smoothed_input(x.reshape(-1, self.in_features), by_modality)
-        if self.modality_qweights:
-            y = xs.new_empty(xs.shape[0], self.out_features, dtype=self.compute_dtype)
+        rows = x.reshape(-1, self.in_features)
+        ids = self.router.rows(x) if self.needs_ids else None
+        by_modality = self.rows_by_modality(ids)
+        if self.modality_qweights:  # MAS-only: each modality's rows with its own weight
+            y = rows.new_empty(rows.shape[0], self.out_features, dtype=self.compute_dtype)
             for modality, idx in by_modality.items():
-                y[idx] = self._matmul(xs[idx], self._weight(Modality(modality)))
+                y[idx] = self._matmul(rows[idx], self.smooth[modality:modality + 1], None, {},
+                                      self._weight(Modality(modality)))
         else:
-            y = self._matmul(xs, self.qweight)
+            y = self._matmul(rows, self.smooth, ids, by_modality, self.qweight)
         for name, patch in self.patches.items():
-            idx = by_modality.get(int(Modality[name.upper()]))
-            if idx is not None:
-                y.index_add_(0, idx, patch(xs.index_select(0, idx)).to(y.dtype))
+            modality = int(Modality[name.upper()])
+            idx = by_modality.get(modality)
+            if isinstance(idx, slice):  # one run of rows: views, the product added in place
+                y[idx].addmm_(patch.down(rows[idx], self.smooth[modality]).to(y.dtype), patch.l2.to(y.dtype))
+            elif idx is not None:
+                y.index_add_(0, idx, patch(rows.index_select(0, idx), self.smooth[modality]).to(y.dtype))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def _matmul(self, xs: torch.Tensor, weight: IntWeight) -> torch.Tensor:
-        """``Q_a(xs) @ W^T + b``: int8 GEMM (integer runtime) or dequantized float matmul (fake)."""
+    def _smoothed(self, rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None,
+                  by_modality: dict[int, torch.Tensor | slice]) -> torch.Tensor:
+        if ids is not None or smooth.shape[0] == NUM_MODALITIES:  # the layer's own table
+            return self.smoothed_input(rows, by_modality)
+        return rows / smooth[0].to(rows.dtype)  # one modality's rows (MAS-only)
+
+    def _matmul(self, rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None,
+                by_modality: dict[int, torch.Tensor | slice], weight: IntWeight) -> torch.Tensor:
+        """``Q_a(x / smooth[ids]) @ W^T + b``: int8 GEMM (integer runtime) or dequantized float
+        matmul (fake). ``smooth`` is the table (or one row of it, with ``ids`` None)."""
         if self.runtime == "int" and self.a_bits < 16:
-            codes, scale = quantize_tokens(xs, self.a_bits)
+            fused_epilogue_ok = self.grid.symmetric and self.w_group_size in (0, -1)
+            if fused_epilogue_ok and kernels.use_fusion(rows):
+                ids = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device) if ids is None else ids
+                codes, scale = kernels.fused_quantize(rows, self.a_bits, smooth, ids)
+                acc = int_matmul(codes, weight.int8())
+                return kernels.fused_epilogue(acc, scale, weight.scale, self.bias, self.compute_dtype)
+            codes, scale = quantize_tokens(self._smoothed(rows, smooth, ids, by_modality), self.a_bits)
             zero = None if self.grid.symmetric else weight.zero
             return int_linear(codes, scale, weight.int8(), weight.scale, zero, self.w_group_size,
                               self.bias).to(self.compute_dtype)
+        xs = self._smoothed(rows, smooth, ids, by_modality)
         xq = fake_quantize_per_token(xs, self.a_bits).to(self.compute_dtype)
         return F.linear(xq, weight.dequantize(self.compute_dtype), self.bias)
 
