@@ -85,3 +85,23 @@ def test_speed_rows_run_on_the_gpu():
     rows = speed.linear_rows({"tiny": (64, 32)}, (1, 40), device="cuda")
     assert [r["device"] for r in rows] == ["cuda", "cuda"]
     assert all(v > 0 for r in rows for v in r["ms"].values())
+
+
+def test_fused_kernels_on_the_gpu_match_the_eager_ones(monkeypatch):
+    from masquant import kernels
+    from masquant.modality import ModalityRouter
+    from masquant.speed import quant_linear
+
+    if not kernels.fusion_available(torch.device("cuda")):
+        pytest.skip("no Triton for torch.compile")
+    router = ModalityRouter({})
+    layer = quant_linear(torch.nn.Linear(256, 128), 8, rank=8, router=router).cuda()
+    x = torch.randn(3, 200, 256, device="cuda")
+    ids = torch.zeros(3, 200, dtype=torch.long, device="cuda")
+    ids[1, 20:150] = int(masquant.Modality.VISION)
+    with router.scope(ids), torch.no_grad():
+        assert kernels.use_fusion(x)
+        fused = layer(x)
+        monkeypatch.setenv("MASQUANT_FUSE", "0")
+        eager = layer(x)
+    assert float((fused - eager).norm() / eager.norm()) < 1e-5
