@@ -88,3 +88,21 @@ def test_router_marks_decode_steps_as_text():
         assert router.ids is not None
     with pytest.raises(RuntimeError, match="modality ids are not set"):
         router.rows(torch.zeros(1, 2, 4))
+
+
+def test_the_omni_thinker_layout_of_older_transformers_is_recognised(omni_model):
+    """transformers before ~5.2x kept the thinker's decoder at model.layers, the encoders beside model."""
+    flat = torch.nn.Module()
+    flat.config = omni_model.config
+    flat.model = torch.nn.Module()
+    flat.model.layers = omni_model.model.language_model.layers
+    flat.model.norm = omni_model.model.language_model.norm
+    adapter = masquant.get_adapter(flat)
+    assert adapter.name == "qwen2_5_omni_thinker_flat"
+    adapter.validate(flat)
+    assert len(adapter.decoder_layers(flat)) == len(omni_model.model.language_model.layers)
+    # a thinker with neither layout: the error names the path that is missing
+    broken = torch.nn.Module()
+    broken.config = omni_model.config
+    with pytest.raises(ValueError, match=r"model\.language_model\.layers"):
+        masquant.get_adapter(broken).validate(broken)

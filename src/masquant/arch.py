@@ -8,7 +8,7 @@ quantized. Every method reads the same declaration; unknown models fail loudly.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -121,7 +121,12 @@ QWEN2_5_OMNI_THINKER = Adapter(
     feature_keys={Modality.VISION: ("pixel_values", "pixel_values_videos"), Modality.AUDIO: ("input_features",)},
 )
 
-ADAPTERS = {a.name: a for a in (QWEN2_5_VL, QWEN2_5_OMNI_THINKER)}
+# transformers before ~5.2x laid the thinker out flat: model.layers, and the encoders beside model
+QWEN2_5_OMNI_THINKER_FLAT = replace(
+    QWEN2_5_OMNI_THINKER, name="qwen2_5_omni_thinker_flat", layers="model.layers", final_norm="model.norm",
+    keep_fp=("visual", "audio_tower", "model.embed_tokens", "lm_head"))
+
+ADAPTERS = {a.name: a for a in (QWEN2_5_VL, QWEN2_5_OMNI_THINKER, QWEN2_5_OMNI_THINKER_FLAT)}
 
 
 def generic_adapter(
@@ -146,11 +151,19 @@ class UnsupportedArchitectureError(ValueError):
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """The registered adapter for ``model``'s ``config.model_type``."""
+    """The registered adapter for ``model``'s ``config.model_type`` (of several for one type,
+    the one whose decoder layers exist in ``model``: module layouts differ between
+    transformers versions)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for adapter in ADAPTERS.values():
-        if model_type in adapter.model_types:
-            return adapter
+    matching = [a for a in ADAPTERS.values() if model_type in a.model_types]
+    for adapter in matching:
+        try:
+            model.get_submodule(adapter.layers)
+        except AttributeError:
+            continue
+        return adapter
+    if matching:  # none fits: the first one's validate() names what is missing
+        return matching[0]
     hint = ""
     if model_type == "qwen2_5_omni":
         hint = " For the full Qwen2.5-Omni model, quantize its thinker: model.thinker."
