@@ -29,7 +29,7 @@ def test_qwen2_5_omni_thinker_modalities(omni_model):
 
 def test_adapters_resolve_by_model_type(vl_model, omni_model):
     assert masquant.get_adapter(vl_model).name == "qwen2_5_vl"
-    assert masquant.get_adapter(omni_model).name == "qwen2_5_omni_thinker"
+    assert masquant.get_adapter(omni_model).name.startswith("qwen2_5_omni_thinker")  # _flat before ~5.2x
 
 
 def test_unknown_architecture_names_the_supported_ones():
