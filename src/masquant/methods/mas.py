@@ -176,16 +176,17 @@ def _guard(ctx: LayerContext, tables: dict[str, torch.Tensor], present: tuple[Mo
     """
     chosen: dict[str, list[str]] = {}
     for m in present:
+        holding = [i for i, s in enumerate(ctx.samples) if bool((s.ids[s.valid] == int(m)).any())]
         current = None  # error of the tables as they stand (known after the first comparison)
         for group in ctx.groups():
             table = tables[group.name]
             if torch.equal(table[int(m)], table[int(Modality.TEXT)]):
                 continue
             if current is None:
-                current = ctx.block_mse(tables, {m: 1.0}, compensate=True)
+                current = ctx.block_mse(tables, {m: 1.0}, compensate=True, only=holding)
             candidate = table.clone()
             candidate[int(m)] = table[int(Modality.TEXT)]
-            text = ctx.block_mse({**tables, group.name: candidate}, {m: 1.0}, compensate=True)
+            text = ctx.block_mse({**tables, group.name: candidate}, {m: 1.0}, compensate=True, only=holding)
             if text < current:
                 tables[group.name], current = candidate, text
                 chosen.setdefault(group.name, []).append(m.name.lower())
