@@ -21,6 +21,9 @@ EPILOG = """examples:
   masquant bench --quick                 CI-sized benchmark
   masquant bench --results docs/RESULTS.md   the full benchmark, regenerating the results page
   masquant bench --speed --results docs/PERFORMANCE.md   integer runtime vs FP32/BF16, calibration cost
+  masquant bench --speed --device cuda   the same linear / whole-model rows on a GPU
+  masquant bench --export --models ref-vl ref-omni --results docs/EXPORT.md   export with vs without sidecar
+  masquant eval --model q-vl-ct --no-sidecar   an exported model as a server without the sidecar runs it
 """
 
 
@@ -69,11 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ev = sub.add_parser("eval", help="evaluate a reference model, optionally after quantizing it")
     ev.add_argument("--model", required=True,
-                    help="reference model name (ref-vl, ref-omni) or a directory written by masquant quantize")
+                    help="reference model name (ref-vl, ref-omni), a directory written by masquant quantize, "
+                         "or one written by masquant export")
     ev.add_argument("--method", default=None, help="quantize first with this method")
     ev.add_argument("--w-bits", type=int, default=8)
     ev.add_argument("--a-bits", type=int, default=8)
     ev.add_argument("--quick", action="store_true", help="smaller evaluation slices")
+    ev.add_argument("--no-sidecar", action="store_true",
+                    help="an exported MODEL: score the text path alone, as a server without the sidecar runs it")
     ev.add_argument("--no-progress", action="store_true")
     bench = sub.add_parser("bench", help="every method and bit-width on the reference models")
     bench.add_argument("--quick", action="store_true", help="CI-sized: W4A8, three methods, small slices")
@@ -82,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--results", type=Path, default=None, help="also write this results page (docs/RESULTS.md)")
     bench.add_argument("--speed", action="store_true",
                        help="measure speed, checkpoint bytes and calibration cost instead of accuracy")
+    bench.add_argument("--export", action="store_true",
+                       help="accuracy of the compressed-tensors export with and without its sidecar")
     bench.add_argument("--device", default="cpu",
                        help="with --speed: cpu, or cuda for the GPU rows (linears and the wide model)")
     bench.add_argument("--resume", action="store_true",
@@ -140,7 +148,7 @@ def _eval(args: argparse.Namespace) -> None:
     from .refmodels.evaluate import FULL, QUICK, evaluate_reference
 
     if args.method is None:
-        model, processor, reference = load_any(args.model)
+        model, processor, reference = load_any(args.model, sidecar=not args.no_sidecar)
         if reference is None:
             raise ValueError(f"{args.model} has no reference test slices; masquant eval scores the reference "
                              "models and models quantized from them (use the lmms-eval wrapper for others)")
@@ -172,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             (run_tiny_demo if args.tiny else run_demo)(quick=args.quick, out=args.out, progress=not args.no_progress)
         elif args.command == "eval":
             _eval(args)
+        elif args.command == "bench" and args.export:
+            from .exportbench import run_export_bench, write
+
+            rows = run_export_bench(tuple(args.models), quick=args.quick)
+            command = " ".join(["masquant bench --export", *(["--quick"] if args.quick else []), "--models",
+                                *args.models, *([f"--results {args.results}"] if args.results else [])])
+            print(write(rows, args.out, args.results, command))
         elif args.command == "bench" and args.speed:
             from .perf import markdown, run_speed, write
 

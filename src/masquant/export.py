@@ -35,11 +35,11 @@ from torch import nn
 from .arch import get_adapter
 from .primitives import quantize_weight
 from .qlinear import IntWeight, QuantLinear, replace_module
-from .serialization import refuse_nonempty, staged_directory
+from .serialization import read_meta, refuse_nonempty, staged_directory
+from .sidecar import SIDECAR
 
 log = logging.getLogger("masquant")
 
-SIDECAR = "masquant_sidecar"
 
 
 def export_compressed_tensors(source: str | Path, out: str | Path, overwrite: bool = False) -> dict:
@@ -84,7 +84,8 @@ def export_compressed_tensors(source: str | Path, out: str | Path, overwrite: bo
         tensors, layout = sidecar(model)
         save_file(tensors, str(tmp / f"{SIDECAR}.safetensors"))
         summary = {"format": fmt, "w_bits": config.w_bits, "a_bits": config.a_bits, "method": config.method,
-                   "modalities": ["text", "vision", "audio"], "linears": layout, "requantized": notes}
+                   "modalities": ["text", "vision", "audio"], "linears": layout, "requantized": notes,
+                   "reference": read_meta(source).get("reference")}
         (tmp / f"{SIDECAR}.json").write_text(json.dumps(summary, indent=1))
     log.info("exported %d linears (%s) to %s; %d re-quantized without smoothing", len(scales), fmt, out, len(notes))
     return summary

@@ -10,12 +10,13 @@ from .refmodels.registry import REFERENCE_MODELS
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
 
 
-def load_any(spec: str):
+def load_any(spec: str, sidecar: bool = True):
     """``(model, processor, reference)``: ``reference`` names the reference model whose test
-    slices evaluate this model (None for other checkpoints)."""
+    slices evaluate this model (None for other checkpoints). An exported compressed-tensors
+    directory loads through transformers, with its modality sidecar unless ``sidecar`` is False."""
     from . import serialization
     from .refmodels import registry
-    from .refmodels.processor import RefProcessor
+    from .sidecar import is_export, load_export
 
     path = Path(spec)
     if spec in REFERENCE_MODELS and not path.is_dir():
@@ -24,21 +25,29 @@ def load_any(spec: str):
     if not path.is_dir():
         raise FileNotFoundError(f"--model {spec!r} is neither a reference model ({', '.join(REFERENCE_MODELS)}) "
                                 "nor a directory")
-    reference = None
+    if is_export(path):
+        return load_export(path, sidecar=sidecar)
     if (path / serialization.QUANT_CONFIG).exists():
-        model = serialization.load(path)
-        reference = serialization.read_meta(path).get("reference")
-    elif (path / "masquant_processor.json").exists():
-        model, _ = registry.load(path)
-    else:
-        model = _hf_model(path)
+        return serialization.load(path), _processor(path), serialization.read_meta(path).get("reference")
+    return (*load_hf(path), None)
+
+
+def load_hf(path: Path):
+    """``(model, processor)`` of a Hugging Face checkpoint directory (a reference model's too)."""
+    from .refmodels import registry
+
+    model = registry.load(path)[0] if (path / "masquant_processor.json").exists() else _hf_model(path)
+    return model, _processor(path)
+
+
+def _processor(path: Path):
+    from .refmodels.processor import RefProcessor
+
     if (path / "masquant_processor.json").exists():
-        processor = RefProcessor.from_pretrained(path)
-    elif any((path / f).exists() for f in PROCESSOR_FILES):
-        processor = _hf_processor(path)
-    else:
-        processor = None  # a model saved without its processor
-    return model, processor, reference
+        return RefProcessor.from_pretrained(path)
+    if any((path / f).exists() for f in PROCESSOR_FILES):
+        return _hf_processor(path)
+    return None  # a model saved without its processor
 
 
 def _hf_model(path: Path):
