@@ -130,3 +130,23 @@ def test_half_precision_patch_keeps_almost_all_of_the_correction():
     assert errors["float32"] < 1e-8
     assert errors["float16"] < 1e-3 * errors["none"]
     assert errors["bfloat16"] < 3e-2 * errors["none"]
+
+
+def test_plain_svd_ablation_survives_a_singular_covariance_and_zero_residuals_get_no_patch():
+    linear = torch.nn.Linear(32, 16)
+    x = torch.randn(8, 32)  # 8 tokens for 32 channels: singular covariance
+    smooth = torch.ones(NUM_MODALITIES, 32)
+    smooth[Modality.VISION] = 2.0
+    plain = QuantConfig(method="masquant", w_bits=4, rank=4, whiten=False, ridge=0.0)
+    q = QuantLinear.from_linear(linear, smooth, plain, ModalityRouter({}))
+    info = compensate_linear(q, linear, _vision_site(x), plain)
+    assert "vision" in q.patches and info["vision"]["whitened_energy_kept"] is None
+    with pytest.raises(ValueError, match="singular"):  # the whitened default says what to do instead
+        whitened = QuantConfig(method="masquant", w_bits=4, rank=4, ridge=0.0)
+        compensate_linear(QuantLinear.from_linear(linear, smooth, whitened, ModalityRouter({})), linear,
+                          _vision_site(x), whitened)
+    # the vision vector equals the text one and the residual is taken against the quantized weight: nothing to add
+    same = QuantConfig(method="masquant", w_bits=4, rank=4, residual="quantized")
+    q = QuantLinear.from_linear(linear, torch.ones(NUM_MODALITIES, 32), same, ModalityRouter({}))
+    info = compensate_linear(q, linear, _vision_site(torch.randn(200, 32)), same)
+    assert not q.patches and info["vision"]["skipped"] == "zero residual"

@@ -90,3 +90,15 @@ def test_padding_tokens_are_ignored_by_statistics(vl_model, fresh):
     plain = masquant.quantize(fresh(vl_model), [sample], QuantConfig(method="rtn"), progress=False)
     left = masquant.quantize(fresh(vl_model), [padded], QuantConfig(method="rtn"), progress=False)
     assert left.tokens == plain.tokens
+
+
+def test_a_quantized_vl_model_runs_from_inputs_embeds_after_calibration(vl_model, fresh):
+    """Calibration must not leave the multimodal RoPE offsets of its last batch behind."""
+    model = fresh(vl_model)
+    masquant.quantize(model, vl_samples(range(3)), QuantConfig(method="smoothquant"), progress=False)
+    sample = vl_samples([50], image=False)[0]
+    ids = masquant.modality_ids(model, sample["input_ids"])
+    embeds = model.get_input_embeddings()(sample["input_ids"])
+    with masquant.modality_scope(model, ids), torch.no_grad():
+        out = model(inputs_embeds=embeds, attention_mask=sample["attention_mask"])
+    assert torch.isfinite(out.logits).all()

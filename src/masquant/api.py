@@ -74,6 +74,7 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
         reports = quantize_layers(model, adapter, samples, config, router, method, prepared, progress)
     finally:
         model.train(was_training)
+        _reset_position_cache(model)
     attach_router(model, router)
     model.masquant_config = config
     tokens = _token_counts(samples)
@@ -102,6 +103,15 @@ def capture_all(model: nn.Module, adapter: Adapter, inputs: list[dict], progress
     """Decoder-layer inputs of every validated sample (see ``masquant.capture``)."""
     return [capture(model, adapter, x, modality_ids(model, x["input_ids"], adapter))
             for x in tqdm(inputs, desc="capture", unit="sample", disable=not progress)]
+
+
+def _reset_position_cache(model: nn.Module) -> None:
+    """Forget the multimodal RoPE offsets (``rope_deltas``) that Qwen2.5-VL / Omni cache from the
+    last forward: after calibration they belong to the calibration batch, and a later call with
+    only ``inputs_embeds`` would reuse them with the wrong batch size."""
+    for module in model.modules():
+        if getattr(module, "rope_deltas", None) is not None:
+            module.rope_deltas = None
 
 
 def validate_all(model: nn.Module, adapter: Adapter, calib: Iterable[Mapping]) -> list[dict]:

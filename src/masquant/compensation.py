@@ -153,13 +153,16 @@ def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cac
         target = linear.weight.detach().double() * smooth
     delta = target - text_weight
     rank = resolve_rank(config.rank, linear.in_features, linear.out_features, where)
-    whitener = _whitener(stats, modality, smooth, config.ridge, cache)
     if config.whiten:
-        chosen = low_rank_patch(delta, rank, whitener=whitener)
+        chosen = low_rank_patch(delta, rank, whitener=_whitener(stats, modality, smooth, config.ridge, cache))
         whitened, plain = (chosen.spectrum, chosen.energy_kept), spectrum(delta, rank)
-    else:
+    else:  # the plain-SVD ablation; the whitened spectrum is only reported, when it exists
         chosen = low_rank_patch(delta, rank)
-        whitened, plain = spectrum(delta, rank, whitener), (chosen.spectrum, chosen.energy_kept)
+        plain = (chosen.spectrum, chosen.energy_kept)
+        try:
+            whitened = spectrum(delta, rank, _whitener(stats, modality, smooth, config.ridge, cache))
+        except ValueError:
+            whitened = ([], None)
     patch_bytes = rank * (linear.in_features + linear.out_features) * qlinear.patch_dtype.itemsize
     entry = {
         "rank": rank, "whiten": config.whiten, "residual": config.residual, "ridge": config.ridge,
@@ -167,6 +170,9 @@ def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cac
         "whitened_energy_kept": whitened[1], "plain_energy_kept": plain[1],
         "whitened_spectrum": whitened[0], "plain_spectrum": plain[0], "patch_bytes": patch_bytes,
     }
+    if not bool(delta.any()):  # nothing to compensate (e.g. the guard gave m the text vector, residual quantized)
+        entry["skipped"] = "zero residual"
+        return None, entry
     return ((chosen.l1, chosen.l2) if rank > 0 else None), entry
 
 

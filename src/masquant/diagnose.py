@@ -35,9 +35,10 @@ GAIN_DB = 1.0  # a non-text modality must gain this much from its own vector to 
 ENERGY = 0.9  # the recommended rank keeps this share of the whitened residual energy (median linear)
 
 
-def analyze(model: nn.Module, calib: Iterable[Mapping], out: Path, w_bits: int = 4, a_bits: int = 8,
+def analyze(model: nn.Module, calib: Iterable[Mapping], out: str | Path, w_bits: int = 4, a_bits: int = 8,
             rank: int = 32, progress: bool = True) -> dict:
     """Run the three measurements on copies of ``model``; write the report to ``out``."""
+    out = Path(out)
     calib = list(calib)
     stats = collect_fp_stats(model, calib, progress=progress)
     configs = {"unified": QuantConfig(method="smoothquant", w_bits=w_bits, a_bits=a_bits),

@@ -44,7 +44,11 @@ log = logging.getLogger("masquant")
 
 def export_compressed_tensors(source: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     """Write the compressed-tensors checkpoint of the saved model at ``source`` to ``out``."""
-    from compressed_tensors.compressors import ModelCompressor
+    try:
+        from compressed_tensors.compressors import ModelCompressor
+    except ImportError as err:
+        raise ImportError("masquant export needs the compressed-tensors package: "
+                          "pip install 'masquant[export]'") from err
     from safetensors.torch import save_file
 
     from .loading import load_any
