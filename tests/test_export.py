@@ -22,7 +22,8 @@ def _export(vl_model, fresh, tmp_path, **kwargs):
 
 @pytest.mark.parametrize(("kwargs", "fmt", "tolerance"), [
     (dict(method="rtn", w_bits=8), "int-quantized", 0.02),
-    (dict(method="masquant", w_bits=4, rank=4, epochs=1), "pack-quantized", 0.15),
+    (dict(method="masquant", w_bits=4, rank=4, epochs=1), "int-quantized", 0.15),
+    (dict(method="awq", w_bits=4, a_bits=16, w_group_size=32, awq_grid=4), "pack-quantized", 0.15),
 ])
 def test_export_loads_back_and_keeps_the_text_path(vl_model, fresh, tmp_path, kwargs, fmt, tolerance):
     model, summary = _export(vl_model, fresh, tmp_path, **kwargs)

@@ -11,7 +11,9 @@ The exported checkpoint is the **text path**: every token is treated as a text t
   input cannot absorb a per-channel scale in general (grouped-query attention shares value
   heads), so ``Q(W * s_text) / s_text`` is re-quantized with round-to-nearest at the same
   grid: an approximation, logged.
-* Weights: ``int-quantized`` for 8-bit weights, ``pack-quantized`` (8 codes per int32) below;
+* Weights: ``pack-quantized`` (8 codes per int32) for weight-only settings below 8 bits
+  (W4A16), ``int-quantized`` (one int8 per code) whenever activations are quantized too (W8A8,
+  W4A8: the format compressed-tensors infers for them and that vLLM's W-A kernels read);
   activations: dynamic per-token int8 when ``a_bits`` < 16.
 
 What the text path drops goes to a sidecar, ``masquant_sidecar.safetensors`` +
@@ -76,7 +78,7 @@ def export_compressed_tensors(source: str | Path, out: str | Path, overwrite: bo
         module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
         if getattr(module, "weight_zero_point", None) is not None:
             module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape).round())
-    fmt = "int-quantized" if config.w_bits == 8 else "pack-quantized"
+    fmt = "pack-quantized" if config.w_bits < 8 and config.a_bits >= 16 else "int-quantized"
     compressor = ModelCompressor.from_pretrained_model(dense, quantization_format=fmt)
     compressor.compress_model(dense)
     with staged_directory(out, overwrite) as tmp:

@@ -3,15 +3,17 @@ masquant-quantized model, a full-precision Hugging Face checkpoint or a referenc
 
 Install (tested with lmms-eval 0.7.3). lmms-eval's own requirements pull in torchvision, wandb,
 yt-dlp, opencv, openai, pre-commit and about sixty more packages, so install it without them and
-add only what importing its registry and running a task need::
+add only what importing its registry, running a task and printing the results table need::
 
     pip install --no-deps "lmms-eval==0.7.3"
-    pip install "evaluate==0.4.6" "loguru==0.7.3" "sacrebleu==2.6.0" "pytz" "tenacity==9.2.1" "pillow"
+    pip install "evaluate==0.4.6" "loguru==0.7.3" "sacrebleu==2.6.0" "pytz" "tenacity==9.2.1" \\
+        "pytablewriter==1.2.1" "pillow" "filelock<4"
 
-(``evaluate`` brings ``datasets``, ``pandas`` and ``pyarrow``; keep ``torch`` and ``transformers``
-as they are, e.g. with ``-c`` constraints pinning them.) The benchmark tasks themselves download
-their data sets from the Hugging Face Hub and some need more packages; install those as lmms-eval
-asks. The Hugging Face Qwen2.5-VL / Omni processors of real checkpoints need torchvision.
+(``evaluate`` brings ``datasets``, ``pandas`` and ``pyarrow``; lmms-eval 0.7.3's evaluator needs
+``filelock`` 3.x. Keep ``torch`` and ``transformers`` as they are, e.g. with ``-c`` constraints
+pinning them.) The benchmark tasks download their data sets from the Hugging Face Hub, and some
+need more packages; install those as lmms-eval asks. The Hugging Face Qwen2.5-VL / Omni processors
+of real checkpoints need torchvision.
 
 Use from the command line (this registers the ``masquant`` model, then runs lmms-eval's CLI)::
 
@@ -33,6 +35,19 @@ available, else ``cpu``), ``max_new_tokens`` (default for tasks that set none, 2
 Generation is greedy, one request at a time: sampling arguments of a task (``temperature``,
 ``do_sample``, ...) are ignored. Images go into the user turn before the question, or at their
 ``<image N>`` placeholders when the question has them (MMMU); ``<image>`` markers are removed.
+Audio clips (``{"array", "sampling_rate"}`` dicts, as lmms-eval's audio tasks give them) go before
+the text. Video is not supported.
+
+``loglikelihood`` returns ``(sum of the continuation's token log-probabilities, is_greedy)`` as
+lmms-eval's model API documents it. lmms-eval 0.7.3 itself cannot score ``multiple_choice`` or
+``loglikelihood`` tasks: its evaluator turns every ``(float, bool)`` answer into a string before
+scoring, and its ``multiple_choice`` scoring takes the argmin (it expects losses, as its own
+models return). Benchmarks scored by generation (MMMU, OCRBench, ScienceQA, TextVQA) are not
+affected.
+
+``python -m masquant.lmms`` is needed because lmms-eval finds models outside its own package only
+through the ``lmms_eval.models`` entry point; with ``masquant = "masquant.lmms:manifest"`` in that
+group of the package metadata, plain ``lmms-eval --model masquant`` works too.
 """
 
 from __future__ import annotations
@@ -50,8 +65,10 @@ try:
     from lmms_eval.api.instance import Instance
     from lmms_eval.api.model import lmms
 except ImportError as err:  # pragma: no cover - exercised only without lmms-eval
-    raise ImportError("masquant.lmms needs lmms-eval: pip install 'masquant[lmms]' (or see the install "
-                      "commands at the top of masquant/lmms.py)") from err
+    raise ImportError("masquant.lmms needs lmms-eval, installed without its own requirements: "
+                      "pip install --no-deps 'lmms-eval==0.7.3' && pip install 'evaluate==0.4.6' 'loguru==0.7.3' "
+                      "'sacrebleu==2.6.0' pytz 'tenacity==9.2.1' 'pytablewriter==1.2.1' pillow 'filelock<4' "
+                      "(see the top of masquant/lmms.py)") from err
 
 log = logging.getLogger("masquant")
 
