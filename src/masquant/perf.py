@@ -32,6 +32,7 @@ def run_speed(quick: bool = False, device: str = "cpu") -> dict:
     if device == "cpu":
         result["models"] += speed.reference_model_rows("ref-vl", calib_samples=4 if quick else 16)
         result["calibration"] = speed.calibration_rows("ref-vl", calib_samples=8 if quick else 32)
+        result["calibration_scaling"] = speed.calibration_scaling_rows((128, 256) if quick else (256, 1024))
         result["memory"] = speed.calibration_memory("masquant", (2, 4) if quick else (4, 8))
     return result
 
@@ -77,6 +78,9 @@ def goals(result: dict) -> list[tuple[str, str, bool | None]]:
             ratio = calib["masquant"] / calib["smoothquant"]
             out.append((f"MAS+CMC calibration <= 5x SmoothQuant (same samples, calib_batch {batch})",
                         f"{ratio:.1f}x", ratio <= 5))
+    for row in result.get("calibration_scaling", []):
+        out.append((f"MAS+CMC calibration <= 5x SmoothQuant (random VL {row['width']} wide, {row['samples']} samples)",
+                    f"{row['ratio']:.1f}x", row["ratio"] <= 5))
     mem = result["memory"]
     if len(mem) == 2:
         grow = mem[1]["calibration_mb"] / max(mem[0]["calibration_mb"], 1e-9) - 1
@@ -112,6 +116,11 @@ def markdown(result: dict) -> str:
     lines += [f"| {r['model']} | {r['method']} | {r.get('calib_batch', 1)} | {r['samples']} | {r['seconds']:.1f} | "
               + " | ".join(f"{r['decoder_sqnr'][m]:.2f}" for m in mods) + f" | {r['kl']:.4f} |"
               for r in result["calibration"]]
+    if result.get("calibration_scaling"):
+        lines += ["", "Calibration time by model width (random Qwen2.5-VL, W4A8, default `calib_batch`):", "",
+                  "| width | layers | samples | SmoothQuant s | MASQuant s | ratio |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['width']} | {r['layers']} | {r['samples']} | {r['seconds']['smoothquant']:.1f} | "
+                  f"{r['seconds']['masquant']:.1f} | {r['ratio']:.1f}x |" for r in result["calibration_scaling"]]
     lines += ["", "| method | layers | RSS after loading MB | peak RSS MB | calibration on top MB |",
               "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['layers']} | {r['loaded_mb']:.0f} | {r['peak_mb']:.0f} | "

@@ -270,6 +270,29 @@ def calibration_rows(name: str = "ref-vl", calib_samples: int = 32) -> list[dict
     return rows
 
 
+def calibration_scaling_rows(widths: tuple[int, ...] = (256, 1024), layers: int = 2, samples: int = 16) -> list[dict]:
+    """SmoothQuant and MASQuant calibration time (W4A8) on random Qwen2.5-VL models of growing
+    width: how the MASQuant / SmoothQuant ratio moves once arithmetic, not per-call overhead,
+    dominates (the reference models are 256 wide)."""
+    from . import tiny
+    from .api import quantize
+
+    rows = []
+    for width in widths:
+        fp = tiny.tiny_qwen2_5_vl(hidden=width, layers=layers, intermediate=4 * width, heads=max(width // 64, 2))
+        calib = [tiny.tiny_sample(i, "vl", text_len=96, image_grid=16) for i in range(samples)]
+        quantize(copy.deepcopy(fp), calib[:2], QuantConfig(method="rtn"), progress=False)  # warm-up
+        seconds = {}
+        for method in ("smoothquant", "masquant"):
+            start = time.perf_counter()
+            quantize(copy.deepcopy(fp), calib, QuantConfig(method=method, w_bits=4, a_bits=8), progress=False)
+            seconds[method] = time.perf_counter() - start
+        rows.append({"width": width, "layers": layers, "samples": samples, "seconds": seconds,
+                     "ratio": seconds["masquant"] / seconds["smoothquant"]})
+        log.info("calibration, random VL %d wide: %s", width, rows[-1])
+    return rows
+
+
 RSS_PROBE = """
 import json, sys, torch
 from masquant import QuantConfig, quantize, tiny
