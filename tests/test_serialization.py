@@ -85,3 +85,61 @@ def test_a_failing_save_leaves_nothing_behind(vl_model, fresh, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         masquant.save(model, tmp_path / "q", processor=Broken())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_names_a_truncated_modified_or_missing_file(vl_model, fresh, tmp_path):
+    model, sample = _quantize("vl", dict(method="masquant", w_bits=4, rank=4, epochs=1), vl_model, None, fresh)
+    masquant.save(model, tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "quant_config.json").read_text())
+    assert {"model.safetensors", "config.json"} <= set(meta["files"])
+    weights = tmp_path / "q" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(masquant.IntegrityError, match=r"model\.safetensors has .* bytes.*truncated"):
+        masquant.load(tmp_path / "q")
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(masquant.IntegrityError, match=r"model\.safetensors does not match its saved SHA-256"):
+        masquant.load(tmp_path / "q")
+    weights.write_bytes(data)
+    masquant.verify(tmp_path / "q")  # restored: loads again, same logits
+    with torch.no_grad():
+        assert torch.equal(masquant.load(tmp_path / "q")(**sample).logits, model(**sample).logits)
+    (tmp_path / "q" / "config.json").unlink()
+    with pytest.raises(masquant.IntegrityError, match=r"config\.json is missing"):
+        masquant.load(tmp_path / "q")
+    (tmp_path / "q" / "quant_config.json").write_text('{"format": "masq')
+    with pytest.raises(masquant.IntegrityError, match="not valid JSON"):
+        masquant.load(tmp_path / "q")
+
+
+def test_a_failing_overwrite_keeps_the_previous_model(vl_model, fresh, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model, _ = _quantize("vl", dict(method="rtn"), vl_model, None, fresh)
+    masquant.save(model, tmp_path / "q")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "q").iterdir()}
+
+    def full_disk(model, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)  # part of the file reaches the disk, then it is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        masquant.save(model, tmp_path / "q", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no staging leftovers
+    assert {p.name: p.read_bytes() for p in (tmp_path / "q").iterdir()} == before
+    masquant.verify(tmp_path / "q")
+
+
+@pytest.mark.parametrize("method", ["masquant", "mbq"])
+def test_same_inputs_and_seed_give_bit_identical_saved_weights(method, vl_model, fresh, tmp_path):
+    digests = []
+    for run in range(2):
+        model, _ = _quantize("vl", dict(method=method, w_bits=4, rank=4, epochs=1, lambdas="auto"), vl_model, None,
+                             fresh)
+        masquant.save(model, tmp_path / str(run))
+        digests.append(json.loads((tmp_path / str(run) / "quant_config.json").read_text())["files"])
+    assert digests[0]["model.safetensors"] == digests[1]["model.safetensors"]

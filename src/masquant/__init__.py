@@ -14,12 +14,13 @@ from .config import QuantConfig
 from .modality import Modality, modality_scope
 from .qlinear import QuantLinear, set_runtime
 from .report import QuantReport
-from .serialization import load, save
+from .serialization import IntegrityError, load, save, verify
 
 __all__ = [
     "ADAPTERS",
     "Adapter",
     "CalibrationError",
+    "IntegrityError",
     "LinearGroup",
     "Modality",
     "QuantConfig",
@@ -34,5 +35,6 @@ __all__ = [
     "quantize",
     "save",
     "set_runtime",
+    "verify",
 ]
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ yt-dlp, opencv, openai, pre-commit and about sixty more packages, so install it 
 add only what importing its registry, running a task and printing the results table need::
 
     pip install --no-deps "lmms-eval==0.7.3"
-    pip install "evaluate==0.4.6" "loguru==0.7.3" "sacrebleu==2.6.0" "pytz" "tenacity==9.2.1" \\
+    pip install "evaluate==0.4.6" "loguru==0.7.3" "sacrebleu==2.6.0" "tenacity==9.2.1" \\
         "pytablewriter==1.2.1" "pillow" "filelock<4"
 
 (``evaluate`` brings ``datasets``, ``pandas`` and ``pyarrow``; lmms-eval 0.7.3's evaluator needs
@@ -67,7 +67,7 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without lmms-eval
     raise ImportError("masquant.lmms needs lmms-eval, installed without its own requirements: "
                       "pip install --no-deps 'lmms-eval==0.7.3' && pip install 'evaluate==0.4.6' 'loguru==0.7.3' "
-                      "'sacrebleu==2.6.0' pytz 'tenacity==9.2.1' 'pytablewriter==1.2.1' pillow 'filelock<4' "
+                      "'sacrebleu==2.6.0' 'tenacity==9.2.1' 'pytablewriter==1.2.1' pillow 'filelock<4' "
                       "(see the top of masquant/lmms.py)") from err
 
 log = logging.getLogger("masquant")

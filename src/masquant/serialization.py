@@ -6,7 +6,9 @@ A saved model is a directory with
   ``codes`` (W4 packed two per byte), ``scale`` / ``zero`` per row or group, its smoothing
   table ``smooth`` (one row per modality), ``bias`` and, for MASQuant, ``patches.<modality>.l1/l2``;
 * ``quant_config.json``: format name and version, the ``QuantConfig``, the modality routing
-  table (token id -> modality) and the layout of every quantized linear;
+  table (token id -> modality), the layout of every quantized linear, and the size and
+  SHA-256 of every other file (``load`` checks them and names a truncated or modified file);
+  it is written last, inside a staged directory, so a directory without it is unfinished;
 * ``config.json`` / ``generation_config.json`` of the original model, and the processor
   files when a processor is given.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import shutil
@@ -113,9 +116,42 @@ def save(model: nn.Module, directory: str | Path, processor=None, overwrite: boo
             processor.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        meta["files"] = {str(f.relative_to(tmp)): _fingerprint(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / QUANT_CONFIG).write_text(json.dumps(meta, indent=1))  # written last: marks a complete model
     log.info("saved %d quantized linears to %s", len(layers), directory)
     return directory
+
+
+class IntegrityError(ValueError):
+    """A file of a saved model is missing, truncated or modified."""
+
+
+def _fingerprint(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def verify(directory: str | Path) -> None:
+    """Check every file that ``quant_config.json`` lists (size, then SHA-256)."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    if "files" not in meta:
+        log.warning("%s was saved without checksums (older masquant); not verified", directory)
+        return
+    for name, expected in meta["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise IntegrityError(f"{path} is missing (the saved model is incomplete)")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise IntegrityError(f"{path} has {size} bytes, {expected['bytes']} were saved "
+                                 f"({'truncated' if size < expected['bytes'] else 'modified'}); re-save or re-copy it")
+        if _fingerprint(path)["sha256"] != expected["sha256"]:
+            raise IntegrityError(f"{path} does not match its saved SHA-256 (modified or corrupted); "
+                                 "re-save or re-copy it")
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -123,19 +159,29 @@ def read_meta(directory: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{directory} has no {QUANT_CONFIG}: not a model saved by masquant.save "
                                 "(or an unfinished one)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise IntegrityError(f"{path} is not valid JSON ({err}): truncated or modified") from err
+    if not isinstance(meta, dict):
+        raise IntegrityError(f"{path} does not hold a JSON object: modified")
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
                          f"{FORMAT!r} version {FORMAT_VERSION}")
     return meta
 
 
-def load(directory: str | Path, runtime: str | None = None) -> nn.Module:
-    """Rebuild a model written by ``save`` (in eval mode, integer runtime unless ``runtime``)."""
+def load(directory: str | Path, runtime: str | None = None, check: bool = True) -> nn.Module:
+    """Rebuild a model written by ``save`` (in eval mode, integer runtime unless ``runtime``).
+
+    ``check`` verifies the size and SHA-256 of every saved file first (``IntegrityError``
+    names the file that is missing, truncated or modified)."""
     from safetensors.torch import load_model
 
     directory = Path(directory)
     meta = read_meta(directory)
+    if check:
+        verify(directory)
     config = QuantConfig.from_dict(meta["quant_config"])
     if runtime is not None:
         config = QuantConfig.from_dict({**config.to_dict(), "runtime": runtime})
