@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .arch import Adapter, get_adapter, modality_ids
 from .capture import Captured, capture
+from .checkpoint import LayerCheckpoint, fingerprint
 from .collate import collate
 from .config import QuantConfig
 from .methods import METHODS
@@ -36,7 +38,8 @@ class CalibrationError(ValueError):
 
 
 def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | None = None,
-             adapter: Adapter | None = None, progress: bool = True, cache: dict | None = None) -> QuantReport:
+             adapter: Adapter | None = None, progress: bool = True, cache: dict | None = None,
+             checkpoint: str | Path | None = None, resume: bool = False) -> QuantReport:
     """Quantize the decoder linears of ``model`` in place; return the per-modality report.
 
     ``calib`` yields dicts of model inputs as the model's HF processor returns them
@@ -46,6 +49,12 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     ``cache``: a dict shared by several calls on **copies of the same full-precision model
     with the same calibration set** (e.g. one per method): the decoder inputs captured by the
     first call, and the gradient ratios MBQ / ``lambdas="auto"`` measure, are reused.
+
+    ``checkpoint``: a state directory where every finished decoder layer is written (atomic
+    writes, see ``masquant.checkpoint``); with ``resume=True`` a run killed at any point
+    continues from its last finished layer and gives bit-identical results. An existing state
+    is never silently reused: without ``resume`` it is an error, and resuming with another
+    model, calibration set or settings is refused.
     """
     config = config or QuantConfig()
     adapter = adapter or get_adapter(model)
@@ -62,6 +71,10 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     try:
         inputs = validate_all(model, adapter, calib)
         n_samples = len(inputs)
+        state = None
+        if checkpoint is not None:
+            state = LayerCheckpoint(checkpoint)
+            state.start(fingerprint(model, inputs, config), resume)
         inputs = collate(inputs, config.calib_batch, _pad_token_id(model))
         prepare = getattr(method, "prepare", None)
         prepared = {} if prepare is None else _cached(
@@ -71,7 +84,7 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
                            progress)
         samples = [dataclasses.replace(s, hidden=s.hidden.clone()) for s in captured] if cache is not None else captured
         del inputs
-        reports = quantize_layers(model, adapter, samples, config, router, method, prepared, progress)
+        reports = quantize_layers(model, adapter, samples, config, router, method, prepared, progress, state)
     finally:
         model.train(was_training)
         _reset_position_cache(model)

@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+log = logging.getLogger("masquant")
+
 EPILOG = """examples:
   masquant quantize --model ref-vl --method masquant --w-bits 4 --a-bits 8 --rank 32 --out q-vl
   masquant quantize --model path/to/Qwen2.5-VL-3B-Instruct --calib calib.jsonl --method masquant --out q
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--seed", type=int, default=0)
     quant.add_argument("--out", type=Path, required=True, help="output directory")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    quant.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its last finished layer (state kept in OUT)")
     quant.add_argument("--no-progress", action="store_true")
     an = sub.add_parser("analyze", help="measure smoothing misalignment and recommend a method",
                         description="Per layer and linear: activation ranges per modality, their misalignment, "
@@ -102,19 +106,45 @@ def _quantize(args: argparse.Namespace) -> None:
     from .api import quantize
     from .config import QuantConfig
     from .loading import load_any
-    from .serialization import refuse_nonempty, save
+    from .serialization import save
 
-    refuse_nonempty(args.out, args.overwrite)  # before calibrating; save checks again
+    state, replace = prepare_output(args.out, args.overwrite, args.resume)  # before the (slow) load
     rank = int(args.rank) if float(args.rank).is_integer() and args.rank >= 1 else float(args.rank)
     config = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, w_group_size=args.group_size,
                          rank=rank, epochs=args.epochs, calib_batch=args.calib_batch, seed=args.seed)
     model, processor, reference = load_any(args.model)
     calib = _calibration(args, processor, reference)
-    report = quantize(model, calib, config, progress=not args.no_progress)
-    save(model, args.out, processor, overwrite=args.overwrite, extra_files={"report.json": report.to_json()},
-         reference=reference)
+    report = quantize(model, calib, config, progress=not args.no_progress, checkpoint=state, resume=args.resume)
+    save(model, args.out, processor, overwrite=replace, extra_files={"report.json": report.to_json()},
+         reference=reference)  # replaces OUT, calibration state included, only once the model is complete
     print(report.summary())
     print(f"saved to {args.out}")
+
+
+def prepare_output(out: Path, overwrite: bool, resume: bool) -> tuple[Path, bool]:
+    """Where ``quantize --out`` keeps its calibration state, and whether saving may replace
+    ``out``. Never touches files of the user's: a directory holding anything but masquant's
+    state is refused unless ``--overwrite``; an unfinished run is continued with ``--resume``
+    or discarded with ``--overwrite``, and refused otherwise."""
+    import shutil
+
+    from .checkpoint import STATE_DIR
+    from .serialization import refuse_nonempty
+
+    state = out / STATE_DIR
+    contents = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if contents == {STATE_DIR}:
+        if resume:
+            return state, True
+        if overwrite:
+            shutil.rmtree(state)
+            return state, True
+        raise FileExistsError(f"{out} holds an unfinished calibration: continue it with --resume, or start over "
+                              "with --overwrite")
+    refuse_nonempty(out, overwrite)
+    if resume:
+        log.warning("--resume: %s holds no unfinished calibration; starting from the first layer", out)
+    return state, overwrite
 
 
 def _calibration(args: argparse.Namespace, processor, reference: str | None) -> list[dict]:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .arch import Adapter, LinearGroup
 from .capture import Captured
+from .checkpoint import LayerCheckpoint
 from .compensation import compensate_linear
 from .config import QuantConfig
 from .modality import NUM_MODALITIES, Modality, ModalityRouter
@@ -204,13 +205,23 @@ Method = Callable[[LayerContext], LayerPlan]
 @torch.no_grad()
 def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured], config: QuantConfig,
                     router: ModalityRouter, method: Method, prepared: dict | None = None,
-                    progress: bool = True) -> list[LayerReport]:
-    """Quantize every decoder layer in order; each layer sees the quantized previous ones."""
+                    progress: bool = True, checkpoint: LayerCheckpoint | None = None) -> list[LayerReport]:
+    """Quantize every decoder layer in order; each layer sees the quantized previous ones.
+
+    With ``checkpoint``, every finished layer is written to its state directory, and layers
+    already finished there are restored instead of calibrated again."""
     layers = adapter.decoder_layers(model)
     tokens, reports = TokenContext(), []
     second = getattr(method, "second_moments", False)
-    bar = tqdm(range(len(layers)), desc=f"{config.method} W{config.w_bits}A{config.a_bits}",
-               unit="layer", disable=not progress)
+    start = 0 if checkpoint is None else checkpoint.finished()
+    for i in range(start):  # resuming: the finished layers come from the state directory
+        reports.append(checkpoint.restore_layer(i, layers[i], config, router))
+    if start:
+        for sample, hidden in zip(samples, checkpoint.hidden(start - 1, samples[0].hidden.device), strict=True):
+            sample.hidden = hidden
+        log.info("resuming after layer %d/%d", start, len(layers))
+    bar = tqdm(range(start, len(layers)), desc=f"{config.method} W{config.w_bits}A{config.a_bits}",
+               unit="layer", disable=not progress, initial=start, total=len(layers))
     for i in bar:
         ctx = LayerContext(i, layers[i], adapter, config, router, samples, tokens, prepared=prepared or {})
         ctx.collect(second_moments=second)
@@ -223,6 +234,8 @@ def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured],
         for sample, out in zip(samples, outputs, strict=False):
             sample.hidden = out
         reports.append(report)
+        if checkpoint is not None:
+            checkpoint.save_layer(i, layers[i], list(originals), report, [s.hidden for s in samples])
         sqnr = {k: f"{v:.1f}dB" for k, v in report.output_sqnr.items()}
         bar.set_postfix(sqnr)
         log.info("layer %d/%d: output SQNR %s", i + 1, len(layers), ", ".join(f"{k} {v}" for k, v in sqnr.items()))

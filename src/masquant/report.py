@@ -62,6 +62,14 @@ class LayerReport:
     linears: dict[str, LinearReport]
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        return _finite(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerReport:
+        return cls(index=data["index"], output_sqnr=_inf(data["output_sqnr"]), groups=data.get("groups", {}),
+                   linears={k: _linear_from_dict(v) for k, v in data["linears"].items()})
+
 
 @dataclass
 class QuantReport:
@@ -82,10 +90,7 @@ class QuantReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantReport:
-        layers = [LayerReport(index=lr["index"], output_sqnr=_inf(lr["output_sqnr"]), groups=lr.get("groups", {}),
-                              linears={k: _linear_from_dict(v) for k, v in lr["linears"].items()})
-                  for lr in data["layers"]]
-        return cls(**{**data, "layers": layers})
+        return cls(**{**data, "layers": [LayerReport.from_dict(lr) for lr in data["layers"]]})
 
     def mean_output_sqnr(self) -> dict[str, float]:
         """Mean over layers of the layer-output SQNR, per modality."""

@@ -1,0 +1,155 @@
+"""Resumable calibration: each finished decoder layer is written to a state directory, so a
+killed run continues from the last finished layer and ends with the same bytes.
+
+Per finished layer ``i`` the state directory holds ``layer_000i.safetensors`` (the layer's
+quantized linears, as ``QuantLinear`` state dicts) and ``layer_000i.json`` (their layouts, the
+layer report, the RNG state and the SHA-256 of the tensor files), and ``hidden_000i.safetensors``
+for the last finished layer only: its quantized outputs for every calibration sample (the next
+layer's inputs). Every file is written to a temporary name, flushed to disk and renamed
+(atomic on POSIX); a layer's JSON is written after both tensor files, so a layer counts as
+finished only when all three are complete, whenever the process was killed. ``run.json`` records what the
+run calibrates (settings, calibration inputs, model), and resuming with anything else is
+refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .modality import ModalityRouter
+from .qlinear import QuantLinear, replace_module
+from .report import LayerReport
+
+STATE_DIR = ".masquant-partial"
+RUN = "run.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with tmp.open("rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(model: nn.Module, inputs: list[dict], config: QuantConfig) -> dict:
+    """What a run calibrates: the settings, a hash of every calibration tensor, and a hash of
+    the model's configuration and input embeddings (a different checkpoint of the same
+    architecture has other embeddings)."""
+    data = hashlib.sha256()
+    for sample in inputs:
+        for key in sorted(sample):
+            value = sample[key]
+            if torch.is_tensor(value):
+                data.update(key.encode())
+                data.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    weights = hashlib.sha256(model.config.to_json_string().encode())
+    embeddings = model.get_input_embeddings().weight.detach().cpu().contiguous()
+    weights.update(embeddings.view(torch.uint8).numpy().tobytes())
+    return {"config": config.to_dict(), "samples": len(inputs), "inputs_sha256": data.hexdigest(),
+            "model_sha256": weights.hexdigest()}
+
+
+class LayerCheckpoint:
+    """The state directory of one calibration run."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+
+    def _layer(self, index: int, suffix: str) -> Path:
+        return self.dir / f"layer_{index:04d}.{suffix}"
+
+    def start(self, run: dict, resume: bool) -> int:
+        """Open the state for ``run`` (a ``fingerprint``); returns how many layers are finished."""
+        path = self.dir / RUN
+        if path.exists():
+            if not resume:
+                raise FileExistsError(f"{self.dir} holds the state of an earlier calibration ({self.finished()} "
+                                      "layers finished); resume it (--resume / resume=True) or start over "
+                                      "(--overwrite / delete the directory)")
+            saved = json.loads(path.read_text())
+            diff = sorted(k for k in run if saved.get(k) != run[k])
+            if diff:
+                raise ValueError(f"cannot resume {self.dir}: the run was started with other {', '.join(diff)}; "
+                                 "use the same model, calibration set and settings, or start over (--overwrite)")
+            return self.finished()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(run, indent=1)))
+        return 0
+
+    def finished(self) -> int:
+        """Layers 0..n-1 complete: their tensors present and matching their recorded checksums,
+        and the outputs of layer n-1 (the inputs to continue from) likewise."""
+        n, damaged = 0, None
+        while self._layer(n, "json").exists():
+            tensors = self._layer(n, "safetensors")
+            if not tensors.exists() or _sha256(tensors) != self._meta(n)["sha256"][tensors.name]:
+                damaged = tensors
+                break
+            n += 1
+        if n:
+            hidden = self._hidden(n - 1)
+            if not hidden.exists() or _sha256(hidden) != self._meta(n - 1)["sha256"][hidden.name]:
+                what = f"{damaged} is damaged and {hidden.name}" if damaged else str(hidden)
+                raise ValueError(f"{what} is missing or damaged: this state cannot be resumed; start over "
+                                 "(--overwrite, or delete the state directory)")
+        return n
+
+    def _meta(self, index: int) -> dict:
+        return json.loads(self._layer(index, "json").read_text())
+
+    def _hidden(self, index: int) -> Path:
+        return self.dir / f"hidden_{index:04d}.safetensors"
+
+    def save_layer(self, index: int, layer: nn.Module, paths: list[str], report: LayerReport,
+                   hidden: list[torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"{path}.{key}": value.detach().cpu().contiguous()
+                   for path in paths for key, value in layer.get_submodule(path).state_dict().items()}
+        _atomic_write(self._layer(index, "safetensors"), lambda tmp: save_file(tensors, str(tmp)))
+        _atomic_write(self._hidden(index), lambda tmp: save_file(
+            {f"hidden.{j}": h.detach().cpu().contiguous() for j, h in enumerate(hidden)}, str(tmp)))
+        meta = {"index": index, "layouts": {p: layer.get_submodule(p).layout() for p in paths},
+                "report": report.to_dict(), "rng": torch.get_rng_state().tolist(),
+                "sha256": {p.name: _sha256(p) for p in (self._layer(index, "safetensors"), self._hidden(index))}}
+        _atomic_write(self._layer(index, "json"), lambda tmp: tmp.write_text(json.dumps(meta)))
+        for old in range(index):  # only the last finished layer's outputs are needed to resume
+            self._hidden(old).unlink(missing_ok=True)
+
+    def restore_layer(self, index: int, layer: nn.Module, config: QuantConfig, router: ModalityRouter) -> LayerReport:
+        """Swap the saved quantized linears into ``layer``; returns its report."""
+        from safetensors.torch import load_file
+
+        meta = self._meta(index)
+        tensors = load_file(str(self._layer(index, "safetensors")))
+        for path, layout in meta["layouts"].items():
+            device = layer.get_submodule(path).weight.device
+            qlinear = QuantLinear.from_layout(layout, config, router)
+            qlinear.load_state_dict({k.removeprefix(f"{path}."): v for k, v in tensors.items()
+                                     if k.startswith(f"{path}.")})
+            replace_module(layer, path, qlinear.to(device))
+        torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+        return LayerReport.from_dict(meta["report"])
+
+    def hidden(self, index: int, device: torch.device) -> list[torch.Tensor]:
+        """The saved outputs of layer ``index`` (the inputs of layer ``index + 1``)."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self._hidden(index)))
+        return [tensors[f"hidden.{j}"].to(device) for j in range(len(tensors))]

@@ -1,0 +1,129 @@
+"""Resumable calibration: a run interrupted at any point (exception or SIGKILL) and resumed
+gives the same bytes as an uninterrupted one; stale or foreign state is refused."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import masquant
+from masquant import QuantConfig, tiny
+from masquant.checkpoint import STATE_DIR
+from masquant.cli import prepare_output
+from masquant.methods import METHODS
+
+from conftest import vl_samples
+
+CONFIG = QuantConfig(method="masquant", w_bits=4, rank=4, epochs=1)
+
+
+def test_an_interrupted_run_resumes_to_the_same_model_and_report(tmp_path, monkeypatch):
+    samples = vl_samples(range(3))
+    whole = tiny.tiny_qwen2_5_vl(layers=4)
+    expected = masquant.quantize(whole, samples, CONFIG, progress=False)
+    original = METHODS["masquant"]
+
+    def fails_at_layer_2(ctx):
+        if ctx.index == 2:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C in layer 2
+        return original(ctx)
+
+    fails_at_layer_2.__dict__.update(original.__dict__)  # prepare(), second_moments
+    monkeypatch.setitem(METHODS, "masquant", fails_at_layer_2)
+    with pytest.raises(KeyboardInterrupt):
+        masquant.quantize(tiny.tiny_qwen2_5_vl(layers=4), samples, CONFIG, progress=False, checkpoint=tmp_path / "s")
+    assert {p.name for p in (tmp_path / "s").glob("layer_*.json")} == {"layer_0000.json", "layer_0001.json"}
+    monkeypatch.setitem(METHODS, "masquant", original)
+    with pytest.raises(FileExistsError, match="2 layers finished"):  # never reused silently
+        masquant.quantize(tiny.tiny_qwen2_5_vl(layers=4), samples, CONFIG, progress=False, checkpoint=tmp_path / "s")
+    with pytest.raises(ValueError, match="other inputs_sha256"):
+        masquant.quantize(tiny.tiny_qwen2_5_vl(layers=4), samples[:2], CONFIG, progress=False,
+                          checkpoint=tmp_path / "s", resume=True)
+    with pytest.raises(ValueError, match="other config"):
+        masquant.quantize(tiny.tiny_qwen2_5_vl(layers=4), samples, QuantConfig(method="masquant", w_bits=8),
+                          progress=False, checkpoint=tmp_path / "s", resume=True)
+    with pytest.raises(ValueError, match="other model_sha256"):
+        masquant.quantize(tiny.tiny_qwen2_5_vl(layers=4, seed=1), samples, CONFIG, progress=False,
+                          checkpoint=tmp_path / "s", resume=True)
+    resumed = tiny.tiny_qwen2_5_vl(layers=4)
+    report = masquant.quantize(resumed, samples, CONFIG, progress=False, checkpoint=tmp_path / "s", resume=True)
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert report.to_dict()["layers"] == expected.to_dict()["layers"]
+
+
+def test_a_damaged_state_is_refused_with_the_file_named(tmp_path):
+    samples = vl_samples(range(2))
+    masquant.quantize(tiny.tiny_qwen2_5_vl(layers=3), samples, CONFIG, progress=False, checkpoint=tmp_path / "s")
+    (tmp_path / "s" / "layer_0001.safetensors").write_bytes(b"torn")  # damaged after it was written
+    with pytest.raises(ValueError, match=r"layer_0001\.safetensors is damaged.*start over"):
+        masquant.quantize(tiny.tiny_qwen2_5_vl(layers=3), samples, CONFIG, progress=False,
+                          checkpoint=tmp_path / "s", resume=True)
+
+
+SCRIPT = """
+import sys
+import masquant
+from masquant import QuantConfig, tiny
+samples = [tiny.tiny_sample(i, "vl", text_len=24) for i in range(4)]
+model = tiny.tiny_qwen2_5_vl(layers=8)
+masquant.quantize(model, samples, QuantConfig(method="masquant", w_bits=4, rank=4, epochs=2), progress=False,
+                  checkpoint=sys.argv[1] + "/state", resume=True)
+masquant.save(model, sys.argv[1] + "/model")
+"""
+
+
+def _run(directory: Path, kill_when=None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASQUANT_FUSE": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(directory)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if kill_when is not None:
+        deadline = time.monotonic() + 120
+        while not kill_when() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=300)
+    return proc
+
+
+def _weights_digest(directory: Path) -> str:
+    return json.loads((directory / "model" / "quant_config.json").read_text())["files"]["model.safetensors"]["sha256"]
+
+
+@pytest.mark.parametrize("moment", ["during layer 0", "after layer 3", "twice"])
+def test_sigkill_at_any_point_then_resume_gives_identical_bytes(tmp_path, moment):
+    reference = _run(tmp_path / "whole")
+    assert reference.returncode == 0, reference.stderr
+    state = tmp_path / "killed" / "state"
+    kills = {"during layer 0": [lambda: (state / "run.json").exists()],
+             "after layer 3": [lambda: (state / "layer_0003.json").exists()],
+             "twice": [lambda: (state / "layer_0001.json").exists(),
+                       lambda: (state / "layer_0005.safetensors").exists()]}
+    for when in kills[moment]:
+        proc = _run(tmp_path / "killed", kill_when=when)
+        assert proc.returncode == -signal.SIGKILL
+        assert not (tmp_path / "killed" / "model").exists()  # no model appears before calibration ends
+    resumed = _run(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _weights_digest(tmp_path / "killed") == _weights_digest(tmp_path / "whole")
+
+
+def test_the_cli_keeps_user_files_and_continues_only_what_it_started(tmp_path):
+    out = tmp_path / "out"
+    assert prepare_output(out, overwrite=False, resume=False) == (out / STATE_DIR, False)
+    (out / STATE_DIR).mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="--resume"):
+        prepare_output(out, overwrite=False, resume=False)
+    assert prepare_output(out, overwrite=False, resume=True) == (out / STATE_DIR, True)
+    assert prepare_output(out, overwrite=True, resume=False) == (out / STATE_DIR, True)
+    assert not (out / STATE_DIR).exists()  # --overwrite discarded the old state
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        prepare_output(out, overwrite=False, resume=True)
+    assert (out / "notes.txt").read_text() == "mine"
