@@ -2,10 +2,13 @@
 
 import json
 import logging
+import re
 import wave
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from masquant import CalibrationError, modality_ids
@@ -44,6 +47,9 @@ def _write(path, lines):
     return path
 
 
+@pytest.mark.reliability(
+    case='JSONL with audio at 8 kHz stereo (another sample rate)',
+    expect='channels averaged and resampled to 16 kHz, with a warning naming the file')
 def test_both_line_formats_become_model_inputs(media, processor, caplog):
     calib = _write(media / "calib.jsonl", [
         {"text": "What item is this?", "image": "a.png", "answer": "shirt"},
@@ -80,14 +86,47 @@ def test_both_line_formats_become_model_inputs(media, processor, caplog):
     ({"messages": [{"role": "user", "content": [{"type": "video"}]}]},
      "content items must have type text, image or audio"),
 ])
+@pytest.mark.reliability(
+    case='bad JSONL line (bad JSON, wrong field, missing or corrupt image/audio)',
+    expect='CalibrationError `file:line: problem`')
 def test_bad_lines_name_the_file_and_line(media, processor, line, message):
     calib = _write(media / "calib.jsonl", [{"text": "fine"}, line])
     with pytest.raises(CalibrationError, match=rf"calib\.jsonl:2: {message}"):
         read_calibration(calib, processor)
 
 
+@pytest.mark.reliability(
+    case='empty or missing calibration file',
+    expect='CalibrationError naming the file')
 def test_empty_and_missing_files(media, processor):
     with pytest.raises(CalibrationError, match="holds no samples"):
         read_calibration(_write(media / "empty.jsonl", [""]), processor)
     with pytest.raises(CalibrationError, match="does not exist"):
         read_calibration(media / "nope.jsonl", processor)
+
+
+_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                   max_size=3), max_leaves=6)
+_fields = st.sampled_from(["text", "image", "audio", "answer", "messages", "role", "content", "type"])
+_lines = st.one_of(
+    st.text(max_size=40),  # arbitrary text, mostly not JSON
+    _values.map(json.dumps),  # any JSON value
+    st.dictionaries(_fields, _values | st.sampled_from(["a.png", "a.wav", "broken.png", "nowhere.wav", "hi"]),
+                    max_size=4).map(json.dumps),  # objects with the real field names and odd values
+)
+
+
+@pytest.mark.reliability(case="fuzzed calibration files (hypothesis: random text, JSON and field values)",
+                         expect="samples, or CalibrationError `file:line: problem`; never another exception")
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(_lines, min_size=1, max_size=4))
+def test_the_reader_fails_only_with_file_and_line(media, processor, lines):
+    path = media / "fuzz.jsonl"
+    path.write_text("\n".join(line.replace("\n", " ").replace("\r", " ") for line in lines) + "\n")
+    try:
+        samples = read_calibration(path, processor)
+    except CalibrationError as err:
+        assert re.match(r".*fuzz\.jsonl(:\d+)?: ", str(err)) or "holds no samples" in str(err), str(err)
+        return
+    assert samples and all("input_ids" in s for s in samples)

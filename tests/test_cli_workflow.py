@@ -56,6 +56,9 @@ def test_eval_scores_the_saved_model(saved):
     assert np.isfinite(scores["prose_ppl"])
 
 
+@pytest.mark.reliability(
+    case='CLI quantize into an existing output directory',
+    expect='exit 1, one-line error, the existing model kept')
 def test_existing_output_is_refused_and_kept(saved, calib_file):
     run = masquant("quantize", "--model", "ref-vl", "--calib", str(calib_file), "--method", "rtn", "--out",
                    str(saved), check=False)
@@ -63,6 +66,9 @@ def test_existing_output_is_refused_and_kept(saved, calib_file):
     assert json.loads((saved / "quant_config.json").read_text())["quant_config"]["method"] == "smoothquant"
 
 
+@pytest.mark.reliability(
+    case='CLI with a bad calibration line',
+    expect='exit 1, one line with file:line, no traceback')
 def test_bad_calibration_line_is_one_line_with_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": "hi", "image": "nowhere.png"}\n')
@@ -70,3 +76,35 @@ def test_bad_calibration_line_is_one_line_with_file_and_line(tmp_path):
     lines = [line for line in run.stderr.strip().splitlines() if line.startswith("masquant: error")]
     assert run.returncode == 1 and len(lines) == 1 and "bad.jsonl:2:" in lines[0] and "Traceback" not in run.stderr
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.reliability(case="CLI quantize killed (SIGKILL) after layer 2, rerun without and with --resume",
+                         expect="without: exit 1 asking for --resume or --overwrite; with: the same weights as "
+                                "an uninterrupted run, and the state removed")
+def test_a_killed_cli_run_resumes_to_the_same_weights(saved, calib_file, tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "resumed"
+    args = ["quantize", "--model", "ref-vl", "--calib", str(calib_file), "--method", "smoothquant", "--w-bits", "8",
+            "--a-bits", "8", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "masquant", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not (out / ".masquant-partial" / "layer_0001.json").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not (out / "quant_config.json").exists()
+    refused = masquant(*args, check=False)
+    assert refused.returncode == 1 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
+    masquant(*args, "--resume")
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "quant_config.json"}
+    assert not (out / ".masquant-partial").exists()
+
+    def digest(d):
+        return json.loads((d / "quant_config.json").read_text())["files"]["model.safetensors"]["sha256"]
+
+    assert digest(out) == digest(saved)

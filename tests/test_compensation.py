@@ -40,6 +40,9 @@ def test_whitening_factorises_the_covariance():
     assert torch.allclose(t @ t_inv, torch.eye(24, dtype=torch.float64), atol=1e-8)
 
 
+@pytest.mark.reliability(
+    case='singular activation covariance without ridge',
+    expect='ValueError saying to raise `ridge` or add samples')
 def test_singular_covariance_needs_a_ridge():
     x = anisotropic_activations(tokens=5)  # 5 tokens, 24 channels: rank 5
     with pytest.raises(ValueError, match="raise `ridge`"):
@@ -54,6 +57,9 @@ def test_smoothed_covariance_matches_direct_computation():
     assert torch.allclose(smoothed_covariance(x.T @ x, s), (x / s).T @ (x / s))
 
 
+@pytest.mark.reliability(
+    case='rank larger than the layer',
+    expect='clamped to full rank (exact compensation) with a warning')
 def test_rank_resolution():
     assert resolve_rank(32, 64, 128) == 32
     assert resolve_rank(0.25, 64, 128) == 16
@@ -132,6 +138,9 @@ def test_half_precision_patch_keeps_almost_all_of_the_correction():
     assert errors["bfloat16"] < 3e-2 * errors["none"]
 
 
+@pytest.mark.reliability(
+    case='plain-SVD ablation with a singular covariance; zero residual',
+    expect='patch computed, whitened spectrum left empty; no patch for a zero residual')
 def test_plain_svd_ablation_survives_a_singular_covariance_and_zero_residuals_get_no_patch():
     linear = torch.nn.Linear(32, 16)
     x = torch.randn(8, 32)  # 8 tokens for 32 channels: singular covariance

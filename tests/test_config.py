@@ -28,11 +28,17 @@ def test_round_trip_with_version():
     ({"runtime": "cuda"}, "runtime must be"),
     ({"patch_dtype": "int8"}, "patch_dtype must be"),
 ])
+@pytest.mark.reliability(
+    case='invalid QuantConfig value',
+    expect='ValueError naming the field and the allowed values')
 def test_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantConfig(**kwargs)
 
 
+@pytest.mark.reliability(
+    case='config dict of another version or with unknown fields',
+    expect='ValueError')
 def test_from_dict_rejects_other_versions_and_fields():
     data = QuantConfig().to_dict()
     with pytest.raises(ValueError, match="version"):

@@ -126,6 +126,9 @@ def test_both_families_quantize_and_generate(family, vl_model, omni_model):
     assert out.shape[1] == samples[0]["input_ids"].shape[1] + 4
 
 
+@pytest.mark.reliability(
+    case='calibration set lacking a modality the model has (no audio)',
+    expect='warning; audio tokens use the text vector and no patch')
 def test_absent_modality_falls_back_to_text_with_a_warning(omni_model, caplog):
     samples = [tiny.tiny_sample(i, family="omni", image=True, audio=False) for i in range(3)]
     with caplog.at_level(logging.WARNING, logger="masquant"):
@@ -166,6 +169,9 @@ def test_guard_routes_through_the_text_vector_when_the_patch_cannot_keep_up(misa
     assert on["vision"] > off["vision"] + 5 and on["text"] > off["text"]
 
 
+@pytest.mark.reliability(
+    case='fewer non-text tokens than twice the layer width',
+    expect='warning that the patches may overfit')
 def test_few_tokens_per_channel_are_flagged(vl_model, caplog):
     with caplog.at_level(logging.WARNING, logger="masquant"):
         run(vl_model, vl_samples(range(2)), method="masquant", w_bits=4, a_bits=8, rank=4, epochs=0)

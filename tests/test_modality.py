@@ -32,6 +32,10 @@ def test_adapters_resolve_by_model_type(vl_model, omni_model):
     assert masquant.get_adapter(omni_model).name.startswith("qwen2_5_omni_thinker")  # _flat before ~5.2x
 
 
+@pytest.mark.reliability(
+    case='unsupported architecture (a Qwen2 text model)',
+    expect='UnsupportedArchitectureError listing the supported families and `generic_adapter`; the '
+           'model is not touched')
 def test_unknown_architecture_names_the_supported_ones():
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
@@ -57,6 +61,9 @@ def test_generic_adapter_on_a_text_decoder():
     assert isinstance(model.model.layers[0].self_attn.q_proj, masquant.QuantLinear)
 
 
+@pytest.mark.reliability(
+    case='generic adapter with module paths the model lacks',
+    expect='ValueError naming the missing module')
 def test_generic_adapter_with_wrong_paths_explains():
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))

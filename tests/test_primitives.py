@@ -51,6 +51,9 @@ def test_representable_values_are_fixed_points(data, b, sym):
     assert torch.allclose(fake_quantize(values, scale, zero, grid), values, rtol=1e-6, atol=0)
 
 
+@pytest.mark.reliability(
+    case='all-zero and constant rows (hypothesis)',
+    expect='finite codes, zero rows stay zero, constants exact')
 @given(bits, symmetric, st.integers(1, 10))
 def test_zero_and_constant_rows(b, sym, n):
     grid = IntGrid(b, sym)
@@ -61,6 +64,9 @@ def test_zero_and_constant_rows(b, sym, n):
         assert torch.allclose(back, x, rtol=1e-6, atol=0), (value, back)
 
 
+@pytest.mark.reliability(
+    case='NaN / Inf given to the quantizers',
+    expect='ValueError, never NaN codes')
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nan_and_inf_are_rejected_with_a_clear_error(bad):
     w = torch.randn(4, 8)
@@ -71,6 +77,9 @@ def test_nan_and_inf_are_rejected_with_a_clear_error(bad):
         check_finite(w, "activations")
 
 
+@pytest.mark.reliability(
+    case='bit-width out of range',
+    expect='ValueError naming the range')
 @pytest.mark.parametrize("b", [0, 1, 9, 16, 4.0])
 def test_bits_out_of_range(b):
     with pytest.raises(ValueError, match=r"bits must be an integer in \[2, 8\]"):

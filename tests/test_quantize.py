@@ -74,6 +74,9 @@ def test_weight_only_group_quantization_runs(omni_model, fresh):
     assert qlinear.qweight.scale.shape == (qlinear.out_features * 2, 1)
 
 
+@pytest.mark.reliability(
+    case='quantizing an already quantized model',
+    expect='ValueError; the model is unchanged')
 def test_quantizing_twice_is_refused(vl_model, fresh):
     qmodel = fresh(vl_model)
     masquant.quantize(qmodel, vl_samples(range(2)), QuantConfig(method="rtn"), progress=False)

@@ -23,6 +23,9 @@ from conftest import vl_samples
 CONFIG = QuantConfig(method="masquant", w_bits=4, rank=4, epochs=1)
 
 
+@pytest.mark.reliability(
+    case='calibration interrupted (Ctrl-C in layer 2), then resumed; resumed with other inputs, settings or model',
+    expect='identical model and report; foreign state refused')
 def test_an_interrupted_run_resumes_to_the_same_model_and_report(tmp_path, monkeypatch):
     samples = vl_samples(range(3))
     whole = tiny.tiny_qwen2_5_vl(layers=4)
@@ -58,6 +61,9 @@ def test_an_interrupted_run_resumes_to_the_same_model_and_report(tmp_path, monke
     assert report.to_dict()["layers"] == expected.to_dict()["layers"]
 
 
+@pytest.mark.reliability(
+    case="a finished layer's state file damaged on disk",
+    expect='refused, naming the file')
 def test_a_damaged_state_is_refused_with_the_file_named(tmp_path):
     samples = vl_samples(range(2))
     masquant.quantize(tiny.tiny_qwen2_5_vl(layers=3), samples, CONFIG, progress=False, checkpoint=tmp_path / "s")
@@ -96,6 +102,9 @@ def _weights_digest(directory: Path) -> str:
     return json.loads((directory / "model" / "quant_config.json").read_text())["files"]["model.safetensors"]["sha256"]
 
 
+@pytest.mark.reliability(
+    case='SIGKILL during calibration, then --resume',
+    expect='no model appears before the end; bit-identical weights after resuming')
 @pytest.mark.parametrize("moment", ["during layer 0", "after layer 3", "twice"])
 def test_sigkill_at_any_point_then_resume_gives_identical_bytes(tmp_path, moment):
     reference = _run(tmp_path / "whole")
@@ -114,9 +123,12 @@ def test_sigkill_at_any_point_then_resume_gives_identical_bytes(tmp_path, moment
     assert _weights_digest(tmp_path / "killed") == _weights_digest(tmp_path / "whole")
 
 
+@pytest.mark.reliability(
+    case='--resume / --overwrite on directories with and without user files',
+    expect='user files never deleted; unfinished state continued or discarded only when asked')
 def test_the_cli_keeps_user_files_and_continues_only_what_it_started(tmp_path):
     out = tmp_path / "out"
-    assert prepare_output(out, overwrite=False, resume=False) == (out / STATE_DIR, False)
+    assert prepare_output(out, overwrite=False, resume=False) == (out / STATE_DIR, True)
     (out / STATE_DIR).mkdir(parents=True)
     with pytest.raises(FileExistsError, match="--resume"):
         prepare_output(out, overwrite=False, resume=False)

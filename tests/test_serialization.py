@@ -53,6 +53,9 @@ def test_w4_codes_are_stored_packed(vl_model, fresh, tmp_path):
         assert f.get_tensor(q_proj).shape[1] == 64 // 2
 
 
+@pytest.mark.reliability(
+    case='save to a non-empty directory; load of an unfinished or foreign directory',
+    expect="refused; the user's file is kept")
 def test_refusals(vl_model, fresh, tmp_path):
     with pytest.raises(ValueError, match="not quantized by masquant"):
         masquant.save(fresh(vl_model), tmp_path / "fp")
@@ -75,6 +78,9 @@ def test_refusals(vl_model, fresh, tmp_path):
         masquant.load(tmp_path / "q")
 
 
+@pytest.mark.reliability(
+    case='a write fails while saving',
+    expect='the error is raised and no directory is left behind')
 def test_a_failing_save_leaves_nothing_behind(vl_model, fresh, tmp_path):
     model, _ = _quantize("vl", dict(method="rtn"), vl_model, None, fresh)
 
@@ -87,6 +93,9 @@ def test_a_failing_save_leaves_nothing_behind(vl_model, fresh, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.reliability(
+    case='saved model truncated, modified, or missing a file',
+    expect='IntegrityError naming the file')
 def test_load_names_a_truncated_modified_or_missing_file(vl_model, fresh, tmp_path):
     model, sample = _quantize("vl", dict(method="masquant", w_bits=4, rank=4, epochs=1), vl_model, None, fresh)
     masquant.save(model, tmp_path / "q")
@@ -114,6 +123,9 @@ def test_load_names_a_truncated_modified_or_missing_file(vl_model, fresh, tmp_pa
         masquant.load(tmp_path / "q")
 
 
+@pytest.mark.reliability(
+    case='disk full while overwriting a saved model',
+    expect='the previous model is intact and verifies')
 def test_a_failing_overwrite_keeps_the_previous_model(vl_model, fresh, tmp_path, monkeypatch):
     import safetensors.torch
 
@@ -134,6 +146,9 @@ def test_a_failing_overwrite_keeps_the_previous_model(vl_model, fresh, tmp_path,
     masquant.verify(tmp_path / "q")
 
 
+@pytest.mark.reliability(
+    case='two runs with the same inputs and seed',
+    expect='bit-identical saved weights')
 @pytest.mark.parametrize("method", ["masquant", "mbq"])
 def test_same_inputs_and_seed_give_bit_identical_saved_weights(method, vl_model, fresh, tmp_path):
     digests = []

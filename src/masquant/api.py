@@ -61,6 +61,7 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("model is already quantized by masquant; start again from the full-precision model")
     adapter.validate(model)
+    _check_weights(model, adapter)
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     was_training = model.training
@@ -116,6 +117,18 @@ def capture_all(model: nn.Module, adapter: Adapter, inputs: list[dict], progress
     """Decoder-layer inputs of every validated sample (see ``masquant.capture``)."""
     return [capture(model, adapter, x, modality_ids(model, x["input_ids"], adapter))
             for x in tqdm(inputs, desc="capture", unit="sample", disable=not progress)]
+
+
+def _check_weights(model: nn.Module, adapter: Adapter) -> None:
+    """NaN/Inf in a weight to quantize would spread through every layer after it: name it."""
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        for group in adapter.groups:
+            for path in group.linears:
+                linear = layer.get_submodule(path)
+                if not torch.isfinite(linear.weight).all() or (
+                        linear.bias is not None and not torch.isfinite(linear.bias).all()):
+                    raise ValueError(f"NaN/Inf in the weights of decoder layer {i} {path}: the checkpoint is "
+                                     "damaged (or overflowed when cast); reload it, in float32 if it was cast")
 
 
 def _reset_position_cache(model: nn.Module) -> None:

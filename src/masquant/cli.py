@@ -123,9 +123,9 @@ def _quantize(args: argparse.Namespace) -> None:
 
 def prepare_output(out: Path, overwrite: bool, resume: bool) -> tuple[Path, bool]:
     """Where ``quantize --out`` keeps its calibration state, and whether saving may replace
-    ``out``. Never touches files of the user's: a directory holding anything but masquant's
-    state is refused unless ``--overwrite``; an unfinished run is continued with ``--resume``
-    or discarded with ``--overwrite``, and refused otherwise."""
+    ``out`` (then holding only that state). Never touches files of the user's: a directory
+    holding anything but masquant's state is refused unless ``--overwrite``; an unfinished run
+    is continued with ``--resume`` or discarded with ``--overwrite``, and refused otherwise."""
     import shutil
 
     from .checkpoint import STATE_DIR
@@ -141,10 +141,10 @@ def prepare_output(out: Path, overwrite: bool, resume: bool) -> tuple[Path, bool
             return state, True
         raise FileExistsError(f"{out} holds an unfinished calibration: continue it with --resume, or start over "
                               "with --overwrite")
-    refuse_nonempty(out, overwrite)
+    refuse_nonempty(out, overwrite)  # empty, absent, or the user asked to replace it
     if resume:
         log.warning("--resume: %s holds no unfinished calibration; starting from the first layer", out)
-    return state, overwrite
+    return state, True
 
 
 def _calibration(args: argparse.Namespace, processor, reference: str | None) -> list[dict]:
