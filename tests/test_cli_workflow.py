@@ -108,3 +108,24 @@ def test_a_killed_cli_run_resumes_to_the_same_weights(saved, calib_file, tmp_pat
         return json.loads((d / "quant_config.json").read_text())["files"]["model.safetensors"]["sha256"]
 
     assert digest(out) == digest(saved)
+
+
+def test_export_of_the_saved_model_loads_back_and_evaluates_with_and_without_sidecar(saved, tmp_path):
+    out = tmp_path / "ct"
+    run = masquant("export", str(saved), "--format", "compressed-tensors", "--out", str(out))
+    assert "exported int-quantized W8A8" in run.stdout
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
+    assert json.loads((out / "masquant_sidecar.json").read_text())["reference"] == "ref-vl"
+    with_sidecar = json.loads(masquant("eval", "--model", str(out), "--quick").stdout)
+    without = json.loads(masquant("eval", "--model", str(out), "--quick", "--no-sidecar").stdout)
+    for scores in (with_sidecar, without):
+        assert scores["item"]["accuracy"] >= 0.6 and np.isfinite(scores["prose_ppl"])
+
+
+def test_analyze_writes_its_report_and_plots(calib_file, tmp_path):
+    out = tmp_path / "analysis"
+    masquant("analyze", "--model", "ref-vl", "--calib", str(calib_file), "--out", str(out), "--no-progress")
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) >= 4 and all((out / p).stat().st_size > 5000 for p in pngs)
+    assert "ecommend" in (out / "report.md").read_text()
