@@ -139,3 +139,6 @@ def test_the_cli_keeps_user_files_and_continues_only_what_it_started(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         prepare_output(out, overwrite=False, resume=True)
     assert (out / "notes.txt").read_text() == "mine"
+    (out / STATE_DIR).mkdir()
+    assert prepare_output(out, overwrite=True, resume=False) == (out / STATE_DIR, True)
+    assert not (out / STATE_DIR).exists()  # --overwrite without --resume starts over

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="quantize a model and save it",
                            description="Quantize a model with a calibration set and save it (masquant.save layout).")
     quant.add_argument("--model", required=True,
-                       help="reference model name (ref-vl, ref-omni) or a local Hugging Face checkpoint directory")
+                       help="reference model name (ref-vl, ref-omni) or a local Hugging Face checkpoint directory "
+                            "(full precision)")
     quant.add_argument("--calib", type=Path, default=None,
                        help="calibration JSONL (optional for the reference models, which ship a default set)")
     quant.add_argument("--method", default="masquant", help="rtn, smoothquant, awq, mbq, mas or masquant")
@@ -142,7 +143,9 @@ def prepare_output(out: Path, overwrite: bool, resume: bool) -> tuple[Path, bool
         raise FileExistsError(f"{out} holds an unfinished calibration: continue it with --resume, or start over "
                               "with --overwrite")
     refuse_nonempty(out, overwrite)  # empty, absent, or the user asked to replace it
-    if resume:
+    if state.exists() and not resume:
+        shutil.rmtree(state)  # --overwrite: the old run's state goes with the rest
+    elif resume and not state.exists():
         log.warning("--resume: %s holds no unfinished calibration; starting from the first layer", out)
     return state, True
 

@@ -171,7 +171,7 @@ def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cac
         "whitened_spectrum": whitened[0], "plain_spectrum": plain[0], "patch_bytes": patch_bytes,
     }
     if not bool(delta.any()):  # nothing to compensate (e.g. the guard gave m the text vector, residual quantized)
-        entry["skipped"] = "zero residual"
+        entry["skipped"], entry["patch_bytes"] = "zero residual", 0
         return None, entry
     return ((chosen.l1, chosen.l2) if rank > 0 else None), entry
 

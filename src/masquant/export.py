@@ -13,8 +13,8 @@ The exported checkpoint is the **text path**: every token is treated as a text t
   grid: an approximation, logged.
 * Weights: ``pack-quantized`` (8 codes per int32) for weight-only settings below 8 bits
   (W4A16), ``int-quantized`` (one int8 per code) whenever activations are quantized too (W8A8,
-  W4A8: the format compressed-tensors infers for them and that vLLM's W-A kernels read);
-  activations: dynamic per-token int8 when ``a_bits`` < 16.
+  W4A8: the format compressed-tensors infers for them and that vLLM's W-A kernels read; W8A16
+  too); activations: dynamic, per token, at ``a_bits`` bits when ``a_bits`` < 16.
 
 What the text path drops goes to a sidecar, ``masquant_sidecar.safetensors`` +
 ``masquant_sidecar.json``: per quantized linear the full smoothing table ``smooth``

@@ -134,8 +134,8 @@ def _dequantize_acc(acc: torch.Tensor, scale: torch.Tensor, weight_scale: torch.
 
 FUSE_MIN_ELEMENTS = 1 << 17  # crossover measured on CPU: 64 tokens x 2048 or 32 x 4096 features
 _compiled: dict[Callable, Callable] = {}
-_broken: set[str] = set()
-_qmax: dict[tuple[int, torch.device], torch.Tensor] = {}  # device types on which compiling failed once
+_broken: set[str] = set()  # device types on which compiling failed once
+_qmax: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def fusion_available(device: torch.device) -> bool:

@@ -27,8 +27,9 @@ or from Python::
     results = simple_evaluate(model="masquant", model_args="pretrained=QUANTIZED_DIR", tasks=["mmmu_val"])
 
 ``pretrained`` is anything ``masquant.loading.load_any`` accepts: a directory written by
-``masquant.save`` (with its processor), a Hugging Face checkpoint directory, or a reference model
-name (``ref-vl``, ``ref-omni``). Other model arguments: ``device`` (default ``cuda`` when
+``masquant.save`` (with its processor), a directory written by ``masquant export`` (loaded with
+its modality sidecar), a Hugging Face checkpoint directory, or a reference model name
+(``ref-vl``, ``ref-omni``). Other model arguments: ``device`` (default ``cuda`` when
 available, else ``cpu``), ``max_new_tokens`` (default for tasks that set none, 256) and
 ``system_prompt``.
 
