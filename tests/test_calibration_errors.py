@@ -123,3 +123,12 @@ def test_dead_and_constant_channels(vl_model, fresh, method):
             assert all(torch.isfinite(b).all() for b in module.patches.buffers())
     with torch.no_grad():
         assert torch.isfinite(model(**vl_samples([9])[0]).logits).all()
+
+
+@pytest.mark.reliability(case="model lacking a modality the calibration set has (audio features for Qwen2.5-VL)",
+                         expect="CalibrationError naming the sample, the features and the model")
+def test_features_of_a_modality_the_model_lacks(vl_model, fresh):
+    model = fresh(vl_model)
+    with pytest.raises(CalibrationError, match=r"sample 0 has audio features \['input_features'\].*qwen2_5_vl"):
+        run(model, omni_samples([0]))
+    assert not any(isinstance(m, masquant.QuantLinear) for m in model.modules())

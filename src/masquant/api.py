@@ -197,6 +197,17 @@ def _check_features(sample: dict, ids: torch.Tensor, index: int, adapter: Adapte
         if present and not has_features:
             raise CalibrationError(f"calibration sample {index} has {modality.name.lower()} placeholder tokens "
                                    f"but none of {keys}; pass the features the processor produced")
+    from .arch import ADAPTERS
+
+    accepted = {k for keys in adapter.feature_keys.values() for k in keys}
+    for other in ADAPTERS.values():
+        for modality, keys in other.feature_keys.items():
+            extra = [k for k in keys if k not in accepted and sample.get(k) is not None]
+            if extra:
+                raise CalibrationError(
+                    f"calibration sample {index} has {modality.name.lower()} features {extra}, which this model "
+                    f"({adapter.name}) does not take: it has no {modality.name.lower()} input; calibrate with samples "
+                    "made by this model's own processor")
 
 
 def _token_counts(samples: list[Captured]) -> dict[str, int]:
