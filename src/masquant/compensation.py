@@ -115,13 +115,15 @@ def smoothed_covariance(second_moment: torch.Tensor, smooth: torch.Tensor) -> to
 
 
 def compensate_linear(qlinear, linear: torch.nn.Linear, site, config, where: str = "",
-                      cache: dict | None = None) -> dict[str, dict]:
+                      cache: dict | None = None, report: bool = True) -> dict[str, dict]:
     """Attach a CMC patch to ``qlinear`` for every non-text modality of ``site``; return the report.
 
     ``qlinear`` holds ``Q(W * s_text)`` and the per-modality smoothing table; ``site`` holds
     the per-modality second moments of the layer input (unsmoothed). ``cache`` (keyed by
     ``where``, the modality and both vectors) spares recomputing a patch that a previous call
     already derived for the same vectors (the CMC guard tries several tables per layer).
+    ``report=False`` (the guard's trial tables) skips the spectrum of the variant that is not
+    used (plain SVD, or whitened for the ablation); it is computed when a report asks for it.
     """
     from .modality import Modality
 
@@ -138,14 +140,18 @@ def compensate_linear(qlinear, linear: torch.nn.Linear, site, config, where: str
             found = _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cache)
             if cache is not None:
                 cache[key] = found
-        patch, entry = cache[key] if cache is not None else found
+        patch, entry, complete = cache[key] if cache is not None else found
+        if report:
+            complete()
         if patch is not None:
             qlinear.add_patch(modality, *patch)
         info[modality.name.lower()] = dict(entry)
     return info
 
 
-def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cache=None) -> tuple[tuple | None, dict]:
+def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cache=None):
+    """``(patch or None, report entry, complete)``: ``complete()`` adds the spectrum of the
+    variant that was not used to the entry (once)."""
     smooth = qlinear.smooth[int(modality)].double()
     if config.residual == "quantized":
         target = qlinear.quantize_smoothed(linear.weight, modality).dequantize().double()
@@ -155,25 +161,32 @@ def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cac
     rank = resolve_rank(config.rank, linear.in_features, linear.out_features, where)
     if config.whiten:
         chosen = low_rank_patch(delta, rank, whitener=_whitener(stats, modality, smooth, config.ridge, cache))
-        whitened, plain = (chosen.spectrum, chosen.energy_kept), spectrum(delta, rank)
-    else:  # the plain-SVD ablation; the whitened spectrum is only reported, when it exists
+    else:  # the plain-SVD ablation
         chosen = low_rank_patch(delta, rank)
-        plain = (chosen.spectrum, chosen.energy_kept)
-        try:
-            whitened = spectrum(delta, rank, _whitener(stats, modality, smooth, config.ridge, cache))
-        except ValueError:
-            whitened = ([], None)
+    used, other = ("whitened", "plain") if config.whiten else ("plain", "whitened")
     patch_bytes = rank * (linear.in_features + linear.out_features) * qlinear.patch_dtype.itemsize
     entry = {
         "rank": rank, "whiten": config.whiten, "residual": config.residual, "ridge": config.ridge,
         "tokens": stats.count, "energy_kept": chosen.energy_kept,
-        "whitened_energy_kept": whitened[1], "plain_energy_kept": plain[1],
-        "whitened_spectrum": whitened[0], "plain_spectrum": plain[0], "patch_bytes": patch_bytes,
+        f"{used}_energy_kept": chosen.energy_kept, f"{used}_spectrum": chosen.spectrum, "patch_bytes": patch_bytes,
     }
+
+    def complete() -> None:
+        if f"{other}_spectrum" in entry:
+            return
+        if config.whiten:
+            values = spectrum(delta, rank)
+        else:  # the whitened spectrum is only reported, when the covariance allows it
+            try:
+                values = spectrum(delta, rank, _whitener(stats, modality, smooth, config.ridge, cache))
+            except ValueError:
+                values = ([], None)
+        entry[f"{other}_spectrum"], entry[f"{other}_energy_kept"] = values
+
     if not bool(delta.any()):  # nothing to compensate (e.g. the guard gave m the text vector, residual quantized)
         entry["skipped"], entry["patch_bytes"] = "zero residual", 0
-        return None, entry
-    return ((chosen.l1, chosen.l2) if rank > 0 else None), entry
+        return None, entry, complete
+    return ((chosen.l1, chosen.l2) if rank > 0 else None), entry, complete
 
 
 def _whitener(stats, modality, smooth: torch.Tensor, ridge: float, cache: dict | None):

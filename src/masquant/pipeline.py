@@ -145,15 +145,16 @@ class LayerContext:
     @contextlib.contextmanager
     def quantized(self, smooth: dict[str, torch.Tensor], compensate: bool = False) -> Iterator[dict[str, nn.Linear]]:
         """Temporarily swap the linears of the named groups for ``QuantLinear``s."""
-        originals = self.apply(LayerPlan(smooth, compensate=compensate))
+        originals = self.apply(LayerPlan(smooth, compensate=compensate), report=False)
         try:
             yield originals
         finally:
             for path, linear in originals.items():
                 replace_module(self.layer, path, linear)
 
-    def apply(self, plan: LayerPlan) -> dict[str, nn.Linear]:
-        """Swap in quantized linears (and their patches); returns the original modules by path."""
+    def apply(self, plan: LayerPlan, report: bool = True) -> dict[str, nn.Linear]:
+        """Swap in quantized linears (and their patches); returns the original modules by path.
+        ``report=False``: a trial (block_mse), whose CMC report entries are not kept."""
         originals = {}
         for group in self.groups():
             if group.name not in plan.smooth:
@@ -167,7 +168,7 @@ class LayerContext:
                 if plan.compensate and self.smoothed(group):
                     plan.info.setdefault("compensation", {})[path] = compensate_linear(
                         qlinear, linear, self.stats[path], self.config, where=f"layer {self.index} {path}: ",
-                        cache=self.patches)
+                        cache=self.patches, report=report)
                 originals[path] = replace_module(self.layer, path, qlinear)
         return originals
 
