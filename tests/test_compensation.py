@@ -159,3 +159,27 @@ def test_plain_svd_ablation_survives_a_singular_covariance_and_zero_residuals_ge
     q = QuantLinear.from_linear(linear, torch.ones(NUM_MODALITIES, 32), same, ModalityRouter({}))
     info = compensate_linear(q, linear, _vision_site(torch.randn(200, 32)), same)
     assert not q.patches and info["vision"]["skipped"] == "zero residual"
+
+
+def test_the_patch_cache_holds_no_reference_cycles():
+    """Each layer's cache must be freed as soon as the layer is done (a cycle kept every layer's
+    residuals alive until a garbage collection: calibration memory grew with depth)."""
+    import gc
+
+    linear = torch.nn.Linear(64, 32)
+    smooth = torch.ones(NUM_MODALITIES, 64)
+    smooth[Modality.VISION] = 2.0
+    site = _vision_site(anisotropic_activations(features=64).float())
+    for whiten in (True, False):
+        config = QuantConfig(method="masquant", w_bits=4, rank=8, whiten=whiten)
+        q = QuantLinear.from_linear(linear, smooth, config, ModalityRouter({}))
+        gc.collect()
+        gc.disable()
+        try:
+            cache = {}
+            compensate_linear(q, linear, site, config, cache=cache, report=False)
+            compensate_linear(q, linear, site, config, cache=cache, report=True)
+            del cache
+            assert gc.collect() == 0
+        finally:
+            gc.enable()

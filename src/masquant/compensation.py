@@ -177,8 +177,8 @@ def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cac
         if config.whiten:
             values = spectrum(delta, rank)
         else:  # the whitened spectrum is only reported, when the covariance allows it
-            try:
-                values = spectrum(delta, rank, _whitener(stats, modality, smooth, config.ridge, cache))
+            try:  # no `cache` in this closure: the cache holds the closure (no reference cycle)
+                values = spectrum(delta, rank, _whitener(stats, modality, smooth, config.ridge, None))
             except ValueError:
                 values = ([], None)
         entry[f"{other}_spectrum"], entry[f"{other}_energy_kept"] = values
