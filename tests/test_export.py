@@ -92,3 +92,13 @@ def test_export_bench_rows_and_table(monkeypatch):
              "decoder_sqnr": {"vision": 20.0}} for v in ("masquant model", "export + sidecar")]
     table = exportbench.markdown(rows)
     assert "| ref-vl | W4A8 | export + sidecar | 50.0 | 3.000 | 20.00 |" in table
+
+
+def test_sidecar_tensors_follow_the_module_to_another_device():
+    from masquant.modality import ModalityRouter
+    from masquant.sidecar import SidecarLinear
+
+    layer = SidecarLinear(torch.nn.Linear(8, 4), torch.rand(3, 8) + 0.5,
+                          {1: (torch.randn(8, 2), torch.randn(2, 4))}, ModalityRouter({})).to("meta")
+    assert {t.device.type for t in layer.buffers()} == {"meta"}
+    assert {"l1_1", "l2_1", "relative"} <= set(dict(layer.named_buffers()))

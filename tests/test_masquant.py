@@ -176,3 +176,24 @@ def test_few_tokens_per_channel_are_flagged(vl_model, caplog):
     with caplog.at_level(logging.WARNING, logger="masquant"):
         run(vl_model, vl_samples(range(2)), method="masquant", w_bits=4, a_bits=8, rank=4, epochs=0)
     assert "calibration tokens for 64 input channels" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mas_and_masquant_calibrate_half_precision_models(dtype):
+    """Real checkpoints load in their saved dtype (bf16 for Qwen2.5-VL)."""
+    samples = [tiny.tiny_sample(i, "vl") for i in range(2)]
+    for method in ("mas", "masquant"):
+        model = tiny.tiny_qwen2_5_vl(layers=1).to(dtype)
+        masquant.quantize(model, samples, QuantConfig(method=method, w_bits=4, rank=4, epochs=1), progress=False)
+        with torch.no_grad():
+            logits = model(**tiny.tiny_sample(9, "vl")).logits
+        assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_rank_zero_needs_no_covariance(vl_model):
+    """With rank 0 there is nothing to fit: a singular covariance (ridge 0, few tokens) is no error."""
+    model, report = run(vl_model, [tiny.tiny_sample(0, "vl")], method="masquant", w_bits=4, rank=0, ridge=0.0,
+                        epochs=1)
+    q = model.model.language_model.layers[0].self_attn.q_proj
+    assert not q.patches
+    assert report.layers[0].linears["self_attn.q_proj"].compensation["vision"]["skipped"] == "rank 0"

@@ -113,3 +113,13 @@ def test_the_omni_thinker_layout_of_older_transformers_is_recognised(omni_model)
     broken.config = omni_model.config
     with pytest.raises(ValueError, match=r"model\.language_model\.layers"):
         masquant.get_adapter(broken).validate(broken)
+
+
+def test_generic_adapter_calibrates_on_image_samples():
+    """A generic adapter does not list its feature inputs: image features must not be refused."""
+    adapter = masquant.generic_adapter("model.language_model.layers", "model.language_model.norm",
+                                       {masquant.Modality.VISION: [tiny.IMAGE_TOKEN]})
+    model = tiny.tiny_qwen2_5_vl(layers=1)
+    report = masquant.quantize(model, [tiny.tiny_sample(i, "vl") for i in range(2)],
+                               masquant.QuantConfig(method="smoothquant"), adapter=adapter, progress=False)
+    assert set(report.tokens) == {"text", "vision"}

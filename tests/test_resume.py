@@ -142,3 +142,32 @@ def test_the_cli_keeps_user_files_and_continues_only_what_it_started(tmp_path):
     (out / STATE_DIR).mkdir()
     assert prepare_output(out, overwrite=True, resume=False) == (out / STATE_DIR, True)
     assert not (out / STATE_DIR).exists()  # --overwrite without --resume starts over
+    (out / STATE_DIR).mkdir()  # user files and an unfinished run side by side
+    with pytest.raises(FileExistsError, match="--resume --overwrite continues it"):
+        prepare_output(out, overwrite=False, resume=True)
+    assert prepare_output(out, overwrite=True, resume=True) == (out / STATE_DIR, True)
+    assert (out / STATE_DIR).exists() and (out / "notes.txt").exists()
+
+
+def test_resuming_with_other_decoder_weights_is_refused(tmp_path, monkeypatch):
+    """Same config and embeddings, different decoder layers (e.g. a merged fine-tune)."""
+    samples = vl_samples(range(2))
+    original = METHODS["smoothquant"]
+
+    def fails_at_layer_1(ctx):
+        if ctx.index == 1:
+            raise KeyboardInterrupt
+        return original(ctx)
+
+    fails_at_layer_1.__dict__.update(original.__dict__)
+    monkeypatch.setitem(METHODS, "smoothquant", fails_at_layer_1)
+    config = QuantConfig(method="smoothquant")
+    with pytest.raises(KeyboardInterrupt):
+        masquant.quantize(tiny.tiny_qwen2_5_vl(layers=3), samples, config, progress=False, checkpoint=tmp_path / "s")
+    monkeypatch.setitem(METHODS, "smoothquant", original)
+    other = tiny.tiny_qwen2_5_vl(layers=3)
+    with torch.no_grad():
+        for p in other.model.language_model.layers.parameters():
+            p.mul_(1.5)
+    with pytest.raises(ValueError, match="decoder layer 0 of this model differs"):
+        masquant.quantize(other, samples, config, progress=False, checkpoint=tmp_path / "s", resume=True)

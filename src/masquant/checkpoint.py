@@ -47,6 +47,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def layer_digest(layer: nn.Module) -> str:
+    """SHA-256 of a full-precision decoder layer's tensors (names, shapes, dtypes, bytes)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(layer.state_dict().items()):
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def fingerprint(model: nn.Module, inputs: list[dict], config: QuantConfig) -> dict:
     """What a run calibrates: the settings, a hash of every calibration tensor, and a hash of
     the model's configuration and input embeddings (a different checkpoint of the same
@@ -56,11 +65,11 @@ def fingerprint(model: nn.Module, inputs: list[dict], config: QuantConfig) -> di
         for key in sorted(sample):
             value = sample[key]
             if torch.is_tensor(value):
-                data.update(key.encode())
-                data.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                data.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
+                data.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     weights = hashlib.sha256(model.config.to_json_string().encode())
     embeddings = model.get_input_embeddings().weight.detach().cpu().contiguous()
-    weights.update(embeddings.view(torch.uint8).numpy().tobytes())
+    weights.update(embeddings.reshape(-1).view(torch.uint8).numpy().tobytes())
     return {"config": config.to_dict(), "samples": len(inputs), "inputs_sha256": data.hexdigest(),
             "model_sha256": weights.hexdigest()}
 
@@ -117,7 +126,7 @@ class LayerCheckpoint:
         return self.dir / f"hidden_{index:04d}.safetensors"
 
     def save_layer(self, index: int, layer: nn.Module, paths: list[str], report: LayerReport,
-                   hidden: list[torch.Tensor]) -> None:
+                   hidden: list[torch.Tensor], fp_digest: str) -> None:
         from safetensors.torch import save_file
 
         tensors = {f"{path}.{key}": value.detach().cpu().contiguous()
@@ -125,7 +134,7 @@ class LayerCheckpoint:
         _atomic_write(self._layer(index, "safetensors"), lambda tmp: save_file(tensors, str(tmp)))
         _atomic_write(self._hidden(index), lambda tmp: save_file(
             {f"hidden.{j}": h.detach().cpu().contiguous() for j, h in enumerate(hidden)}, str(tmp)))
-        meta = {"index": index, "layouts": {p: layer.get_submodule(p).layout() for p in paths},
+        meta = {"index": index, "fp_sha256": fp_digest, "layouts": {p: layer.get_submodule(p).layout() for p in paths},
                 "report": report.to_dict(), "rng": torch.get_rng_state().tolist(),
                 "sha256": {p.name: _sha256(p) for p in (self._layer(index, "safetensors"), self._hidden(index))}}
         _atomic_write(self._layer(index, "json"), lambda tmp: tmp.write_text(json.dumps(meta)))
@@ -137,6 +146,10 @@ class LayerCheckpoint:
         from safetensors.torch import load_file
 
         meta = self._meta(index)
+        if meta.get("fp_sha256") != layer_digest(layer):
+            raise ValueError(f"cannot resume {self.dir}: decoder layer {index} of this model differs from the one the "
+                             "interrupted run calibrated (other weights); use the same model, or start over "
+                             "(--overwrite)")
         tensors = load_file(str(self._layer(index, "safetensors")))
         for path, layout in meta["layouts"].items():
             device = layer.get_submodule(path).weight.device

@@ -142,6 +142,10 @@ def prepare_output(out: Path, overwrite: bool, resume: bool) -> tuple[Path, bool
             return state, True
         raise FileExistsError(f"{out} holds an unfinished calibration: continue it with --resume, or start over "
                               "with --overwrite")
+    if STATE_DIR in contents and not overwrite:
+        raise FileExistsError(f"{out} holds an unfinished calibration next to other files: --resume --overwrite "
+                              "continues it, --overwrite starts over (either replaces those files once the model "
+                              "is saved)")
     refuse_nonempty(out, overwrite)  # empty, absent, or the user asked to replace it
     if state.exists() and not resume:
         shutil.rmtree(state)  # --overwrite: the old run's state goes with the rest

@@ -159,6 +159,11 @@ def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cac
         target = linear.weight.detach().double() * smooth
     delta = target - text_weight
     rank = resolve_rank(config.rank, linear.in_features, linear.out_features, where)
+    if rank == 0 or not bool(delta.any()):  # nothing to fit: no whitening (and no covariance check) needed
+        entry = {"rank": rank, "whiten": config.whiten, "residual": config.residual, "ridge": config.ridge,
+                 "tokens": stats.count, "patch_bytes": 0,
+                 "skipped": "rank 0" if rank == 0 else "zero residual"}
+        return None, entry, lambda: None
     if config.whiten:
         chosen = low_rank_patch(delta, rank, whitener=_whitener(stats, modality, smooth, config.ridge, cache))
     else:  # the plain-SVD ablation
@@ -183,10 +188,7 @@ def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cac
                 values = ([], None)
         entry[f"{other}_spectrum"], entry[f"{other}_energy_kept"] = values
 
-    if not bool(delta.any()):  # nothing to compensate (e.g. the guard gave m the text vector, residual quantized)
-        entry["skipped"], entry["patch_bytes"] = "zero residual", 0
-        return None, entry, complete
-    return ((chosen.l1, chosen.l2) if rank > 0 else None), entry, complete
+    return (chosen.l1, chosen.l2), entry, complete
 
 
 def _whitener(stats, modality, smooth: torch.Tensor, ridge: float, cache: dict | None):

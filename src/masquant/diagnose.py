@@ -83,6 +83,8 @@ def _spectra(report) -> list[dict]:
     for layer in report.layers:
         for path, linear in layer.linears.items():
             for m, comp in linear.compensation.items():
+                if "skipped" in comp:  # rank 0 or nothing to compensate: no spectrum
+                    continue
                 row = {"layer": layer.index, "linear": path, "modality": m}
                 for kind in ("whitened", "plain"):
                     row[kind] = _cumulative(comp[f"{kind}_spectrum"], comp[f"{kind}_energy_kept"], comp["rank"])

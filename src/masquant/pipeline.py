@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .arch import Adapter, LinearGroup
 from .capture import Captured
-from .checkpoint import LayerCheckpoint
+from .checkpoint import LayerCheckpoint, layer_digest
 from .compensation import compensate_linear
 from .config import QuantConfig
 from .modality import NUM_MODALITIES, Modality, ModalityRouter
@@ -224,6 +224,7 @@ def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured],
     bar = tqdm(range(start, len(layers)), desc=f"{config.method} W{config.w_bits}A{config.a_bits}",
                unit="layer", disable=not progress, initial=start, total=len(layers))
     for i in bar:
+        fp_digest = layer_digest(layers[i]) if checkpoint is not None else ""
         ctx = LayerContext(i, layers[i], adapter, config, router, samples, tokens, prepared=prepared or {})
         ctx.collect(second_moments=second)
         plan = method(ctx)
@@ -236,7 +237,7 @@ def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured],
             sample.hidden = out
         reports.append(report)
         if checkpoint is not None:
-            checkpoint.save_layer(i, layers[i], list(originals), report, [s.hidden for s in samples])
+            checkpoint.save_layer(i, layers[i], list(originals), report, [s.hidden for s in samples], fp_digest)
         sqnr = {k: f"{v:.1f}dB" for k, v in report.output_sqnr.items()}
         bar.set_postfix(sqnr)
         log.info("layer %d/%d: output SQNR %s", i + 1, len(layers), ", ".join(f"{k} {v}" for k, v in sqnr.items()))

@@ -43,7 +43,10 @@ class SidecarLinear(nn.Module):
         super().__init__()
         self.base, self.router = base, router
         self.register_buffer("relative", smooth[:1] / smooth)  # row m: s_text / s_m
-        self.patches = {m: (l1.float(), l2.float()) for m, (l1, l2) in patches.items()}
+        self.patched = sorted(patches)
+        for m, (l1, l2) in patches.items():  # buffers, so that .to(device) moves them
+            self.register_buffer(f"l1_{m}", l1.float())
+            self.register_buffer(f"l2_{m}", l2.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -55,8 +58,8 @@ class SidecarLinear(nn.Module):
                 continue
             xm = rows.index_select(0, idx) * self.relative[m].to(rows.dtype)
             ym = self.base(xm)
-            if m in self.patches:
-                l1, l2 = self.patches[m]
+            if m in self.patched:
+                l1, l2 = getattr(self, f"l1_{m}"), getattr(self, f"l2_{m}")
                 ym = ym + ((xm.float() @ l1) @ l2).to(ym.dtype)
             out = out.index_copy(0, idx, ym)
         return out.reshape(y.shape)

@@ -46,20 +46,21 @@ class _TrainableLinear(nn.Module):
     def weight(self, m: Modality) -> torch.Tensor:
         """``Q(W * s_m)``, computed once per optimiser step (``weights`` is cleared after each)."""
         if m not in self.weights:
-            self.weights[m] = fake_quantize_weight(self.linear.weight * self.smooth[int(m)], self.grid,
+            self.weights[m] = fake_quantize_weight(self.linear.weight.float() * self.smooth[int(m)], self.grid,
                                                    self.ctx.config.w_group_size)
         return self.weights[m]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.ctx.router.rows(x)
-        rows = x.reshape(-1, self.linear.in_features)
+        rows = x.reshape(-1, self.linear.in_features).float()  # float32 also for bf16 / fp16 models
+        bias = None if self.linear.bias is None else self.linear.bias.float()
         out = rows.new_zeros(rows.shape[0], self.linear.out_features)
         for m in self.modalities:
             idx = (ids == int(m)).nonzero().squeeze(1)
             if idx.numel():
                 xq = fake_quantize_per_token(rows.index_select(0, idx) / self.smooth[int(m)], self.ctx.config.a_bits)
-                out = out.index_copy(0, idx, F.linear(xq, self.weight(m), self.linear.bias))
-        return out.reshape(*x.shape[:-1], self.linear.out_features)
+                out = out.index_copy(0, idx, F.linear(xq, self.weight(m), bias))
+        return out.reshape(*x.shape[:-1], self.linear.out_features).to(x.dtype)
 
 
 def initial_table(ctx: LayerContext, group) -> torch.Tensor:
