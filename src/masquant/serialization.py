@@ -59,9 +59,14 @@ def staged_directory(directory: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         yield tmp
-        if directory.exists():
-            shutil.rmtree(directory)
+        old = None
+        if directory.exists():  # moved aside first: a kill between the renames leaves it intact beside
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            old.rmdir()
+            directory.rename(old)
         tmp.rename(directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
