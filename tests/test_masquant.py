@@ -178,6 +178,8 @@ def test_few_tokens_per_channel_are_flagged(vl_model, caplog):
     assert "calibration tokens for 64 input channels" in caplog.text
 
 
+@pytest.mark.reliability(case="bf16 / fp16 model (as real checkpoints load)",
+                         expect="MAS and MASQuant calibrate; finite logits in the model's dtype")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mas_and_masquant_calibrate_half_precision_models(dtype):
     """Real checkpoints load in their saved dtype (bf16 for Qwen2.5-VL)."""

@@ -149,6 +149,8 @@ def test_the_cli_keeps_user_files_and_continues_only_what_it_started(tmp_path):
     assert (out / STATE_DIR).exists() and (out / "notes.txt").exists()
 
 
+@pytest.mark.reliability(case="resume with a model whose decoder weights differ (same config and embeddings)",
+                         expect="refused, naming the first layer that differs")
 def test_resuming_with_other_decoder_weights_is_refused(tmp_path, monkeypatch):
     """Same config and embeddings, different decoder layers (e.g. a merged fine-tune)."""
     samples = vl_samples(range(2))
