@@ -198,3 +198,15 @@ def test_omni_audio_and_images():
     seen = lm.generate_until([ask("image", TEMPLATES["item"][0], i) for i in range(3)])
     assert sum(h == WORDS[w] for h, w in zip(heard, words, strict=False)) >= 2, (heard, words[:3])
     assert sum(s == FASHION_CLASSES[c] for s, c in zip(seen, items, strict=False)) >= 2, (seen, items[:3])
+
+
+def test_only_per_token_inputs_grow_with_the_continuation():
+    import torch
+
+    from masquant.lmms import _extend
+
+    batch = {"input_ids": torch.ones(1, 5, dtype=torch.long), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+             "feature_attention_mask": torch.ones(1, 5, dtype=torch.long)}  # audio frames, by chance as many
+    out = _extend(batch, torch.tensor([[7, 8]]))
+    assert out["input_ids"].shape == out["attention_mask"].shape == (1, 7)
+    assert out["feature_attention_mask"].shape == (1, 5)

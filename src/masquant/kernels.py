@@ -167,6 +167,8 @@ def _fused(fn: Callable, device: torch.device, *args):
             _compiled[fn] = torch.compile(fn, dynamic=True)
         try:
             return _compiled[fn](*args)
+        except torch.OutOfMemoryError:
+            raise  # not the compiler's fault: the eager kernels would need the memory too
         except Exception as err:  # no working compiler after all: fall back, say so once
             _broken.add(device.type)
             log.warning("fused kernels unavailable on %s (%s: %s); running the eager kernels "

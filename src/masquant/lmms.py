@@ -263,14 +263,17 @@ def _cut(text: str, until: list[str]) -> str:
     return text
 
 
+PER_TOKEN = ("attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
 def _extend(batch: dict[str, torch.Tensor], ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Append text tokens ``ids`` (``[1, n]``) to a processor batch, with the per-token inputs
     (attention mask 1, token-type ids 0) extended to match."""
     prompt = batch["input_ids"]
     out = dict(batch)
     out["input_ids"] = torch.cat([prompt, ids], dim=1)
-    for key, value in batch.items():
-        if key != "input_ids" and value.dim() == 2 and value.shape == prompt.shape:
+    for key, value in batch.items():  # the inputs that hold one entry per token (not e.g. audio frame masks)
+        if key in PER_TOKEN and value.dim() == 2 and value.shape == prompt.shape:
             fill = torch.ones_like(ids) if key == "attention_mask" else torch.zeros_like(ids)
             out[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
     return out

@@ -240,7 +240,8 @@ class QuantLinear(nn.Module):
                 codes, scale = kernels.fused_quantize(rows, self.a_bits, smooth, ids)
                 acc = int_matmul(codes, weight.int8())
                 return kernels.fused_epilogue(acc, scale, weight.scale, self.bias, self.compute_dtype)
-            codes, scale = quantize_tokens(self._smoothed(rows, smooth, ids, by_modality), self.a_bits)
+            # smoothed in float32, as the fused kernel does (bf16 / fp16 models give the same codes either way)
+            codes, scale = quantize_tokens(self._smoothed(rows.float(), smooth, ids, by_modality), self.a_bits)
             zero = None if self.grid.symmetric else weight.zero
             return int_linear(codes, scale, weight.int8(), weight.scale, zero, self.w_group_size,
                               self.bias).to(self.compute_dtype)
