@@ -84,3 +84,15 @@ def test_state_dict_holds_one_integer_weight():
     _, _, q8 = make(torch.ones(NUM_MODALITIES, 16), w_bits=8)
     assert q8.state_dict()["qweight.codes"].dtype == torch.int8 and q8.state_dict()["qweight.codes"].shape == (8, 16)
     assert set(state) == {"qweight.codes", "qweight.scale", "qweight.zero", "smooth", "bias"}
+
+
+def test_fp16_patch_with_small_smoothing_factors_stays_finite():
+    """``l1 / s`` overflows fp16 when s is near min_scale; the projection runs in float32 then."""
+    from masquant.qlinear import LowRankPatch
+
+    patch = LowRankPatch(torch.full((8, 2), 1000.0, dtype=torch.float16), torch.ones(2, 4, dtype=torch.float16))
+    x = torch.full((3, 8), 1e-3, dtype=torch.float16)
+    smooth = torch.full((8,), 0.01)
+    out = patch(x, smooth)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert torch.allclose(out.float(), torch.full((3, 4), 1600.0), rtol=1e-2)

@@ -90,7 +90,10 @@ class LowRankPatch(nn.Module):
         self.register_buffer("l2", l2)
 
     def down(self, x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
-        """``(x / s) @ l1``: the rank-r projection, ``[rows, r]``."""
+        """``(x / s) @ l1``: the rank-r projection, ``[rows, r]``. For fp16 inputs it runs in
+        float32: ``l1 / s`` can exceed fp16's range when ``s`` is small."""
+        if x.dtype == torch.float16:
+            return (x.float() @ (self.l1.float() / smooth.float()[:, None])).to(x.dtype)
         return x @ (self.l1.to(x.dtype) / smooth.to(x.dtype)[:, None])
 
     def forward(self, x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
