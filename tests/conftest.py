@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -51,3 +52,24 @@ def misaligned_vl(seed: int = 1):
         out.weight[VISION_OUTLIERS] *= 10.0
         out.bias[VISION_OUTLIERS] *= 10.0
     return model
+
+
+@contextlib.contextmanager
+def interrupted_at(method: str, layer: int):
+    """Within the block, ``method`` raises KeyboardInterrupt when it reaches decoder layer ``layer``
+    (a run stopped by the user); the method is restored afterwards."""
+    from masquant.methods import METHODS
+
+    original = METHODS[method]
+
+    def interrupted(ctx):
+        if ctx.index == layer:
+            raise KeyboardInterrupt
+        return original(ctx)
+
+    interrupted.__dict__.update(original.__dict__)  # prepare(), second_moments
+    METHODS[method] = interrupted
+    try:
+        yield
+    finally:
+        METHODS[method] = original

@@ -13,7 +13,7 @@ from masquant.kernels import int_linear, int_matmul, quantize_tokens
 from masquant.primitives import IntGrid, quantize_weight
 from masquant.qlinear import IntWeight
 
-from conftest import omni_samples, vl_samples
+from conftest import interrupted_at, omni_samples, vl_samples
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -107,26 +107,14 @@ def test_fused_kernels_on_the_gpu_match_the_eager_ones(monkeypatch):
     assert float((fused - eager).norm() / eager.norm()) < 1e-5
 
 
-def test_calibration_on_the_gpu_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    from masquant.methods import METHODS
-
+def test_calibration_on_the_gpu_resumes_to_the_same_weights(tmp_path):
     samples = vl_samples(range(2))
     config = QuantConfig(method="masquant", w_bits=4, rank=4, epochs=1)
     whole = tiny.tiny_qwen2_5_vl(layers=3).cuda()
     masquant.quantize(whole, samples, config, progress=False)
-    original = METHODS["masquant"]
-
-    def fails_at_layer_1(ctx):
-        if ctx.index == 1:
-            raise KeyboardInterrupt
-        return original(ctx)
-
-    fails_at_layer_1.__dict__.update(original.__dict__)
-    monkeypatch.setitem(METHODS, "masquant", fails_at_layer_1)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at("masquant", 1), pytest.raises(KeyboardInterrupt):
         masquant.quantize(tiny.tiny_qwen2_5_vl(layers=3).cuda(), samples, config, progress=False,
                           checkpoint=tmp_path / "s")
-    monkeypatch.setitem(METHODS, "masquant", original)
     resumed = tiny.tiny_qwen2_5_vl(layers=3).cuda()
     masquant.quantize(resumed, samples, config, progress=False, checkpoint=tmp_path / "s", resume=True)
     a, b = whole.state_dict(), resumed.state_dict()

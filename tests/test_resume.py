@@ -16,9 +16,8 @@ import masquant
 from masquant import QuantConfig, tiny
 from masquant.checkpoint import STATE_DIR
 from masquant.cli import prepare_output
-from masquant.methods import METHODS
 
-from conftest import vl_samples
+from conftest import interrupted_at, vl_samples
 
 CONFIG = QuantConfig(method="masquant", w_bits=4, rank=4, epochs=1)
 
@@ -26,23 +25,13 @@ CONFIG = QuantConfig(method="masquant", w_bits=4, rank=4, epochs=1)
 @pytest.mark.reliability(
     case='calibration interrupted (Ctrl-C in layer 2), then resumed; resumed with other inputs, settings or model',
     expect='identical model and report; foreign state refused')
-def test_an_interrupted_run_resumes_to_the_same_model_and_report(tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_to_the_same_model_and_report(tmp_path):
     samples = vl_samples(range(3))
     whole = tiny.tiny_qwen2_5_vl(layers=4)
     expected = masquant.quantize(whole, samples, CONFIG, progress=False)
-    original = METHODS["masquant"]
-
-    def fails_at_layer_2(ctx):
-        if ctx.index == 2:
-            raise KeyboardInterrupt  # the user pressed Ctrl-C in layer 2
-        return original(ctx)
-
-    fails_at_layer_2.__dict__.update(original.__dict__)  # prepare(), second_moments
-    monkeypatch.setitem(METHODS, "masquant", fails_at_layer_2)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at("masquant", 2), pytest.raises(KeyboardInterrupt):  # Ctrl-C in layer 2
         masquant.quantize(tiny.tiny_qwen2_5_vl(layers=4), samples, CONFIG, progress=False, checkpoint=tmp_path / "s")
     assert {p.name for p in (tmp_path / "s").glob("layer_*.json")} == {"layer_0000.json", "layer_0001.json"}
-    monkeypatch.setitem(METHODS, "masquant", original)
     with pytest.raises(FileExistsError, match="2 layers finished"):  # never reused silently
         masquant.quantize(tiny.tiny_qwen2_5_vl(layers=4), samples, CONFIG, progress=False, checkpoint=tmp_path / "s")
     with pytest.raises(ValueError, match="other inputs_sha256"):
@@ -151,22 +140,12 @@ def test_the_cli_keeps_user_files_and_continues_only_what_it_started(tmp_path):
 
 @pytest.mark.reliability(case="resume with a model whose decoder weights differ (same config and embeddings)",
                          expect="refused, naming the first layer that differs")
-def test_resuming_with_other_decoder_weights_is_refused(tmp_path, monkeypatch):
+def test_resuming_with_other_decoder_weights_is_refused(tmp_path):
     """Same config and embeddings, different decoder layers (e.g. a merged fine-tune)."""
     samples = vl_samples(range(2))
-    original = METHODS["smoothquant"]
-
-    def fails_at_layer_1(ctx):
-        if ctx.index == 1:
-            raise KeyboardInterrupt
-        return original(ctx)
-
-    fails_at_layer_1.__dict__.update(original.__dict__)
-    monkeypatch.setitem(METHODS, "smoothquant", fails_at_layer_1)
     config = QuantConfig(method="smoothquant")
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at("smoothquant", 1), pytest.raises(KeyboardInterrupt):
         masquant.quantize(tiny.tiny_qwen2_5_vl(layers=3), samples, config, progress=False, checkpoint=tmp_path / "s")
-    monkeypatch.setitem(METHODS, "smoothquant", original)
     other = tiny.tiny_qwen2_5_vl(layers=3)
     with torch.no_grad():
         for p in other.model.language_model.layers.parameters():

@@ -26,6 +26,7 @@ from .config import QuantConfig
 from .modality import ModalityRouter
 from .qlinear import QuantLinear, replace_module
 from .report import LayerReport
+from .serialization import sha256_file
 
 STATE_DIR = ".masquant-partial"
 RUN = "run.json"
@@ -39,20 +40,16 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _hash_tensor(digest, name: str, value: torch.Tensor) -> None:
+    digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+    digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def layer_digest(layer: nn.Module) -> str:
     """SHA-256 of a full-precision decoder layer's tensors (names, shapes, dtypes, bytes)."""
     digest = hashlib.sha256()
     for name, value in sorted(layer.state_dict().items()):
-        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        _hash_tensor(digest, name, value)
     return digest.hexdigest()
 
 
@@ -65,11 +62,9 @@ def fingerprint(model: nn.Module, inputs: list[dict], config: QuantConfig) -> di
         for key in sorted(sample):
             value = sample[key]
             if torch.is_tensor(value):
-                data.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
-                data.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                _hash_tensor(data, key, value)
     weights = hashlib.sha256(model.config.to_json_string().encode())
-    embeddings = model.get_input_embeddings().weight.detach().cpu().contiguous()
-    weights.update(embeddings.reshape(-1).view(torch.uint8).numpy().tobytes())
+    _hash_tensor(weights, "embeddings", model.get_input_embeddings().weight)
     return {"config": config.to_dict(), "samples": len(inputs), "inputs_sha256": data.hexdigest(),
             "model_sha256": weights.hexdigest()}
 
@@ -107,13 +102,13 @@ class LayerCheckpoint:
         n, damaged = 0, None
         while self._layer(n, "json").exists():
             tensors = self._layer(n, "safetensors")
-            if not tensors.exists() or _sha256(tensors) != self._meta(n)["sha256"][tensors.name]:
+            if not tensors.exists() or sha256_file(tensors) != self._meta(n)["sha256"][tensors.name]:
                 damaged = tensors
                 break
             n += 1
         if n:
             hidden = self._hidden(n - 1)
-            if not hidden.exists() or _sha256(hidden) != self._meta(n - 1)["sha256"][hidden.name]:
+            if not hidden.exists() or sha256_file(hidden) != self._meta(n - 1)["sha256"][hidden.name]:
                 what = f"{damaged} is damaged and {hidden.name}" if damaged else str(hidden)
                 raise ValueError(f"{what} is missing or damaged: this state cannot be resumed; start over "
                                  "(--overwrite, or delete the state directory)")
@@ -136,7 +131,7 @@ class LayerCheckpoint:
             {f"hidden.{j}": h.detach().cpu().contiguous() for j, h in enumerate(hidden)}, str(tmp)))
         meta = {"index": index, "fp_sha256": fp_digest, "layouts": {p: layer.get_submodule(p).layout() for p in paths},
                 "report": report.to_dict(), "rng": torch.get_rng_state().tolist(),
-                "sha256": {p.name: _sha256(p) for p in (self._layer(index, "safetensors"), self._hidden(index))}}
+                "sha256": {p.name: sha256_file(p) for p in (self._layer(index, "safetensors"), self._hidden(index))}}
         _atomic_write(self._layer(index, "json"), lambda tmp: tmp.write_text(json.dumps(meta)))
         for old in range(index):  # only the last finished layer's outputs are needed to resume
             self._hidden(old).unlink(missing_ok=True)

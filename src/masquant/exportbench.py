@@ -21,6 +21,7 @@ from .evaluate import compare
 from .export import export_compressed_tensors
 from .refmodels import registry
 from .refmodels.evaluate import FULL, QUICK, calibration_inputs, comparison_inputs, evaluate_reference
+from .report import write_page
 from .serialization import save
 from .sidecar import load_export
 
@@ -90,11 +91,6 @@ re-quantizes it and the sidecar leaves it on the text path (see `masquant.sideca
 
 
 def write(rows: list[dict], out: Path, results: Path | None, command: str) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "export_bench.json").write_text(json.dumps(rows, indent=1))
     text = HEADER.format(command=command) + markdown(rows) + "\n"
-    (out / "export_bench.md").write_text(text)
-    if results is not None:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(text)
+    write_page(out, "export_bench", rows, text, results)
     return text

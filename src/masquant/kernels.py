@@ -21,6 +21,7 @@ overhead of a compiled kernel (~0.07 ms on a 2-core CPU) outweighs the passes it
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -145,11 +146,16 @@ def fusion_available(device: torch.device) -> bool:
         raise ValueError(f"MASQUANT_FUSE must be auto, 0 or 1, got {mode!r}")
     if mode == "0" or device.type in _broken:
         return False
-    if mode == "1":
-        return True
-    if device.type == "cpu":  # inductor writes C++ and builds it with the system's compiler
+    return mode == "1" or _can_compile(device.type)
+
+
+@functools.cache
+def _can_compile(device_type: str) -> bool:
+    """Whether ``torch.compile`` can generate code for this device type (probed once, not on every
+    forward): inductor writes C++ for the CPU and builds it with the system's compiler, Triton for CUDA."""
+    if device_type == "cpu":
         return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++"))
-    if device.type == "cuda":
+    if device_type == "cuda":
         return importlib.util.find_spec("triton") is not None
     return False
 

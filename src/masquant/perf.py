@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import speed
+from .report import write_page
 
 log = logging.getLogger("masquant")
 
@@ -142,11 +142,5 @@ FP16" counts every other tensor at 2 bytes.
 
 
 def write(result: dict, out: Path, results: Path | None = None, command: str = "masquant bench --speed") -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(result, indent=1))
-    text = HEADER.format(command=command) + markdown(result) + "\n"
-    (out / "speed.md").write_text(text)
-    if results is not None:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(text)
+    write_page(out, "speed", result, HEADER.format(command=command) + markdown(result) + "\n", results)
     log.info("wrote %s", out)

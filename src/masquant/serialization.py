@@ -131,12 +131,16 @@ class IntegrityError(ValueError):
     """A file of a saved model is missing, truncated or modified."""
 
 
-def _fingerprint(path: Path) -> dict:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def _fingerprint(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def verify(directory: str | Path) -> None:
@@ -154,7 +158,7 @@ def verify(directory: str | Path) -> None:
         if size != expected["bytes"]:
             raise IntegrityError(f"{path} has {size} bytes, {expected['bytes']} were saved "
                                  f"({'truncated' if size < expected['bytes'] else 'modified'}); re-save or re-copy it")
-        if _fingerprint(path)["sha256"] != expected["sha256"]:
+        if sha256_file(path) != expected["sha256"]:
             raise IntegrityError(f"{path} does not match its saved SHA-256 (modified or corrupted); "
                                  "re-save or re-copy it")
 
