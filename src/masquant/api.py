@@ -19,7 +19,7 @@ from .collate import collate
 from .config import QuantConfig
 from .methods import METHODS
 from .modality import Modality, ModalityRouter, attach_router
-from .pipeline import quantize_layers
+from .pipeline import LayerSource, quantize_layers
 from .qlinear import QuantLinear
 from .report import QuantReport
 
@@ -39,7 +39,8 @@ class CalibrationError(ValueError):
 
 def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | None = None,
              adapter: Adapter | None = None, progress: bool = True, cache: dict | None = None,
-             checkpoint: str | Path | None = None, resume: bool = False) -> QuantReport:
+             checkpoint: str | Path | None = None, resume: bool = False,
+             source: LayerSource | None = None) -> QuantReport:
     """Quantize the decoder linears of ``model`` in place; return the per-modality report.
 
     ``calib`` yields dicts of model inputs as the model's HF processor returns them
@@ -55,13 +56,17 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     continues from its last finished layer and gives bit-identical results. An existing state
     is never silently reused: without ``resume`` it is an error, and resuming with another
     model, calibration set or settings is refused.
+
+    ``source``: the decoder layers are on the meta device and ``source`` materialises each
+    in turn and takes it back once quantized (``masquant.streaming.quantize_streaming``).
     """
     config = config or QuantConfig()
     adapter = adapter or get_adapter(model)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("model is already quantized by masquant; start again from the full-precision model")
     adapter.validate(model)
-    _check_weights(model, adapter)
+    if source is None:
+        _check_weights(model, adapter)  # a streamed layer is checked as it is read
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     was_training = model.training
@@ -85,7 +90,8 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
                            progress)
         samples = [dataclasses.replace(s, hidden=s.hidden.clone()) for s in captured] if cache is not None else captured
         del inputs
-        reports = quantize_layers(model, adapter, samples, config, router, method, prepared, progress, state)
+        reports = quantize_layers(model, adapter, samples, config, router, method, prepared, progress, state,
+                                  source)
     finally:
         model.train(was_training)
         _reset_position_cache(model)

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     quant.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from its last finished layer (state kept in OUT)")
+    quant.add_argument("--stream", action="store_true",
+                       help="hold one decoder layer in memory at a time: read each from the checkpoint's safetensors "
+                            "shards, quantize it, write it, free it (for models larger than memory; docs/SCALE.md)")
     quant.add_argument("--no-progress", action="store_true")
     an = sub.add_parser("analyze", help="measure smoothing misalignment and recommend a method",
                         description="Per layer and linear: activation ranges per modality, their misalignment, "
@@ -113,13 +116,30 @@ def _quantize(args: argparse.Namespace) -> None:
     rank = int(args.rank) if float(args.rank).is_integer() and args.rank >= 1 else float(args.rank)
     config = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, w_group_size=args.group_size,
                          rank=rank, epochs=args.epochs, calib_batch=args.calib_batch, seed=args.seed)
-    model, processor, reference = load_any(args.model)
-    calib = _calibration(args, processor, reference)
-    report = quantize(model, calib, config, progress=not args.no_progress, checkpoint=state, resume=args.resume)
-    save(model, args.out, processor, overwrite=replace, extra_files={"report.json": report.to_json()},
-         reference=reference)  # replaces OUT, calibration state included, only once the model is complete
+    if args.stream:
+        report = _quantize_streaming(args, config, state, replace)
+    else:
+        model, processor, reference = load_any(args.model)
+        calib = _calibration(args, processor, reference)
+        report = quantize(model, calib, config, progress=not args.no_progress, checkpoint=state, resume=args.resume)
+        save(model, args.out, processor, overwrite=replace, extra_files={"report.json": report.to_json()},
+             reference=reference)  # replaces OUT, calibration state included, only once the model is complete
     print(report.summary())
     print(f"saved to {args.out}")
+
+
+def _quantize_streaming(args: argparse.Namespace, config, state: Path, replace: bool):
+    import torch
+
+    from .loading import full_precision_dir, processor_of
+    from .streaming import quantize_streaming
+
+    path, reference = full_precision_dir(args.model)
+    processor = processor_of(path)
+    calib = _calibration(args, processor, reference)
+    dtype = torch.float32 if reference is not None else None  # the reference models run in float32
+    return quantize_streaming(path, calib, config, args.out, processor, progress=not args.no_progress,
+                              overwrite=replace, checkpoint=state, resume=args.resume, reference=reference, dtype=dtype)
 
 
 def prepare_output(out: Path, overwrite: bool, resume: bool) -> tuple[Path, bool]:

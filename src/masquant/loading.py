@@ -28,8 +28,26 @@ def load_any(spec: str, sidecar: bool = True):
     if is_export(path):
         return load_export(path, sidecar=sidecar)
     if (path / serialization.QUANT_CONFIG).exists():
-        return serialization.load(path), _processor(path), serialization.read_meta(path).get("reference")
+        return serialization.load(path), processor_of(path), serialization.read_meta(path).get("reference")
     return (*load_hf(path), None)
+
+
+def full_precision_dir(spec: str) -> tuple[Path, str | None]:
+    """``(directory, reference)`` of a full-precision checkpoint to stream: a reference model's
+    folder or a local Hugging Face checkpoint directory (not a quantized or exported one)."""
+    from . import serialization
+    from .refmodels import registry
+    from .sidecar import is_export
+
+    path = Path(spec)
+    if spec in REFERENCE_MODELS and not path.is_dir():
+        return registry.model_dir(spec), spec
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {spec!r} is neither a reference model ({', '.join(REFERENCE_MODELS)}) "
+                                "nor a directory")
+    if (path / serialization.QUANT_CONFIG).exists() or is_export(path):
+        raise ValueError(f"{path} is already quantized; streaming quantizes a full-precision checkpoint")
+    return path, None
 
 
 def load_hf(path: Path):
@@ -37,10 +55,11 @@ def load_hf(path: Path):
     from .refmodels import registry
 
     model = registry.load(path)[0] if (path / "masquant_processor.json").exists() else _hf_model(path)
-    return model, _processor(path)
+    return model, processor_of(path)
 
 
-def _processor(path: Path):
+def processor_of(path: Path):
+    """The processor saved in a checkpoint directory (None when it has none)."""
     from .refmodels.processor import RefProcessor
 
     if (path / "masquant_processor.json").exists():

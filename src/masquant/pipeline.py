@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -203,20 +204,34 @@ class LayerContext:
 Method = Callable[[LayerContext], LayerPlan]
 
 
+class LayerSource(Protocol):
+    """Where decoder layers come from when they do not all fit in memory (``masquant.streaming``)."""
+
+    def load(self, index: int, layer: nn.Module) -> None: ...  # give the meta-device layer its weights
+
+    def release(self, index: int, layer: nn.Module) -> None: ...  # write the quantized layer and free it
+
+
 @torch.no_grad()
 def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured], config: QuantConfig,
                     router: ModalityRouter, method: Method, prepared: dict | None = None,
-                    progress: bool = True, checkpoint: LayerCheckpoint | None = None) -> list[LayerReport]:
+                    progress: bool = True, checkpoint: LayerCheckpoint | None = None,
+                    source: LayerSource | None = None) -> list[LayerReport]:
     """Quantize every decoder layer in order; each layer sees the quantized previous ones.
 
     With ``checkpoint``, every finished layer is written to its state directory, and layers
-    already finished there are restored instead of calibrated again."""
+    already finished there are restored instead of calibrated again. With ``source`` (streaming),
+    each layer is materialised just before its turn and written and freed right after it."""
+    load = source.load if source is not None else lambda i, layer: None
+    release = source.release if source is not None else lambda i, layer: None
     layers = adapter.decoder_layers(model)
     tokens, reports = TokenContext(), []
     second = getattr(method, "second_moments", False)
     start = 0 if checkpoint is None else checkpoint.finished()
     for i in range(start):  # resuming: the finished layers come from the state directory
+        load(i, layers[i])
         reports.append(checkpoint.restore_layer(i, layers[i], config, router))
+        release(i, layers[i])
     if start:
         for sample, hidden in zip(samples, checkpoint.hidden(start - 1, samples[0].hidden.device), strict=True):
             sample.hidden = hidden
@@ -224,6 +239,7 @@ def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured],
     bar = tqdm(range(start, len(layers)), desc=f"{config.method} W{config.w_bits}A{config.a_bits}",
                unit="layer", disable=not progress, initial=start, total=len(layers))
     for i in bar:
+        load(i, layers[i])
         fp_digest = layer_digest(layers[i]) if checkpoint is not None else ""
         ctx = LayerContext(i, layers[i], adapter, config, router, samples, tokens, prepared=prepared or {})
         ctx.collect(second_moments=second)
@@ -238,6 +254,8 @@ def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured],
         reports.append(report)
         if checkpoint is not None:
             checkpoint.save_layer(i, layers[i], list(originals), report, [s.hidden for s in samples], fp_digest)
+        del ctx, plan, originals, outputs  # the layer's full-precision linears and targets go now
+        release(i, layers[i])
         sqnr = {k: f"{v:.1f}dB" for k, v in report.output_sqnr.items()}
         bar.set_postfix(sqnr)
         log.info("layer %d/%d: output SQNR %s", i + 1, len(layers), ", ".join(f"{k} {v}" for k, v in sqnr.items()))

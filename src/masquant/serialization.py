@@ -40,6 +40,7 @@ log = logging.getLogger("masquant")
 FORMAT = "masquant"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a streamed (sharded) model
 QUANT_CONFIG = "quant_config.json"
 
 
@@ -97,34 +98,43 @@ def save(model: nn.Module, directory: str | Path, processor=None, overwrite: boo
     """
     from safetensors.torch import save_model
 
-    from . import __version__
-
     directory = Path(directory)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers or not hasattr(model, "masquant_config"):
         raise ValueError("this model is not quantized by masquant; run masquant.quantize(model, calib, config) first")
+    with staged_directory(directory, overwrite) as tmp:
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_metadata(tmp, model, {name: layer.layout() for name, layer in layers.items()}, processor,
+                       extra_files, reference)
+    log.info("saved %d quantized linears to %s", len(layers), directory)
+    return directory
+
+
+def write_metadata(directory: Path, model: nn.Module, layouts: dict[str, dict], processor=None,
+                   extra_files: dict[str, str] | None = None, reference: str | None = None) -> None:
+    """Everything of a saved model but its weights, ``quant_config.json`` (with the size and
+    SHA-256 of every file already in ``directory``) last."""
+    from . import __version__
+
     router = getattr(model, "_masquant_router", None)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "masquant_version": __version__,
             "quant_config": model.masquant_config.to_dict(),
             "router": {str(k): v.name.lower() for k, v in sorted((router.table if router else {}).items())},
-            "linears": {name: layer.layout() for name, layer in layers.items()}}
+            "linears": layouts}
     if reference is not None:
         meta["reference"] = reference
-    with staged_directory(directory, overwrite) as tmp:
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        hf_config = copy.deepcopy(model.config)
-        hf_config.architectures = [type(model).__name__]
-        hf_config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        meta["files"] = {str(f.relative_to(tmp)): _fingerprint(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / QUANT_CONFIG).write_text(json.dumps(meta, indent=1))  # written last: marks a complete model
-    log.info("saved %d quantized linears to %s", len(layers), directory)
-    return directory
+    hf_config = copy.deepcopy(model.config)
+    hf_config.architectures = [type(model).__name__]
+    hf_config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if processor is not None:
+        processor.save_pretrained(directory)
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text)
+    meta["files"] = {str(f.relative_to(directory)): _fingerprint(f)
+                     for f in sorted(directory.rglob("*")) if f.is_file()}
+    (directory / QUANT_CONFIG).write_text(json.dumps(meta, indent=1))  # written last: marks a complete model
 
 
 class IntegrityError(ValueError):
@@ -180,12 +190,20 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a saved model: ``model.safetensors``, or the shards its index names."""
+    index = directory / WEIGHTS_INDEX
+    if index.exists():
+        return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [directory / WEIGHTS]
+
+
 def load(directory: str | Path, runtime: str | None = None, check: bool = True) -> nn.Module:
     """Rebuild a model written by ``save`` (in eval mode, integer runtime unless ``runtime``).
 
     ``check`` verifies the size and SHA-256 of every saved file first (``IntegrityError``
     names the file that is missing, truncated or modified)."""
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     directory = Path(directory)
     meta = read_meta(directory)
@@ -199,11 +217,19 @@ def load(directory: str | Path, runtime: str | None = None, check: bool = True) 
     router = ModalityRouter({int(k): Modality[v.upper()] for k, v in meta["router"].items()})
     for name, layout in meta["linears"].items():
         replace_module(model, name, QuantLinear.from_layout(layout, config, router))
-    missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=False)
+    files = weight_files(directory)
+    expected = set(model.state_dict())
+    loaded, unexpected = set(), []
+    for path in files:
+        part = load_file(str(path))
+        unexpected += [k for k in part if k not in expected]
+        model.load_state_dict({k: v for k, v in part.items() if k in expected}, strict=False)
+        loaded.update(part)
+        del part
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    missing = [k for k in missing if k not in tied]
+    missing = sorted(expected - loaded - tied)
     if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS} does not match the saved layout: missing {missing[:5]}, "
+        raise ValueError(f"{directory} weights do not match the saved layout: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     attach_router(model, router)
     model.masquant_config = config

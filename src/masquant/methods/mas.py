@@ -22,6 +22,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..gradients import modality_gradient_ratios
 from ..modality import Modality
@@ -46,8 +47,9 @@ class _TrainableLinear(nn.Module):
     def weight(self, m: Modality) -> torch.Tensor:
         """``Q(W * s_m)``, computed once per optimiser step (``weights`` is cleared after each)."""
         if m not in self.weights:
-            self.weights[m] = fake_quantize_weight(self.linear.weight.float() * self.smooth[int(m)], self.grid,
-                                                   self.ctx.config.w_group_size)
+            # recomputed in backward instead of keeping ~5 weight-sized intermediates per modality alive
+            self.weights[m] = checkpoint(_smoothed_fake_quant, self.linear.weight, self.smooth[int(m)], self.grid,
+                                         self.ctx.config.w_group_size, use_reentrant=False)
         return self.weights[m]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +63,10 @@ class _TrainableLinear(nn.Module):
                 xq = fake_quantize_per_token(rows.index_select(0, idx) / self.smooth[int(m)], self.ctx.config.a_bits)
                 out = out.index_copy(0, idx, F.linear(xq, self.weight(m), bias))
         return out.reshape(*x.shape[:-1], self.linear.out_features).to(x.dtype)
+
+
+def _smoothed_fake_quant(weight: torch.Tensor, smooth: torch.Tensor, grid: IntGrid, group_size: int) -> torch.Tensor:
+    return fake_quantize_weight(weight.float() * smooth, grid, group_size)
 
 
 def initial_table(ctx: LayerContext, group) -> torch.Tensor:

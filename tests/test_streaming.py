@@ -1,0 +1,186 @@
+"""Streaming quantization: one decoder layer in memory at a time, same result as in memory."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from masquant import QuantConfig, quantize, tiny
+from masquant.serialization import load, model_class, save
+from masquant.streaming import CheckpointTensors, match_names, quantize_streaming
+
+from conftest import interrupted_at, omni_samples, vl_samples
+
+CONFIG = QuantConfig(method="masquant", w_bits=4, a_bits=8, rank=4, epochs=1, calib_batch=2)
+
+
+def _in_memory(directory, samples, config, out):
+    cls, _ = model_class(directory)
+    model = cls.from_pretrained(directory).eval()
+    report = quantize(model, samples, config, progress=False)
+    save(model, out)
+    return report
+
+
+def _assert_same_weights(a, b):
+    sa, sb = load(a).state_dict(), load(b).state_dict()
+    assert sa.keys() == sb.keys()
+    differ = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not differ, differ[:5]
+
+
+@pytest.mark.parametrize("family", ["vl", "omni"])
+def test_streamed_model_equals_the_in_memory_one(family, tmp_path):
+    model = tiny.tiny_qwen2_5_vl(layers=3) if family == "vl" else tiny.tiny_qwen2_5_omni_thinker(layers=3)
+    model.save_pretrained(tmp_path / "fp")  # saved under the checkpoint's names, not the module names
+    samples = vl_samples(range(4)) if family == "vl" else omni_samples(range(4))
+    expected = _in_memory(tmp_path / "fp", samples, CONFIG, tmp_path / "mem")
+    report = quantize_streaming(tmp_path / "fp", samples, CONFIG, tmp_path / "stream", progress=False)
+
+    files = {p.name for p in (tmp_path / "stream").iterdir()}
+    assert "model.safetensors.index.json" in files and "model-00004-of-00004.safetensors" in files
+    _assert_same_weights(tmp_path / "mem", tmp_path / "stream")
+    assert [r.output_sqnr for r in report.layers] == [r.output_sqnr for r in expected.layers]
+    streamed, reference = load(tmp_path / "stream"), load(tmp_path / "mem")
+    inputs = {k: v for k, v in samples[0].items() if k != "labels"}
+    assert torch.equal(streamed(**inputs).logits, reference(**inputs).logits)
+    saved = json.loads((tmp_path / "stream" / "report.json").read_text())
+    assert len(saved["layers"]) == 3
+
+
+def test_half_precision_checkpoint_streams_in_its_dtype(tmp_path):
+    tiny.tiny_qwen2_5_vl().to(torch.bfloat16).save_pretrained(tmp_path / "fp")
+    config = QuantConfig(method="smoothquant", w_bits=8, a_bits=8, calib_batch=2)
+    samples = vl_samples(range(3))
+    _in_memory(tmp_path / "fp", samples, config, tmp_path / "mem")
+    quantize_streaming(tmp_path / "fp", samples, config, tmp_path / "stream", progress=False)
+    _assert_same_weights(tmp_path / "mem", tmp_path / "stream")
+
+
+@pytest.mark.reliability(case="streamed calibration interrupted in layer 1, resumed",
+                         expect="the resumed run writes the same weights as an uninterrupted one")
+def test_streaming_resumes_after_an_interruption(tmp_path):
+    tiny.tiny_qwen2_5_vl(layers=3).save_pretrained(tmp_path / "fp")
+    samples = vl_samples(range(4))
+    quantize_streaming(tmp_path / "fp", samples, CONFIG, tmp_path / "clean", progress=False)
+    with interrupted_at("masquant", 1), pytest.raises(KeyboardInterrupt):
+        quantize_streaming(tmp_path / "fp", samples, CONFIG, tmp_path / "out", progress=False,
+                           checkpoint=tmp_path / "state")
+    assert not (tmp_path / "out").exists()  # nothing half-written at the destination
+    quantize_streaming(tmp_path / "fp", samples, CONFIG, tmp_path / "out", progress=False,
+                       checkpoint=tmp_path / "state", resume=True)
+    _assert_same_weights(tmp_path / "clean", tmp_path / "out")
+
+
+def test_names_match_across_transformers_renamings():
+    wanted = {"model.language_model.layers.0.mlp.up_proj.weight": (8, 4),
+              "model.visual.blocks.0.mlp.up_proj.weight": (8, 4),
+              "model.audio_tower.layers.0.fc1.weight": (2, 2),
+              "model.language_model.norm.weight": (4,)}
+    available = {"model.layers.0.mlp.up_proj.weight": (8, 4), "visual.blocks.0.mlp.up_proj.weight": (8, 4),
+                 "audio_tower.layers.0.fc1.weight": (2, 2), "model.norm.weight": (4,),
+                 "audio_tower.layers.0.mlp.up_proj.weight": (8, 4)}
+    assert match_names(wanted, available) == {
+        "model.language_model.layers.0.mlp.up_proj.weight": "model.layers.0.mlp.up_proj.weight",
+        "model.visual.blocks.0.mlp.up_proj.weight": "visual.blocks.0.mlp.up_proj.weight",
+        "model.audio_tower.layers.0.fc1.weight": "audio_tower.layers.0.fc1.weight",
+        "model.language_model.norm.weight": "model.norm.weight"}
+
+
+@pytest.mark.reliability(case="streaming a checkpoint that does not fit the model's config",
+                         expect="ValueError listing the missing / mis-shaped / ambiguous tensors")
+def test_mismatched_checkpoints_are_refused():
+    with pytest.raises(ValueError, match="no tensor"):
+        match_names({"model.layers.0.q.weight": (2, 2)}, {"model.layers.0.k.weight": (2, 2)})
+    with pytest.raises(ValueError, match="shape"):
+        match_names({"model.layers.0.q.weight": (2, 2)}, {"model.layers.0.q.weight": (2, 3)})
+    with pytest.raises(ValueError, match="ambiguous"):
+        match_names({"m.x.y.layers.0.q.weight": (2, 2)}, {"x.layers.0.q.weight": (2, 2), "m.layers.0.q.weight": (2, 2)})
+
+
+@pytest.mark.reliability(case="streaming a damaged checkpoint (NaN in a layer, truncated shard, no safetensors)",
+                         expect="ValueError / FileNotFoundError naming the tensor or file; no output written")
+def test_damaged_checkpoints_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny.tiny_qwen2_5_vl()
+    model.save_pretrained(tmp_path / "fp")
+    weights = tmp_path / "fp" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"NaN/Inf in checkpoint tensor model\.layers\.1\.mlp\.up_proj"):
+        quantize_streaming(tmp_path / "fp", vl_samples(range(2)), CONFIG, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        store = CheckpointTensors(tmp_path / "fp")
+        for key in store.entries:
+            store.get(key)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors"):
+        quantize_streaming(tmp_path / "fp", vl_samples(range(2)), CONFIG, tmp_path / "out", progress=False)
+
+
+def test_methods_needing_a_whole_model_backward_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="backward pass through the whole model"):
+        quantize_streaming(tmp_path, [], QuantConfig(method="mbq"), tmp_path / "out")
+    with pytest.raises(ValueError, match="backward pass through the whole model"):
+        quantize_streaming(tmp_path, [], QuantConfig(method="masquant", lambdas="auto"), tmp_path / "out")
+
+
+CAPPED = textwrap.dedent("""
+    import resource, sys
+    resource.setrlimit(resource.RLIMIT_DATA, (int(sys.argv[4]), int(sys.argv[4])))
+    import torch
+    torch.set_num_threads(1)
+    from masquant import QuantConfig, quantize, tiny
+    from masquant.serialization import model_class, save
+    from masquant.streaming import quantize_streaming
+    samples = [tiny.tiny_sample(s, family="vl") for s in range(4)]
+    config = QuantConfig(method="smoothquant", w_bits=8, a_bits=8)
+    if sys.argv[1] == "stream":
+        quantize_streaming(sys.argv[2], samples, config, sys.argv[3], progress=False)
+    else:
+        cls, _ = model_class(sys.argv[2])
+        model = cls.from_pretrained(sys.argv[2]).eval()
+        quantize(model, samples, config, progress=False)
+        save(model, sys.argv[3])
+    print("peak RSS MiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+""")
+
+
+@pytest.mark.reliability(case="a model larger than the process's memory limit (RLIMIT_DATA)",
+                         expect="streaming quantizes it under the limit and writes the in-memory result; "
+                                  "loading it whole under the same limit fails")
+def test_a_model_larger_than_the_memory_cap_streams_and_matches(tmp_path):
+    model = tiny.tiny_qwen2_5_vl(hidden=1024, layers=16, intermediate=4096, heads=8)
+    model.save_pretrained(tmp_path / "fp")
+    size = (tmp_path / "fp" / "model.safetensors").stat().st_size
+    del model
+    cap = 750 << 20  # python + torch + transformers take ~430 MiB of it; the checkpoint alone is ~930 MiB
+    assert size > cap
+
+    def run(mode, out):
+        script = tmp_path / "capped.py"
+        script.write_text(CAPPED)
+        return subprocess.run([sys.executable, str(script), mode, str(tmp_path / "fp"), str(out), str(cap)],
+                              capture_output=True, text=True, timeout=600)
+
+    streamed = run("stream", tmp_path / "stream")
+    assert streamed.returncode == 0, streamed.stderr[-3000:]
+    whole = run("memory", tmp_path / "whole")
+    assert whole.returncode != 0 and ("memory" in whole.stderr.lower() or "MemoryError" in whole.stderr)
+    config = QuantConfig(method="smoothquant", w_bits=8, a_bits=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the capped process: same kernels, same bits
+    try:
+        _in_memory(tmp_path / "fp", [tiny.tiny_sample(s, family="vl") for s in range(4)], config, tmp_path / "mem")
+    finally:
+        torch.set_num_threads(threads)
+    _assert_same_weights(tmp_path / "mem", tmp_path / "stream")
