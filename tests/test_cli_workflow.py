@@ -129,3 +129,19 @@ def test_analyze_writes_its_report_and_plots(calib_file, tmp_path):
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) >= 4 and all((out / p).stat().st_size > 5000 for p in pngs)
     assert "ecommend" in (out / "report.md").read_text()
+
+
+def test_streamed_cli_quantize_writes_the_same_model(saved, calib_file, tmp_path):
+    import torch
+
+    from masquant.serialization import load
+
+    out = tmp_path / "streamed"
+    masquant("quantize", "--model", "ref-vl", "--calib", str(calib_file), "--method", "smoothquant", "--w-bits", "8",
+             "--a-bits", "8", "--out", str(out), "--no-progress", "--stream")
+    assert (out / "model.safetensors.index.json").exists() and (out / "masquant_processor.json").exists()
+    streamed, whole = load(out).state_dict(), load(saved).state_dict()
+    assert streamed.keys() == whole.keys()
+    assert all(torch.equal(streamed[k], whole[k]) for k in whole)
+    scores = json.loads(masquant("eval", "--model", str(out), "--quick").stdout)
+    assert scores["item"]["accuracy"] >= 0.6

@@ -25,6 +25,8 @@ EPILOG = """examples:
   masquant bench --speed --results docs/PERFORMANCE.md   integer runtime vs FP32/BF16, calibration cost
   masquant bench --speed --device cuda   the same linear / whole-model rows on a GPU
   masquant bench --export --models ref-vl ref-omni --results docs/EXPORT.md   export with vs without sidecar
+  masquant bench --memory --results docs/MEMORY.md   peak memory of calibration, in memory vs streamed
+  masquant quantize --model path/to/Qwen2.5-VL-72B-Instruct --calib calib.jsonl --stream --out q   larger than memory
   masquant eval --model q-vl-ct --no-sidecar   an exported model as a server without the sidecar runs it
 """
 
@@ -98,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="measure speed, checkpoint bytes and calibration cost instead of accuracy")
     bench.add_argument("--export", action="store_true",
                        help="accuracy of the compressed-tensors export with and without its sidecar")
+    bench.add_argument("--memory", action="store_true",
+                       help="peak memory of calibration, in memory vs --stream (ref-vl and a 3B-wide random model)")
     bench.add_argument("--device", default="cpu",
                        help="with --speed: cpu, or cuda for the GPU rows (linears and the wide model)")
     bench.add_argument("--resume", action="store_true",
@@ -243,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_export_bench(tuple(args.models), quick=args.quick)
             command = " ".join(["masquant bench --export", *(["--quick"] if args.quick else []), "--models",
                                 *args.models, *([f"--results {args.results}"] if args.results else [])])
+            print(write(rows, args.out, args.results, command))
+        elif args.command == "bench" and args.memory:
+            from .memorybench import run_memory_bench, write
+
+            rows = run_memory_bench(quick=args.quick)
+            command = " ".join(["masquant bench --memory", *(["--quick"] if args.quick else []),
+                                *([f"--results {args.results}"] if args.results else [])])
             print(write(rows, args.out, args.results, command))
         elif args.command == "bench" and args.speed:
             from .perf import markdown, run_speed, write
