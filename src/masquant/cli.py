@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--rank", type=float, default=32, help="CMC patch rank (an int, or a ratio below 1)")
     quant.add_argument("--epochs", type=int, default=2, help="MAS epochs")
     quant.add_argument("--calib-batch", type=int, default=8, help="calibration samples per layer call")
+    quant.add_argument("--mas-batch", type=int, default=1,
+                       help="calibration batches per MAS step (>= the number of torchrun processes to spread MAS)")
     quant.add_argument("--seed", type=int, default=0)
     quant.add_argument("--out", type=Path, required=True, help="output directory")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -120,7 +122,8 @@ def _quantize(args: argparse.Namespace) -> None:
     state, replace = distributed.on_rank0(prepare_output, args.out, args.overwrite, args.resume)
     rank = int(args.rank) if float(args.rank).is_integer() and args.rank >= 1 else float(args.rank)
     config = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, w_group_size=args.group_size,
-                         rank=rank, epochs=args.epochs, calib_batch=args.calib_batch, seed=args.seed)
+                         rank=rank, epochs=args.epochs, calib_batch=args.calib_batch, mas_batch=args.mas_batch,
+                         seed=args.seed)
     model, processor, reference = load_any(args.model)
     if distributed.device().type == "cuda":  # NCCL: this process's GPU (LOCAL_RANK)
         model.to(distributed.device())
