@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,18 +41,25 @@ def _free_port() -> int:
 def ranks(tmp_path_factory):
     """What each of the two worker processes computed."""
     out, port = tmp_path_factory.mktemp("ranks"), _free_port()
+    logs = [(out / f"rank{r}.log").open("w") for r in range(2)]
     procs = [subprocess.Popen([sys.executable, str(TESTS / "distributed_worker.py"), str(out)],
                               env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        results = [p.communicate(timeout=240) for p in procs]
+                              stdout=logs[r], stderr=subprocess.STDOUT) for r in range(2)]
+    deadline = time.monotonic() + 240
+    try:  # a failed rank leaves the other waiting in a collective: stop it then
+        while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
+            assert time.monotonic() < deadline, "the worker processes did not finish in time"
+            time.sleep(0.1)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (_, err) in zip(procs, results, strict=True):
-        assert p.returncode == 0, err[-3000:]
+                p.wait()
+        for log in logs:
+            log.close()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, (out / f"rank{r}.log").read_text()[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -117,9 +125,9 @@ def test_two_processes_give_the_one_process_result(ranks, single, name):
 
 
 def test_mbq_is_bit_identical(ranks, single):
-    """No learned step: the merged statistics and errors pick the same scales, hence the same bytes."""
+    """No learned step: the merged statistics and errors pick the same scales, hence the same tensors."""
     a, b = single["mbq"]["state"], ranks[0]["runs"]["mbq"]["state"]
-    assert all(torch.equal(a[k], b[k]) for k in a if not a[k].is_floating_point())
+    assert all(torch.equal(a[k], b[k]) for k in a)  # (the report's float64 errors may differ in the last bit)
 
 
 def test_reduce_helpers_merge_what_each_rank_saw(ranks):

@@ -48,7 +48,12 @@ def init_from_env(backend: str | None = None) -> bool:
     The backend is NCCL when CUDA is available (the rank computes on GPU ``LOCAL_RANK``),
     else Gloo. Nothing happens when ``WORLD_SIZE`` is absent or 1, or a group already exists.
     """
-    if not dist.is_available() or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_available():
+        raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for data-parallel calibration, but this "
+                           "PyTorch build has no torch.distributed")
+    if dist.is_initialized():
         return False
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
