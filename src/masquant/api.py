@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .arch import Adapter, get_adapter, modality_ids
 from .capture import Captured, capture
 from .checkpoint import LayerCheckpoint, fingerprint
@@ -59,8 +60,17 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
 
     ``source``: the decoder layers are on the meta device and ``source`` materialises each
     in turn and takes it back once quantized (``masquant.streaming.quantize_streaming``).
+
+    Inside a ``torch.distributed`` process group of N > 1 processes (``torchrun``), every
+    process passes the same ``calib``, calibrates on its share of the batches and ends with
+    the same model (``masquant.distributed``); ``checkpoint`` is then refused.
     """
     config = config or QuantConfig()
+    if checkpoint is not None and distributed.world_size() > 1:
+        raise ValueError(f"checkpoint / resume is not available with data-parallel calibration "
+                         f"({distributed.world_size()} processes); calibrate in one process to make the run "
+                         "resumable")
+    progress = progress and distributed.rank() == 0
     adapter = adapter or get_adapter(model)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("model is already quantized by masquant; start again from the full-precision model")
@@ -82,12 +92,14 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
             state = LayerCheckpoint(checkpoint)
             state.start(fingerprint(model, inputs, config), resume)
         inputs = collate(inputs, config.calib_batch, _pad_token_id(model))
+        held = _shard(len(inputs), n_samples, config.calib_batch)
+        inputs = [inputs[i] for i in held]  # this process's batches (all of them in one process)
         prepare = getattr(method, "prepare", None)
         prepared = {} if prepare is None else _cached(
             cache, ("prepare", config.method, config.lambdas == "auto", config.calib_batch, n_samples),
             prepare, model, adapter, inputs, config)
         captured = _cached(cache, ("capture", config.calib_batch, n_samples), capture_all, model, adapter, inputs,
-                           progress)
+                           progress, held)
         samples = [dataclasses.replace(s, hidden=s.hidden.clone()) for s in captured] if cache is not None else captured
         del inputs
         reports = quantize_layers(model, adapter, samples, config, router, method, prepared, progress, state,
@@ -118,11 +130,24 @@ def _pad_token_id(model: nn.Module) -> int:
     return 0  # padded positions are masked; the id only has to exist
 
 
+def _shard(n_batches: int, n_samples: int, calib_batch: int) -> list[int]:
+    """Indices of the calibration batches this process calibrates on (all in one process)."""
+    world = distributed.world_size()
+    if n_batches < world:
+        raise CalibrationError(f"{n_samples} calibration samples in batches of calib_batch={calib_batch} make "
+                               f"{n_batches} batches for {world} processes: every process needs at least one; "
+                               "add samples, lower calib_batch or start fewer processes")
+    return distributed.shard(n_batches)
+
+
 @torch.no_grad()
-def capture_all(model: nn.Module, adapter: Adapter, inputs: list[dict], progress: bool = True) -> list[Captured]:
-    """Decoder-layer inputs of every validated sample (see ``masquant.capture``)."""
-    return [capture(model, adapter, x, modality_ids(model, x["input_ids"], adapter))
-            for x in tqdm(inputs, desc="capture", unit="sample", disable=not progress)]
+def capture_all(model: nn.Module, adapter: Adapter, inputs: list[dict], progress: bool = True,
+                indices: list[int] | None = None) -> list[Captured]:
+    """Decoder-layer inputs of every validated sample (see ``masquant.capture``); ``indices``:
+    the samples' positions in the whole calibration set (default: their order here)."""
+    indices = range(len(inputs)) if indices is None else indices
+    return [dataclasses.replace(capture(model, adapter, x, modality_ids(model, x["input_ids"], adapter)), index=i)
+            for x, i in zip(tqdm(inputs, desc="capture", unit="sample", disable=not progress), indices, strict=True)]
 
 
 def _check_weights(model: nn.Module, adapter: Adapter) -> None:
@@ -219,9 +244,6 @@ def _check_features(sample: dict, ids: torch.Tensor, index: int, adapter: Adapte
 
 
 def _token_counts(samples: list[Captured]) -> dict[str, int]:
-    counts = {}
-    for m in Modality:
-        n = sum(int(((s.ids == int(m)) & s.valid).sum()) for s in samples)
-        if n:
-            counts[m.name.lower()] = n
-    return counts
+    counts = distributed.all_reduce_ints([sum(int(((s.ids == int(m)) & s.valid).sum()) for s in samples)
+                                          for m in Modality])
+    return {m.name.lower(): n for m, n in zip(Modality, counts, strict=True) if n}

@@ -27,6 +27,7 @@ class Captured:
     ids: torch.Tensor  # modality ids, [1, seq]
     valid: torch.Tensor  # attention mask as bool, [1, seq]
     answer: torch.Tensor  # text tokens that count as answers (labels != -100, or all text), [1, seq]
+    index: int = 0  # position of this batch in the whole calibration set (data-parallel runs hold a part)
 
 
 class _Stop(Exception):

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--rank", type=float, default=32, help="CMC patch rank (an int, or a ratio below 1)")
     quant.add_argument("--epochs", type=int, default=2, help="MAS epochs")
     quant.add_argument("--calib-batch", type=int, default=8, help="calibration samples per layer call")
+    quant.add_argument("--mas-batch", type=int, default=1,
+                       help="calibration batches per MAS step (>= the number of torchrun processes to spread MAS)")
     quant.add_argument("--seed", type=int, default=0)
     quant.add_argument("--out", type=Path, required=True, help="output directory")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -111,21 +113,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quantize(args: argparse.Namespace) -> None:
+    """Under ``torchrun`` (a process group, see ``masquant.distributed``) every process calibrates
+    on its share of the samples; rank 0 alone touches OUT, saves and prints."""
+    from . import distributed
     from .api import quantize
     from .config import QuantConfig
     from .loading import load_any
     from .serialization import save
 
-    state, replace = prepare_output(args.out, args.overwrite, args.resume)  # before the (slow) load
+    world = distributed.world_size()
+    if world > 1 and args.resume:
+        raise ValueError(f"--resume is not available with data-parallel calibration ({world} processes): such a "
+                         "run keeps no per-layer state; calibrate in one process to make a run resumable")
+    # before the (slow) load
+    state, replace = distributed.on_rank0(prepare_output, args.out, args.overwrite, args.resume)
     rank = int(args.rank) if float(args.rank).is_integer() and args.rank >= 1 else float(args.rank)
     config = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, w_group_size=args.group_size,
-                         rank=rank, epochs=args.epochs, calib_batch=args.calib_batch, seed=args.seed)
+                         rank=rank, epochs=args.epochs, calib_batch=args.calib_batch, mas_batch=args.mas_batch,
+                         seed=args.seed)
     if args.stream:
-        report = _quantize_streaming(args, config, state, replace)
+        report = _quantize_streaming(args, config, state if world == 1 else None, replace)
+        if distributed.rank() != 0:
+            return
     else:
         model, processor, reference = load_any(args.model)
+        if distributed.device().type == "cuda":  # NCCL: this process's GPU (LOCAL_RANK)
+            model.to(distributed.device())
         calib = _calibration(args, processor, reference)
-        report = quantize(model, calib, config, progress=not args.no_progress, checkpoint=state, resume=args.resume)
+        report = quantize(model, calib, config, progress=not args.no_progress,
+                          checkpoint=state if world == 1 else None, resume=args.resume)
+        if distributed.rank() != 0:
+            return
         save(model, args.out, processor, overwrite=replace, extra_files={"report.json": report.to_json()},
              reference=reference)  # replaces OUT, calibration state included, only once the model is complete
     print(report.summary())
@@ -135,6 +153,7 @@ def _quantize(args: argparse.Namespace) -> None:
 def _quantize_streaming(args: argparse.Namespace, config, state: Path, replace: bool):
     import torch
 
+    from . import distributed
     from .loading import full_precision_dir, processor_of
     from .streaming import quantize_streaming
 
@@ -143,7 +162,8 @@ def _quantize_streaming(args: argparse.Namespace, config, state: Path, replace: 
     calib = _calibration(args, processor, reference)
     dtype = torch.float32 if reference is not None else None  # the reference models run in float32
     return quantize_streaming(path, calib, config, args.out, processor, progress=not args.no_progress,
-                              overwrite=replace, checkpoint=state, resume=args.resume, reference=reference, dtype=dtype)
+                              overwrite=replace, checkpoint=state, resume=args.resume, reference=reference, dtype=dtype,
+                              device=distributed.device())
 
 
 def prepare_output(out: Path, overwrite: bool, resume: bool) -> tuple[Path, bool]:
@@ -223,8 +243,14 @@ def _eval(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_json)
+    rank, joined = 0, False
     try:
         if args.command == "quantize":
+            from . import distributed
+
+            joined = distributed.init_from_env()  # started by torchrun: data-parallel calibration
+            rank = distributed.rank()
+            _setup_logging(args.log_json, rank)
             _quantize(args)
         elif args.command == "analyze":
             _analyze(args)
@@ -279,8 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError, KeyError) as err:
         if args.debug:
             raise
-        print(f"masquant: error: {err}", file=sys.stderr)
+        print(f"masquant: error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 1
+    finally:
+        if joined:
+            from .distributed import shutdown
+
+            shutdown()
 
 
 class _JsonFormatter(logging.Formatter):
@@ -289,10 +320,12 @@ class _JsonFormatter(logging.Formatter):
                            "logger": record.name, "message": record.getMessage()})
 
 
-def _setup_logging(as_json: bool) -> None:
+def _setup_logging(as_json: bool, rank: int = 0) -> None:
+    """INFO on stderr; in a data-parallel run, ranks other than 0 log errors only (they would
+    repeat rank 0's lines)."""
     handler = logging.StreamHandler()
     handler.setFormatter(_JsonFormatter() if as_json else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, handlers=[handler], force=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ mean ``|d loss / d output|`` of every layer's ``o_proj`` and ``down_proj`` on ea
 modality's tokens (text: answer tokens only). The ratio non-text / text, per layer and
 floored at its median across layers, weights that modality's reconstruction error (MBQ;
 MASQuant's ``lambdas="auto"``). The loss is next-token cross-entropy on the sample's
-``labels`` if given, else on every text token.
+``labels`` if given, else on every text token. Data-parallel (``masquant.distributed``), each
+process runs its own samples and the sums and counts are added over the processes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import statistics
 import torch
 from torch import nn
 
+from . import distributed
 from .arch import Adapter, modality_ids
 from .modality import Modality
 
@@ -65,6 +67,11 @@ def modality_gradient_ratios(model: nn.Module, adapter: Adapter, samples: list[d
             handle.remove()
         for p, flag in grads_before.items():
             p.requires_grad_(flag)
+    flat = distributed.all_reduce_floats([s[m] for s in sums for m in Modality])
+    flat_counts = distributed.all_reduce_ints([c[m] for c in counts for m in Modality])
+    n = len(Modality)
+    sums = [dict(zip(Modality, flat[i * n:(i + 1) * n], strict=True)) for i in range(len(layers))]
+    counts = [dict(zip(Modality, flat_counts[i * n:(i + 1) * n], strict=True)) for i in range(len(layers))]
     return _ratios(sums, counts)
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .arch import Adapter, LinearGroup
 from .capture import Captured
 from .checkpoint import LayerCheckpoint, layer_digest
@@ -95,6 +96,10 @@ class LayerContext:
     def run_all(self) -> list[torch.Tensor]:
         return [self.run(i) for i in range(len(self.samples))]
 
+    def sample_count(self) -> int:
+        """Calibration batches of the whole run (``samples`` holds this process's share)."""
+        return distributed.all_reduce_ints([len(self.samples)])[0]
+
     def modalities(self) -> list[Modality]:
         """Modalities with calibration tokens in this layer."""
         return sorted({m for site in self.stats.values() for m in site.per_modality})
@@ -103,6 +108,7 @@ class LayerContext:
         """Run the full-precision layer once: input statistics and target outputs.
 
         ``second_moments``: also accumulate ``X^T X`` at the inputs of smoothed groups.
+        Data-parallel: the statistics are merged over the processes, the outputs stay local.
         """
         paths = [g.linears[0] for g in self.groups()]  # a group's linears share one input
         second = {g.linears[0] for g in self.groups() if second_moments and self.smoothed(g)}
@@ -113,6 +119,7 @@ class LayerContext:
         finally:
             collector.remove()
         self.stats = collector.sites
+        distributed.all_reduce_sites(self.stats, self.linears(self.groups()[0])[0].weight.device)
         for group in self.groups():
             for path in group.linears[1:]:
                 self.stats[path] = self.stats[group.linears[0]]
@@ -126,7 +133,8 @@ class LayerContext:
         ``answer_only`` drops text tokens that are not answer tokens (MBQ). ``compensate``
         adds CMC patches as ``masquant`` would. ``only``: run these samples alone (e.g. those
         holding a modality whose error alone is weighted; comparisons on the same subset rank
-        candidates exactly as on all samples would).
+        candidates exactly as on all samples would). Data-parallel: the error and the count are
+        summed over the processes (``only`` then names samples of this process).
         """
         per_modality = torch.ones(NUM_MODALITIES, dtype=torch.float64)
         if weights is not None:
@@ -141,6 +149,7 @@ class LayerContext:
                     keep = keep & (sample.answer | (sample.ids != int(Modality.TEXT)))
                 total += float((err * per_modality.to(err.device)[sample.ids.to(err.device)])[keep].sum())
                 count += int(keep.sum()) * self.fp_outputs[i].shape[-1]
+        total, count = distributed.all_reduce_floats([total, count])
         return total / max(count, 1)
 
     @contextlib.contextmanager
@@ -188,6 +197,7 @@ class LayerContext:
         finally:
             for handle in handles:
                 handle.remove()
+        distributed.all_reduce_meters([layer_meter, *meters.values()])
         linears = {p: LinearReport(meters[p].result(), activation_summary(self.stats[p]),
                                    self.layer.get_submodule(p).storage_bytes()) for p in originals}
         return outputs, LayerReport(self.index, layer_meter.result(), linears)

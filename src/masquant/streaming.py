@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .config import QuantConfig
 from .qlinear import QuantLinear
 from .report import QuantReport
@@ -156,7 +157,7 @@ class LayerStream:
     quantized, to its own output shard (``quantize_layers`` calls ``load`` and ``release``)."""
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList, tensors: CheckpointTensors, names: dict[str, str],
-                 dtype: torch.dtype, device: torch.device, out: Path):
+                 dtype: torch.dtype, device: torch.device, out: Path | None):
         self.model, self.layers, self.tensors, self.names = model, layers, tensors, names
         self.dtype, self.device, self.out = dtype, device, out
         prefix = {id(m): n for n, m in model.named_modules()}
@@ -190,6 +191,8 @@ class LayerStream:
     def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
+        if self.out is None:  # a data-parallel rank other than 0
+            return
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(self.out / name),
                   metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(tensors, name))
@@ -344,6 +347,9 @@ def quantize_streaming(directory: str | Path, calib: Iterable[Mapping], config: 
     map_large_allocations()
     model, tensors, names, dtype = skeleton(directory, dtype, device)
     layers = get_adapter(model).decoder_layers(model)
+    if distributed.rank() != 0:  # data-parallel: every rank calibrates, rank 0 alone writes
+        stream = LayerStream(model, layers, tensors, names, dtype, torch.device(device), None)
+        return quantize(model, calib, config, progress=progress, source=stream)
     out = Path(out)
     with staged_directory(out, overwrite) as tmp:
         stream = LayerStream(model, layers, tensors, names, dtype, torch.device(device), tmp)

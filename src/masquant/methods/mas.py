@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import distributed
 from ..gradients import modality_gradient_ratios
 from ..modality import Modality
 from ..pipeline import LayerContext, LayerPlan
@@ -117,9 +118,14 @@ def learn_tables(ctx: LayerContext, tables: dict[str, torch.Tensor]) -> tuple[di
 def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tensor,
               trainable: list[_TrainableLinear]) -> list[float]:
     """AdamW for ``epochs`` over the samples, ``mas_batch`` samples (mean loss) per step;
-    returns the mean loss before and after."""
+    returns the mean loss before and after.
+
+    Data-parallel, the steps run over the batches of the whole calibration set: each process
+    backpropagates the part of a step's loss its own samples make (none: no backward), the
+    gradients are summed over the processes, and every process takes the same step."""
     config = ctx.config
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total = ctx.sample_count()
 
     def new_step() -> None:
         for module in trainable:
@@ -129,12 +135,15 @@ def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tens
     history = [_mean_loss(ctx, weights)]
     with torch.enable_grad():
         for _ in range(config.epochs):
-            for first in range(0, len(ctx.samples), config.mas_batch):
-                batch = range(first, min(first + config.mas_batch, len(ctx.samples)))
+            for first in range(0, total, config.mas_batch):
+                size = min(config.mas_batch, total - first)
+                batch = [i for i, s in enumerate(ctx.samples) if first <= s.index < first + size]
                 new_step()
-                loss = sum(_weighted_mae(ctx.run(i), ctx.fp_outputs[i], ctx.samples[i], weights) for i in batch)
                 opt.zero_grad(set_to_none=True)
-                (loss / len(batch)).backward()
+                if batch:
+                    loss = sum(_weighted_mae(ctx.run(i), ctx.fp_outputs[i], ctx.samples[i], weights) for i in batch)
+                    (loss / size).backward()
+                distributed.all_reduce_grads(params)
                 opt.step()
                 with torch.no_grad():
                     for p in params:
@@ -148,7 +157,8 @@ def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tens
 @torch.no_grad()
 def _mean_loss(ctx: LayerContext, weights: torch.Tensor) -> float:
     losses = [float(_weighted_mae(ctx.run(i), ctx.fp_outputs[i], s, weights)) for i, s in enumerate(ctx.samples)]
-    return sum(losses) / len(losses)
+    total, count = distributed.all_reduce_floats([sum(losses), len(losses)])
+    return total / count
 
 
 def _weighted_mae(out: torch.Tensor, ref: torch.Tensor, sample, weights: torch.Tensor) -> torch.Tensor:
