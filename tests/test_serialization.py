@@ -74,7 +74,7 @@ def test_refusals(vl_model, fresh, tmp_path):
         masquant.load(tmp_path / "q")
     meta["linears"].popitem()  # a layout that does not match the tensors
     (tmp_path / "q" / "quant_config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="does not match the saved layout"):
+    with pytest.raises(ValueError, match="do not match the saved layout"):
         masquant.load(tmp_path / "q")
 
 

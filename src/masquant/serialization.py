@@ -229,7 +229,7 @@ def load(directory: str | Path, runtime: str | None = None, check: bool = True) 
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
     missing = sorted(expected - loaded - tied)
     if missing or unexpected:
-        raise ValueError(f"{directory} weights do not match the saved layout: missing {missing[:5]}, "
+        raise ValueError(f"the weights in {directory} do not match the saved layout: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     attach_router(model, router)
     model.masquant_config = config
