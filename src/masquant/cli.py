@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     quant.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from its last finished layer (state kept in OUT)")
+    quant.add_argument("--device", default=None,
+                       help="where to calibrate: cpu (default) or cuda / cuda:N; under torchrun with GPUs each process "
+                            "uses its LOCAL_RANK GPU")
     quant.add_argument("--stream", action="store_true",
                        help="hold one decoder layer in memory at a time: read each from the checkpoint's safetensors "
                             "shards, quantize it, write it, free it (for models larger than memory; docs/SCALE.md)")
@@ -122,6 +125,7 @@ def _quantize(args: argparse.Namespace) -> None:
     from .serialization import save
 
     world = distributed.world_size()
+    _device(args)  # a bad --device is refused before the (slow) load
     if world > 1 and args.resume:
         raise ValueError(f"--resume is not available with data-parallel calibration ({world} processes): such a "
                          "run keeps no per-layer state; calibrate in one process to make a run resumable")
@@ -137,8 +141,9 @@ def _quantize(args: argparse.Namespace) -> None:
             return
     else:
         model, processor, reference = load_any(args.model)
-        if distributed.device().type == "cuda":  # NCCL: this process's GPU (LOCAL_RANK)
-            model.to(distributed.device())
+        device = _device(args)
+        if device.type != "cpu":
+            model.to(device)
         calib = _calibration(args, processor, reference)
         report = quantize(model, calib, config, progress=not args.no_progress,
                           checkpoint=state if world == 1 else None, resume=args.resume)
@@ -153,7 +158,6 @@ def _quantize(args: argparse.Namespace) -> None:
 def _quantize_streaming(args: argparse.Namespace, config, state: Path, replace: bool):
     import torch
 
-    from . import distributed
     from .loading import full_precision_dir, processor_of
     from .streaming import quantize_streaming
 
@@ -163,7 +167,22 @@ def _quantize_streaming(args: argparse.Namespace, config, state: Path, replace: 
     dtype = torch.float32 if reference is not None else None  # the reference models run in float32
     return quantize_streaming(path, calib, config, args.out, processor, progress=not args.no_progress,
                               overwrite=replace, checkpoint=state, resume=args.resume, reference=reference, dtype=dtype,
-                              device=distributed.device())
+                              device=_device(args))
+
+
+def _device(args: argparse.Namespace):
+    """``--device``, except under NCCL where each process computes on its own GPU (LOCAL_RANK)."""
+    import torch
+
+    from . import distributed
+
+    if distributed.device().type == "cuda":
+        return distributed.device()
+    device = torch.device(args.device or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA GPU (or PyTorch was built without CUDA); "
+                         "use --device cpu")
+    return device
 
 
 def prepare_output(out: Path, overwrite: bool, resume: bool) -> tuple[Path, bool]:
