@@ -153,11 +153,7 @@ def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cac
     """``(patch or None, report entry, complete)``: ``complete()`` adds the spectrum of the
     variant that was not used to the entry (once)."""
     smooth = qlinear.smooth[int(modality)].double()
-    if config.residual == "quantized":
-        target = qlinear.quantize_smoothed(linear.weight, modality).dequantize().double()
-    else:
-        target = linear.weight.detach().double() * smooth
-    delta = target - text_weight
+    delta = _residual(qlinear, linear, modality, config, text_weight)
     rank = resolve_rank(config.rank, linear.in_features, linear.out_features, where)
     if rank == 0 or not bool(delta.any()):  # nothing to fit: no whitening (and no covariance check) needed
         entry = {"rank": rank, "whiten": config.whiten, "residual": config.residual, "ridge": config.ridge,
@@ -176,19 +172,31 @@ def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cac
         f"{used}_energy_kept": chosen.energy_kept, f"{used}_spectrum": chosen.spectrum, "patch_bytes": patch_bytes,
     }
 
+    del delta  # float64, twice the linear's float32 size: the closure below recomputes it if asked
+
     def complete() -> None:
         if f"{other}_spectrum" in entry:
             return
+        residual = _residual(qlinear, linear, modality, config, qlinear.dequantized_weight().double())
         if config.whiten:
-            values = spectrum(delta, rank)
+            values = spectrum(residual, rank)
         else:  # the whitened spectrum is only reported, when the covariance allows it
             try:  # no `cache` in this closure: the cache holds the closure (no reference cycle)
-                values = spectrum(delta, rank, _whitener(stats, modality, smooth, config.ridge, None))
+                values = spectrum(residual, rank, _whitener(stats, modality, smooth, config.ridge, None))
             except ValueError:
                 values = ([], None)
         entry[f"{other}_spectrum"], entry[f"{other}_energy_kept"] = values
 
     return (chosen.l1, chosen.l2), entry, complete
+
+
+def _residual(qlinear, linear, modality, config, text_weight: torch.Tensor) -> torch.Tensor:
+    """``dW = W * s_m - Q(W * s_text)`` (or ``Q(W * s_m) - Q(W * s_text)``), float64."""
+    if config.residual == "quantized":
+        target = qlinear.quantize_smoothed(linear.weight, modality).dequantize().double()
+    else:
+        target = linear.weight.detach().double() * qlinear.smooth[int(modality)].double()
+    return target - text_weight
 
 
 def _whitener(stats, modality, smooth: torch.Tensor, ridge: float, cache: dict | None):
