@@ -184,3 +184,30 @@ def test_a_model_larger_than_the_memory_cap_streams_and_matches(tmp_path):
     finally:
         torch.set_num_threads(threads)
     _assert_same_weights(tmp_path / "mem", tmp_path / "stream")
+
+
+def test_memory_bench_child_measures_one_run(tmp_path):
+    from masquant.memorybench import child, markdown
+
+    tiny.tiny_qwen2_5_vl().save_pretrained(tmp_path / "fp")
+    row = child("stream", str(tmp_path / "fp"), "smoothquant", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert row["peak_mib"] >= row["runtime_mib"] > 0 and row["seconds"] > 0
+    table = markdown([{"model": "tiny", "method": "smoothquant", "mode": "stream", "checkpoint_mib": 1.0,
+                       "layer_mib": 0.5, **row}])
+    assert "| tiny | 1 | 0.5 | smoothquant | streamed |" in table
+
+
+@pytest.mark.reliability(case="quantize --device cuda on a machine without a GPU; --stream of a quantized model",
+                         expect="one-line error before anything is loaded / naming the directory")
+def test_cli_refuses_a_missing_gpu_and_a_quantized_source(tmp_path, capsys):
+    from masquant.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["quantize", "--model", "ref-vl", "--device", "cuda", "--out", str(tmp_path / "q")]) == 1
+    assert "no CUDA GPU" in capsys.readouterr().err
+    tiny.tiny_qwen2_5_vl().save_pretrained(tmp_path / "fp")
+    (tmp_path / "fp" / "quant_config.json").write_text("{}")
+    assert main(["quantize", "--model", str(tmp_path / "fp"), "--stream", "--out", str(tmp_path / "q")]) == 1
+    assert "already quantized" in capsys.readouterr().err

@@ -19,9 +19,10 @@ trailing path, checks shapes, and refuses anything ambiguous or missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -224,13 +225,22 @@ def release_memory() -> None:
         _libc.malloc_trim(0)
 
 
-def map_large_allocations() -> None:
-    """Make glibc serve every allocation of 1 MiB or more with its own mapping, returned to the
-    system when freed. By default glibc raises that threshold to the size of the largest block
-    freed so far (up to 32 MiB), after which freed weight matrices stay in its heap: a
-    streamed model then holds several layers' worth of dead memory. Process-wide; Linux only."""
-    if _libc is not None and hasattr(_libc, "mallopt"):
-        _libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+@contextlib.contextmanager
+def large_allocations_mapped() -> Iterator[None]:
+    """Within the block, glibc serves every allocation of 1 MiB or more with its own mapping,
+    returned to the system when freed. By default glibc raises that threshold to the size of
+    the largest block freed so far (up to 32 MiB), after which freed weight matrices stay in its
+    heap: a streamed model then holds several layers' worth of dead memory. Afterwards the
+    threshold is left at 32 MiB, where glibc's own adjustment ends up (setting it once turns that
+    adjustment off for the process). Linux / glibc only; elsewhere nothing changes."""
+    if _libc is None or not hasattr(_libc, "mallopt"):
+        yield
+        return
+    _libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        _libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 
 def _load_libc():
@@ -336,21 +346,27 @@ def quantize_streaming(directory: str | Path, calib: Iterable[Mapping], config: 
     work as there (finished layers are re-read from the checkpoint and written again). Methods
     that need a gradient pass through the whole model (``mbq``, ``lambdas="auto"``) are refused.
     """
-    from .api import quantize
-    from .arch import get_adapter
-    from .serialization import staged_directory, write_metadata
 
     if config.method == "mbq" or config.lambdas == "auto":
         raise ValueError(f"method {config.method!r} with lambdas={config.lambdas!r} needs a backward pass through "
                          "the whole model (MBQ gradient ratios), which streaming does not do; use fixed lambdas "
                          "(the default) or another method, or quantize in memory")
-    map_large_allocations()
+    with large_allocations_mapped():
+        return _quantize_streaming(directory, calib, config, Path(out), processor, progress, overwrite, checkpoint,
+                                   resume, extra_files, reference, dtype, device)
+
+
+def _quantize_streaming(directory, calib, config, out, processor, progress, overwrite, checkpoint, resume,
+                        extra_files, reference, dtype, device) -> QuantReport:
+    from .api import quantize
+    from .arch import get_adapter
+    from .serialization import staged_directory, write_metadata
+
     model, tensors, names, dtype = skeleton(directory, dtype, device)
     layers = get_adapter(model).decoder_layers(model)
     if distributed.rank() != 0:  # data-parallel: every rank calibrates, rank 0 alone writes
         stream = LayerStream(model, layers, tensors, names, dtype, torch.device(device), None)
         return quantize(model, calib, config, progress=progress, source=stream)
-    out = Path(out)
     with staged_directory(out, overwrite) as tmp:
         stream = LayerStream(model, layers, tensors, names, dtype, torch.device(device), tmp)
         report = quantize(model, calib, config, progress=progress, checkpoint=checkpoint, resume=resume,
