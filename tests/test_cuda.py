@@ -119,3 +119,29 @@ def test_calibration_on_the_gpu_resumes_to_the_same_weights(tmp_path):
     masquant.quantize(resumed, samples, config, progress=False, checkpoint=tmp_path / "s", resume=True)
     a, b = whole.state_dict(), resumed.state_dict()
     assert all(b[k].is_cuda == a[k].is_cuda and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streaming_on_the_gpu_equals_the_in_memory_gpu_run(tmp_path):
+    """``quantize_streaming(..., device="cuda")``: every layer materialised on the GPU, the same
+    weights as quantizing the whole model on the GPU."""
+    from masquant.serialization import load, model_class, save
+    from masquant.streaming import quantize_streaming
+
+    tiny.tiny_qwen2_5_vl(layers=3).save_pretrained(tmp_path / "fp")
+    samples = vl_samples(range(4))
+    config = QuantConfig(method="masquant", w_bits=4, rank=4, epochs=1, calib_batch=2)
+    cls, _ = model_class(tmp_path / "fp")
+    whole = cls.from_pretrained(tmp_path / "fp").cuda().eval()
+    masquant.quantize(whole, samples, config, progress=False)
+    save(whole, tmp_path / "mem")
+    quantize_streaming(tmp_path / "fp", samples, config, tmp_path / "stream", progress=False, device="cuda")
+    a, b = load(tmp_path / "mem").state_dict(), load(tmp_path / "stream").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_streams_on_the_gpu(tmp_path):
+    from masquant.cli import main
+
+    assert main(["quantize", "--model", "ref-vl", "--method", "smoothquant", "--w-bits", "8", "--a-bits", "8",
+                 "--stream", "--device", "cuda", "--no-progress", "--out", str(tmp_path / "q")]) == 0
+    assert (tmp_path / "q" / "model.safetensors.index.json").exists()
