@@ -142,7 +142,8 @@ resident size after importing torch, transformers and the model class and buildi
 calibration inputs (before any weight), *peak RSS* the most it held from there on (`VmHWM`,
 reset at that point). W4A8, {samples} calibration samples for the random
 model and the shipped calibration set for ref-vl, float32. *(peak - runtime) / layer* is the
-`k` of the memory formula in [SCALE.md](SCALE.md).
+`k` of the memory formula in [SCALE.md](SCALE.md). *seconds* is wall time on a shared machine,
+not a speed measurement.
 
 """
 
