@@ -105,12 +105,19 @@ def test_streamed_run_with_disk_offload_equals_the_in_memory_one(tmp_path):
 
 @pytest.mark.reliability(
     case="offload directory that cannot be created or written to",
-    expect="ValueError naming the directory before anything is captured")
-def test_an_unwritable_offload_directory_is_refused(tmp_path):
+    expect="ValueError naming the directory before anything is captured; the CLI refuses it before loading")
+def test_an_unwritable_offload_directory_is_refused(tmp_path, capsys, monkeypatch):
+    import masquant.loading
+    from masquant.cli import main
+
     (tmp_path / "file").write_text("not a directory")
     for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
         with pytest.raises(ValueError, match=f"offload directory {bad} .*writable"):
             _run(AWQ, vl_samples(range(2)), offload=bad)
+    monkeypatch.setattr(masquant.loading, "load_any", lambda *a: pytest.fail("loaded before refusing"))
+    bad = tmp_path / "file" / "sub"
+    assert main(["quantize", "--model", "ref-vl", "--offload", str(bad), "--out", str(tmp_path / "q")]) == 1
+    assert f"offload directory {bad}" in capsys.readouterr().err
     if os.geteuid() != 0:  # root writes anywhere
         (tmp_path / "ro").mkdir(mode=0o500)
         with pytest.raises(ValueError, match="not a writable directory"):
