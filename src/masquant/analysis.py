@@ -37,8 +37,8 @@ def collect_fp_stats(model: nn.Module, calib: Iterable[Mapping], adapter: Adapte
         ctx = LayerContext(i, layer, adapter, QuantConfig(method="rtn"), router, samples, tokens)
         ctx.collect()
         out.append({g.name: ctx.site(g) for g in ctx.groups()})
-        for sample, hidden in zip(samples, ctx.fp_outputs, strict=True):
-            sample.hidden = hidden
+        for j, sample in enumerate(samples):
+            sample.hidden = ctx.target(j)
     return out
 
 

@@ -20,6 +20,7 @@ from .collate import collate
 from .config import QuantConfig
 from .methods import METHODS
 from .modality import Modality, ModalityRouter, attach_router
+from .offload import ActivationStore
 from .pipeline import LayerSource, quantize_layers
 from .qlinear import QuantLinear
 from .report import QuantReport
@@ -41,7 +42,7 @@ class CalibrationError(ValueError):
 def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | None = None,
              adapter: Adapter | None = None, progress: bool = True, cache: dict | None = None,
              checkpoint: str | Path | None = None, resume: bool = False,
-             source: LayerSource | None = None) -> QuantReport:
+             source: LayerSource | None = None, offload: str | Path | None = None) -> QuantReport:
     """Quantize the decoder linears of ``model`` in place; return the per-modality report.
 
     ``calib`` yields dicts of model inputs as the model's HF processor returns them
@@ -60,6 +61,13 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
 
     ``source``: the decoder layers are on the meta device and ``source`` materialises each
     in turn and takes it back once quantized (``masquant.streaming.quantize_streaming``).
+
+    ``offload``: where the calibration activations (each batch's input of the current decoder
+    layer and its full-precision output) wait while other batches run: ``None`` (on the compute
+    device), ``"cpu"`` (host memory; changes nothing on a CPU run) or a directory (one file per
+    tensor in a fresh sub-directory, read back memory-mapped; removed at the end, also on
+    errors). Each batch's tensors come to the device only while it runs; results are
+    bit-identical. See ``masquant.offload``.
 
     Inside a ``torch.distributed`` process group of N > 1 processes (``torchrun``), every
     process passes the same ``calib``, calibrates on its share of the batches and ends with
@@ -84,6 +92,7 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     table = adapter.token_table(model.config)
     router = ModalityRouter(table)
     method = METHODS[config.method]
+    store = ActivationStore(offload)  # a bad directory is refused before the capture
     try:
         inputs = validate_all(model, adapter, calib)
         n_samples = len(inputs)
@@ -103,8 +112,9 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
         samples = [dataclasses.replace(s, hidden=s.hidden.clone()) for s in captured] if cache is not None else captured
         del inputs
         reports = quantize_layers(model, adapter, samples, config, router, method, prepared, progress, state,
-                                  source)
+                                  source, store)
     finally:
+        store.close()
         model.train(was_training)
         _reset_position_cache(model)
     attach_router(model, router)

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--stream", action="store_true",
                        help="hold one decoder layer in memory at a time: read each from the checkpoint's safetensors "
                             "shards, quantize it, write it, free it (for models larger than memory; docs/SCALE.md)")
+    quant.add_argument("--offload", default=None, metavar="cpu|DIR",
+                       help="keep the calibration activations off the compute device: cpu (host memory) or DIR "
+                            "(files there, memory-mapped, removed at the end); each sample's come to the device "
+                            "only while it runs (docs/SCALE.md)")
     quant.add_argument("--no-progress", action="store_true")
     an = sub.add_parser("analyze", help="measure smoothing misalignment and recommend a method",
                         description="Per layer and linear: activation ranges per modality, their misalignment, "
@@ -122,10 +126,12 @@ def _quantize(args: argparse.Namespace) -> None:
     from .api import quantize
     from .config import QuantConfig
     from .loading import load_any
+    from .offload import offload_directory
     from .serialization import save
 
     world = distributed.world_size()
     _device(args)  # a bad --device is refused before the (slow) load
+    offload_directory(args.offload)  # and so is an offload directory that cannot be written to
     if world > 1 and args.resume:
         raise ValueError(f"--resume is not available with data-parallel calibration ({world} processes): such a "
                          "run keeps no per-layer state; calibrate in one process to make a run resumable")
@@ -146,7 +152,7 @@ def _quantize(args: argparse.Namespace) -> None:
             model.to(device)
         calib = _calibration(args, processor, reference)
         report = quantize(model, calib, config, progress=not args.no_progress,
-                          checkpoint=state if world == 1 else None, resume=args.resume)
+                          checkpoint=state if world == 1 else None, resume=args.resume, offload=args.offload)
         if distributed.rank() != 0:
             return
         save(model, args.out, processor, overwrite=replace, extra_files={"report.json": report.to_json()},
@@ -167,7 +173,7 @@ def _quantize_streaming(args: argparse.Namespace, config, state: Path, replace: 
     dtype = torch.float32 if reference is not None else None  # the reference models run in float32
     return quantize_streaming(path, calib, config, args.out, processor, progress=not args.no_progress,
                               overwrite=replace, checkpoint=state, resume=args.resume, reference=reference, dtype=dtype,
-                              device=_device(args))
+                              device=_device(args), offload=args.offload)
 
 
 def _device(args: argparse.Namespace):

@@ -1,8 +1,9 @@
 """Layer-by-layer calibration: statistics, fit, quantize, measure, feed forward.
 
-Only the current decoder layer's activations are resident: the inputs of every sample,
-the full-precision outputs (targets) and, transiently, the quantized outputs that become
-the next layer's inputs.
+Only the current decoder layer's activations are kept: the inputs of every sample, the
+full-precision outputs (targets) and the quantized outputs that become the next layer's
+inputs. They live in an ``ActivationStore`` (``masquant.offload``): on the compute device, or
+with ``offload`` in host memory or in files, moved to the device one sample at a time.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .checkpoint import LayerCheckpoint, layer_digest
 from .compensation import compensate_linear
 from .config import QuantConfig
 from .modality import NUM_MODALITIES, Modality, ModalityRouter
+from .offload import ActivationStore
 from .qlinear import QuantLinear, replace_module
 from .report import LayerReport, LinearReport, SqnrMeter, activation_summary
 from .stats import SiteStats, StatsCollector, TokenContext
@@ -50,7 +52,14 @@ class LayerPlan:
 
 @dataclass
 class LayerContext:
-    """Everything a method may look at while fitting one decoder layer."""
+    """Everything a method may look at while fitting one decoder layer.
+
+    ``samples[i].hidden`` (the layer's input) and ``fp_outputs[i]`` (its full-precision output)
+    are in ``store``'s form: on the compute device, or offloaded (host memory, files). Use
+    ``run(i)`` and ``target(i)``, which bring them to the layer's device. The per-layer keyword
+    arguments (``samples[i].layer_kwargs``: rotary tables, masks) stay on the compute device;
+    they are small next to the hidden states.
+    """
 
     index: int
     layer: nn.Module
@@ -63,6 +72,16 @@ class LayerContext:
     fp_outputs: list[torch.Tensor] = field(default_factory=list)
     prepared: dict = field(default_factory=dict)  # what the method's prepare() measured on the model
     patches: dict = field(default_factory=dict)  # CMC patches already derived in this layer (by vectors)
+    store: ActivationStore = field(default_factory=ActivationStore)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the layer computes."""
+        return next(self.layer.parameters()).device
+
+    def target(self, sample_index: int) -> torch.Tensor:
+        """The full-precision output of the layer for one sample (after ``collect``), on its device."""
+        return self.fp_outputs[sample_index].to(self.device)
 
     def groups(self) -> list[LinearGroup]:
         return list(self.adapter.groups)
@@ -90,11 +109,8 @@ class LayerContext:
     def run(self, sample_index: int) -> torch.Tensor:
         sample = self.samples[sample_index]
         with self.sample_scope(sample):
-            out = self.layer(sample.hidden, **sample.layer_kwargs[self.index])
+            out = self.layer(sample.hidden.to(self.device), **sample.layer_kwargs[self.index])
         return out[0] if isinstance(out, tuple) else out
-
-    def run_all(self) -> list[torch.Tensor]:
-        return [self.run(i) for i in range(len(self.samples))]
 
     def sample_count(self) -> int:
         """Calibration batches of the whole run (``samples`` holds this process's share)."""
@@ -115,7 +131,7 @@ class LayerContext:
         collector = StatsCollector({p: self.layer.get_submodule(p) for p in paths}, self.tokens,
                                    second, where=f"layer {self.index} ")
         try:
-            self.fp_outputs = self.run_all()
+            self.fp_outputs = [self.store.put(("target", i), self.run(i)) for i in range(len(self.samples))]
         finally:
             collector.remove()
         self.stats = collector.sites
@@ -143,12 +159,13 @@ class LayerContext:
             total, count = 0.0, 0
             for i in range(len(self.samples)) if only is None else only:
                 sample = self.samples[i]
-                err = (self.run(i) - self.fp_outputs[i]).double().pow(2).sum(-1)
+                target = self.target(i)
+                err = (self.run(i) - target).double().pow(2).sum(-1)
                 keep = sample.valid
                 if answer_only:
                     keep = keep & (sample.answer | (sample.ids != int(Modality.TEXT)))
                 total += float((err * per_modality.to(err.device)[sample.ids.to(err.device)])[keep].sum())
-                count += int(keep.sum()) * self.fp_outputs[i].shape[-1]
+                count += int(keep.sum()) * target.shape[-1]
         total, count = distributed.all_reduce_floats([total, count])
         return total / max(count, 1)
 
@@ -183,7 +200,7 @@ class LayerContext:
         return originals
 
     def measure(self, originals: dict[str, nn.Linear]) -> tuple[list[torch.Tensor], LayerReport]:
-        """Run the quantized layer: outputs for the next layer and per-modality SQNR."""
+        """Run the quantized layer: outputs for the next layer (in ``store``'s form) and per-modality SQNR."""
         meters = {path: SqnrMeter() for path in originals}
         handles = [self.layer.get_submodule(p).register_forward_hook(self._sqnr_hook(lin, meters[p]))
                    for p, lin in originals.items()]
@@ -191,9 +208,9 @@ class LayerContext:
         try:
             for i, _sample in enumerate(self.samples):
                 out = self.run(i)
-                outputs.append(out)
-                ref, q = (o.reshape(-1, o.shape[-1]) for o in (self.fp_outputs[i], out))
+                ref, q = (o.reshape(-1, o.shape[-1]) for o in (self.target(i), out))
                 layer_meter.add(self.tokens.split(ref), self.tokens.split(q))
+                outputs.append(self.store.put(("hidden", i), out))
         finally:
             for handle in handles:
                 handle.remove()
@@ -226,12 +243,14 @@ class LayerSource(Protocol):
 def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured], config: QuantConfig,
                     router: ModalityRouter, method: Method, prepared: dict | None = None,
                     progress: bool = True, checkpoint: LayerCheckpoint | None = None,
-                    source: LayerSource | None = None) -> list[LayerReport]:
+                    source: LayerSource | None = None, store: ActivationStore | None = None) -> list[LayerReport]:
     """Quantize every decoder layer in order; each layer sees the quantized previous ones.
 
     With ``checkpoint``, every finished layer is written to its state directory, and layers
     already finished there are restored instead of calibrated again. With ``source`` (streaming),
-    each layer is materialised just before its turn and written and freed right after it."""
+    each layer is materialised just before its turn and written and freed right after it.
+    ``store`` keeps the activations between uses (default: where they are, on the compute device)."""
+    store = store or ActivationStore()
     load = source.load if source is not None else lambda i, layer: None
     release = source.release if source is not None else lambda i, layer: None
     layers = adapter.decoder_layers(model)
@@ -242,16 +261,20 @@ def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured],
         load(i, layers[i])
         reports.append(checkpoint.restore_layer(i, layers[i], config, router))
         release(i, layers[i])
+    device = torch.device("cpu") if store.host else samples[0].hidden.device
     if start:
-        for sample, hidden in zip(samples, checkpoint.hidden(start - 1, samples[0].hidden.device), strict=True):
+        for sample, hidden in zip(samples, checkpoint.hidden(start - 1, device), strict=True):
             sample.hidden = hidden
         log.info("resuming after layer %d/%d", start, len(layers))
+    for j, sample in enumerate(samples):  # the first layer's inputs (captured on the compute device)
+        sample.hidden = store.put(("hidden", j), sample.hidden)
     bar = tqdm(range(start, len(layers)), desc=f"{config.method} W{config.w_bits}A{config.a_bits}",
                unit="layer", disable=not progress, initial=start, total=len(layers))
     for i in bar:
         load(i, layers[i])
         fp_digest = layer_digest(layers[i]) if checkpoint is not None else ""
-        ctx = LayerContext(i, layers[i], adapter, config, router, samples, tokens, prepared=prepared or {})
+        ctx = LayerContext(i, layers[i], adapter, config, router, samples, tokens, prepared=prepared or {},
+                           store=store)
         ctx.collect(second_moments=second)
         plan = method(ctx)
         originals = ctx.apply(plan)

@@ -336,14 +336,16 @@ def quantize_streaming(directory: str | Path, calib: Iterable[Mapping], config: 
                        processor=None, progress: bool = True, overwrite: bool = False,
                        checkpoint: str | Path | None = None, resume: bool = False,
                        extra_files: dict[str, str] | None = None, reference: str | None = None,
-                       dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> QuantReport:
+                       dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                       offload: str | Path | None = None) -> QuantReport:
     """Quantize the checkpoint in ``directory`` layer by layer without loading it whole, and
     write the quantized model to ``out`` (the ``masquant.save`` layout, sharded; ``load`` reads it).
     ``dtype``: what the weights are computed in (default: the dtype ``config.json`` records, as
     ``from_pretrained`` loads it); ``device``: where each layer is materialised and calibrated.
 
     The calibration inputs are those ``masquant.quantize`` takes; ``checkpoint`` / ``resume``
-    work as there (finished layers are re-read from the checkpoint and written again). Methods
+    work as there (finished layers are re-read from the checkpoint and written again), and so
+    does ``offload`` (the calibration activations in host memory or files, not on ``device``). Methods
     that need a gradient pass through the whole model (``mbq``, ``lambdas="auto"``) are refused.
     """
 
@@ -353,11 +355,11 @@ def quantize_streaming(directory: str | Path, calib: Iterable[Mapping], config: 
                          "(the default) or another method, or quantize in memory")
     with large_allocations_mapped():
         return _quantize_streaming(directory, calib, config, Path(out), processor, progress, overwrite, checkpoint,
-                                   resume, extra_files, reference, dtype, device)
+                                   resume, extra_files, reference, dtype, device, offload)
 
 
 def _quantize_streaming(directory, calib, config, out, processor, progress, overwrite, checkpoint, resume,
-                        extra_files, reference, dtype, device) -> QuantReport:
+                        extra_files, reference, dtype, device, offload) -> QuantReport:
     from .api import quantize
     from .arch import get_adapter
     from .serialization import staged_directory, write_metadata
@@ -366,11 +368,11 @@ def _quantize_streaming(directory, calib, config, out, processor, progress, over
     layers = get_adapter(model).decoder_layers(model)
     if distributed.rank() != 0:  # data-parallel: every rank calibrates, rank 0 alone writes
         stream = LayerStream(model, layers, tensors, names, dtype, torch.device(device), None)
-        return quantize(model, calib, config, progress=progress, source=stream)
+        return quantize(model, calib, config, progress=progress, source=stream, offload=offload)
     with staged_directory(out, overwrite) as tmp:
         stream = LayerStream(model, layers, tensors, names, dtype, torch.device(device), tmp)
         report = quantize(model, calib, config, progress=progress, checkpoint=checkpoint, resume=resume,
-                          source=stream)
+                          source=stream, offload=offload)
         stream.write_rest()
         stream.write_index()
         write_metadata(tmp, model, stream.layouts, processor, {"report.json": report.to_json(), **(extra_files or {})},

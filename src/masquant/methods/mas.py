@@ -141,7 +141,7 @@ def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tens
                 new_step()
                 opt.zero_grad(set_to_none=True)
                 if batch:
-                    loss = sum(_weighted_mae(ctx.run(i), ctx.fp_outputs[i], ctx.samples[i], weights) for i in batch)
+                    loss = sum(_weighted_mae(ctx.run(i), ctx.target(i), ctx.samples[i], weights) for i in batch)
                     (loss / size).backward()
                 distributed.all_reduce_grads(params)
                 opt.step()
@@ -156,7 +156,7 @@ def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tens
 
 @torch.no_grad()
 def _mean_loss(ctx: LayerContext, weights: torch.Tensor) -> float:
-    losses = [float(_weighted_mae(ctx.run(i), ctx.fp_outputs[i], s, weights)) for i, s in enumerate(ctx.samples)]
+    losses = [float(_weighted_mae(ctx.run(i), ctx.target(i), s, weights)) for i, s in enumerate(ctx.samples)]
     total, count = distributed.all_reduce_floats([sum(losses), len(losses)])
     return total / count
 
