@@ -211,3 +211,20 @@ def test_cli_refuses_a_missing_gpu_and_a_quantized_source(tmp_path, capsys):
     (tmp_path / "fp" / "quant_config.json").write_text("{}")
     assert main(["quantize", "--model", str(tmp_path / "fp"), "--stream", "--out", str(tmp_path / "q")]) == 1
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_tied_embeddings_save_load_and_stream(tmp_path):
+    """Qwen2.5-VL-3B ties its head to the embeddings; the checkpoint then holds one of the two
+    names. Saved (in memory or streamed) and loaded back, the model gives the same logits."""
+    model = tiny.tiny_qwen2_5_vl()
+    model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "fp")
+    config = QuantConfig(method="smoothquant", calib_batch=2)
+    samples = vl_samples(range(3))
+    _in_memory(tmp_path / "fp", samples, config, tmp_path / "mem")
+    quantize_streaming(tmp_path / "fp", samples, config, tmp_path / "stream", progress=False)
+    a, b = load(tmp_path / "mem"), load(tmp_path / "stream")
+    assert b.lm_head.weight is b.model.language_model.embed_tokens.weight
+    inputs = {k: v for k, v in samples[0].items() if k != "labels"}
+    assert torch.equal(a(**inputs).logits, b(**inputs).logits)

@@ -198,6 +198,15 @@ def weight_files(directory: Path) -> list[Path]:
     return [directory / WEIGHTS]
 
 
+def _aliases(model: nn.Module) -> dict[str, set[str]]:
+    """State-dict name -> the other names of the same tensor (tied weights: the file holds one
+    of them, e.g. ``lm_head.weight`` for embeddings tied to the head)."""
+    by_tensor: dict[int, set[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(value), set()).add(key)
+    return {k: names - {k} for names in by_tensor.values() for k in names}
+
+
 def load(directory: str | Path, runtime: str | None = None, check: bool = True) -> nn.Module:
     """Rebuild a model written by ``save`` (in eval mode, integer runtime unless ``runtime``).
 
@@ -226,8 +235,8 @@ def load(directory: str | Path, runtime: str | None = None, check: bool = True) 
         model.load_state_dict({k: v for k, v in part.items() if k in expected}, strict=False)
         loaded.update(part)
         del part
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    missing = sorted(expected - loaded - tied)
+    aliases = _aliases(model)
+    missing = sorted(k for k in expected - loaded if not aliases[k] & loaded)
     if missing or unexpected:
         raise ValueError(f"the weights in {directory} do not match the saved layout: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
