@@ -121,14 +121,17 @@ def test_calibration_on_the_gpu_resumes_to_the_same_weights(tmp_path):
     assert all(b[k].is_cuda == a[k].is_cuda and torch.equal(a[k], b[k]) for k in a)
 
 
-def test_streaming_on_the_gpu_equals_the_in_memory_gpu_run(tmp_path):
+@pytest.mark.parametrize("family", ["vl", "omni"])
+def test_streaming_on_the_gpu_equals_the_in_memory_gpu_run(tmp_path, family):
     """``quantize_streaming(..., device="cuda")``: every layer materialised on the GPU, the same
-    weights as quantizing the whole model on the GPU."""
+    weights as quantizing the whole model on the GPU (the Omni audio tower adds a buffer made at
+    construction, which must follow the weights to the GPU)."""
     from masquant.serialization import load, model_class, save
     from masquant.streaming import quantize_streaming
 
-    tiny.tiny_qwen2_5_vl(layers=3).save_pretrained(tmp_path / "fp")
-    samples = vl_samples(range(4))
+    build = tiny.tiny_qwen2_5_vl if family == "vl" else tiny.tiny_qwen2_5_omni_thinker
+    build(layers=3).save_pretrained(tmp_path / "fp")
+    samples = vl_samples(range(4)) if family == "vl" else omni_samples(range(4))
     config = QuantConfig(method="masquant", w_bits=4, rank=4, epochs=1, calib_batch=2)
     cls, _ = model_class(tmp_path / "fp")
     whole = cls.from_pretrained(tmp_path / "fp").cuda().eval()

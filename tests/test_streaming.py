@@ -228,3 +228,34 @@ def test_tied_embeddings_save_load_and_stream(tmp_path):
     assert b.lm_head.weight is b.model.language_model.embed_tokens.weight
     inputs = {k: v for k, v in samples[0].items() if k != "labels"}
     assert torch.equal(a(**inputs).logits, b(**inputs).logits)
+
+
+@pytest.mark.reliability(case="a streamed save killed mid-way (its staging directory left), then run again",
+                         expect="the next run removes the leftover staging directory and writes the model")
+def test_a_killed_streaming_run_leaves_nothing_the_next_run_keeps(tmp_path):
+    tiny.tiny_qwen2_5_vl().save_pretrained(tmp_path / "fp")
+    leftover = tmp_path / ".out.masquant-staging"
+    leftover.mkdir()
+    (leftover / "model-00002-of-00003.safetensors").write_bytes(b"half a layer")
+    quantize_streaming(tmp_path / "fp", vl_samples(range(2)), CONFIG, tmp_path / "out", progress=False)
+    assert not leftover.exists() and (tmp_path / "out" / "quant_config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp", "out"]
+
+
+@pytest.mark.reliability(case="streaming a pre-quantized (FP8) checkpoint, or a directory with two checkpoints",
+                         expect="ValueError saying a full-precision checkpoint is needed / naming both files")
+def test_quantized_or_ambiguous_checkpoints_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny.tiny_qwen2_5_vl()
+    model.config.quantization_config = {"quant_method": "fp8"}
+    model.save_pretrained(tmp_path / "fp8", safe_serialization=True)
+    with pytest.raises(ValueError, match="already quantized checkpoint"):
+        quantize_streaming(tmp_path / "fp8", vl_samples(range(2)), CONFIG, tmp_path / "out", progress=False)
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "a.safetensors"))
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(ValueError, match=r"b\.safetensors holds tensors that a\.safetensors also holds"):
+        CheckpointTensors(tmp_path)
+    save_file({"x": torch.zeros(2, dtype=torch.float8_e4m3fn)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="F8_E4M3; streaming reads full-precision"):
+        CheckpointTensors(tmp_path)

@@ -54,10 +54,16 @@ def refuse_nonempty(directory: Path, overwrite: bool) -> None:
 @contextlib.contextmanager
 def staged_directory(directory: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling of ``directory`` to write into; on success it replaces
-    ``directory``, on any failure it is removed, so a half-written output never appears."""
+    ``directory``, on any failure it is removed, so a half-written output never appears. A
+    process killed while writing leaves the sibling behind (a streamed model's shards); the
+    next save to ``directory`` removes it."""
     refuse_nonempty(directory, overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = directory.parent / f".{directory.name}.masquant-staging"  # one fixed name: a killed run's is reused
+    if tmp.exists():
+        log.info("removing %s, left by an interrupted save", tmp)
+        shutil.rmtree(tmp)
+    tmp.mkdir()
     try:
         yield tmp
         old = None

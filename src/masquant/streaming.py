@@ -40,7 +40,7 @@ log = logging.getLogger("masquant")
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+           "BOOL": torch.bool}  # no float8: such checkpoints carry scales that are not weights
 
 
 class CheckpointTensors:
@@ -55,6 +55,8 @@ class CheckpointTensors:
         index = self.directory / INDEX
         if index.exists():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (self.directory / "model.safetensors").is_file():
+            files = ["model.safetensors"]
         else:
             files = sorted(p.name for p in self.directory.glob("*.safetensors"))
         if not files:
@@ -65,7 +67,13 @@ class CheckpointTensors:
             path = self.directory / name
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is listed in {INDEX} but missing")
-            self.entries.update(_read_header(path))
+            entries = _read_header(path)
+            twice = sorted(set(entries) & set(self.entries))
+            if twice:
+                other = self.entries[twice[0]][0].name
+                raise ValueError(f"{path} holds tensors that {other} also holds ({twice[:3]}); keep one "
+                                 f"checkpoint per directory, or add its {INDEX}")
+            self.entries.update(entries)
         self.shapes = {k: v[2] for k, v in self.entries.items()}
 
     def get(self, key: str) -> torch.Tensor:
@@ -94,7 +102,8 @@ def _read_header(path: Path) -> dict[str, tuple]:
         if key == "__metadata__":
             continue
         if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {key} has dtype {info['dtype']}, which masquant cannot stream")
+            raise ValueError(f"{path}: tensor {key} has dtype {info['dtype']}; streaming reads full-precision "
+                             "checkpoints (float32 / bfloat16 / float16 weights)")
         begin, end = info["data_offsets"]
         entries[key] = (path, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + begin, 8 + size + end)
     return entries
@@ -281,24 +290,28 @@ def materialise(module: nn.Module, prefix: str, tensors: CheckpointTensors, name
         if full not in names:
             continue  # a tied weight (filled by tie_weights) or a buffer the model computes itself
         tensor = tensors.get(names[full])
-        cast = None
         if tensor.is_floating_point():
-            cast = torch.float32 if any(k in full for k in keep_fp32) else dtype
+            tensor = tensor.to(torch.float32 if any(k in full for k in keep_fp32) else dtype)
             if not torch.isfinite(tensor).all():
-                raise ValueError(f"NaN/Inf in checkpoint tensor {names[full]} ({full}): the checkpoint is damaged")
-        set_module_tensor_to_device(module, local, device, value=tensor, dtype=cast)
+                raise ValueError(f"NaN/Inf in checkpoint tensor {names[full]} ({full}) as {tensor.dtype}: the "
+                                 "checkpoint is damaged, or its values overflow that dtype")
+        set_module_tensor_to_device(module, local, device, value=tensor, dtype=tensor.dtype)
 
 
 def skeleton(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """``(model, tensors, names, dtype)``: the model of ``directory`` with every tensor outside its
     decoder layers loaded and the decoder layers left on the meta device (no memory)."""
     from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
 
     from .arch import get_adapter
     from .serialization import model_class
 
     directory = Path(directory)
     cls, hf_config = model_class(directory)
+    if getattr(hf_config, "quantization_config", None) is not None:
+        raise ValueError(f"{directory} holds an already quantized checkpoint (config.json has a quantization_config); "
+                         "streaming quantizes a full-precision (fp32 / bf16 / fp16) checkpoint")
     tensors = CheckpointTensors(directory)
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(hf_config)
@@ -314,6 +327,9 @@ def skeleton(directory: str | Path, dtype: torch.dtype | None = None, device: st
     materialise(model, "", tensors, names, dtype, torch.device(device), skip)
     if tied:
         model.tie_weights()
+    for name, buffer in list(model.named_buffers()):  # computed at construction (rotary tables, positions)
+        if buffer.device.type != "meta" and buffer.device != torch.device(device):
+            set_module_tensor_to_device(model, name, device, value=buffer)
     missing = [n for n, v in [*model.named_parameters(), *model.named_buffers()]
                if v.device.type == "meta" and not n.startswith(skip)]
     if missing:
@@ -353,6 +369,11 @@ def quantize_streaming(directory: str | Path, calib: Iterable[Mapping], config: 
         raise ValueError(f"method {config.method!r} with lambdas={config.lambdas!r} needs a backward pass through "
                          "the whole model (MBQ gradient ratios), which streaming does not do; use fixed lambdas "
                          "(the default) or another method, or quantize in memory")
+    if checkpoint is not None and distributed.world_size() > 1:
+        raise ValueError("checkpoint / resume is not available with data-parallel calibration "
+                         f"({distributed.world_size()} processes); calibrate in one process to make the run resumable")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs the checkpoint directory of the run to continue")
     with large_allocations_mapped():
         return _quantize_streaming(directory, calib, config, Path(out), processor, progress, overwrite, checkpoint,
                                    resume, extra_files, reference, dtype, device, offload)
