@@ -96,3 +96,18 @@ def test_fp16_patch_with_small_smoothing_factors_stays_finite():
     out = patch(x, smooth)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     assert torch.allclose(out.float(), torch.full((3, 4), 1600.0), rtol=1e-2)
+
+
+def test_patch_factors_are_cached_until_a_tensor_changes():
+    from masquant.qlinear import LowRankPatch
+
+    patch = LowRankPatch(torch.randn(8, 2, dtype=torch.float16), torch.randn(2, 4, dtype=torch.float16))
+    smooth, x = torch.rand(8) + 0.5, torch.randn(3, 8)
+    first = patch.factors(x.dtype, smooth)
+    assert patch.factors(x.dtype, smooth)[0] is first[0]  # folded once
+    expected = (x / smooth) @ patch.l1.float() @ patch.l2.float()
+    torch.testing.assert_close(patch(x, smooth), expected, rtol=1e-5, atol=1e-5)
+    patch.load_state_dict({"l1": torch.zeros(8, 2), "l2": torch.ones(2, 4)})  # in place: same storage
+    assert torch.equal(patch(x, smooth), torch.zeros(3, 4))
+    smooth.mul_(2)
+    assert patch.factors(x.dtype, smooth)[0] is not first[0]

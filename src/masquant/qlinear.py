@@ -88,16 +88,25 @@ class LowRankPatch(nn.Module):
         super().__init__()
         self.register_buffer("l1", l1)
         self.register_buffer("l2", l2)
+        self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def factors(self, dtype: torch.dtype, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(l1 / s, l2)`` for inputs of ``dtype``, folded and cast once and cached until a tensor
+        changes (moved, reloaded). ``l1 / s`` is float32 for fp16 inputs: it can exceed fp16's
+        range when ``s`` is small."""
+        key = (dtype, *((t.data_ptr(), t._version, t.device) for t in (self.l1, self.l2, smooth)))
+        if self._cache is None or self._cache[0] != key:
+            work = torch.float32 if dtype == torch.float16 else dtype
+            self._cache = (key, (self.l1.to(work) / smooth.to(work)[:, None], self.l2.to(dtype)))
+        return self._cache[1]
 
     def down(self, x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
-        """``(x / s) @ l1``: the rank-r projection, ``[rows, r]``. For fp16 inputs it runs in
-        float32: ``l1 / s`` can exceed fp16's range when ``s`` is small."""
-        if x.dtype == torch.float16:
-            return (x.float() @ (self.l1.float() / smooth.float()[:, None])).to(x.dtype)
-        return x @ (self.l1.to(x.dtype) / smooth.to(x.dtype)[:, None])
+        """``(x / s) @ l1``: the rank-r projection, ``[rows, r]`` (fp16 inputs: computed in float32)."""
+        l1 = self.factors(x.dtype, smooth)[0]
+        return (x.to(l1.dtype) @ l1).to(x.dtype)
 
     def forward(self, x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
-        return self.down(x, smooth) @ self.l2.to(x.dtype)
+        return self.down(x, smooth) @ self.factors(x.dtype, smooth)[1]
 
 
 class QuantLinear(nn.Module):
@@ -221,7 +230,8 @@ class QuantLinear(nn.Module):
             modality = int(Modality[name.upper()])
             idx = by_modality.get(modality)
             if isinstance(idx, slice):  # one run of rows: views, the product added in place
-                y[idx].addmm_(patch.down(rows[idx], self.smooth[modality]).to(y.dtype), patch.l2.to(y.dtype))
+                y[idx].addmm_(patch.down(rows[idx], self.smooth[modality]).to(y.dtype),
+                              patch.factors(rows.dtype, self.smooth[modality])[1].to(y.dtype))
             elif idx is not None:
                 y.index_add_(0, idx, patch(rows.index_select(0, idx), self.smooth[modality]).to(y.dtype))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
