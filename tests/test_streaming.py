@@ -10,7 +10,8 @@ import torch
 
 from masquant import QuantConfig, quantize, tiny
 from masquant.serialization import load, model_class, save
-from masquant.streaming import CheckpointTensors, match_names, quantize_streaming
+from masquant.shards import CheckpointTensors, match_names
+from masquant.streaming import quantize_streaming
 
 from conftest import interrupted_at, omni_samples, vl_samples
 

@@ -74,6 +74,8 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     the same model (``masquant.distributed``); ``checkpoint`` is then refused.
     """
     config = config or QuantConfig()
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs the checkpoint directory of the run to continue")
     if checkpoint is not None and distributed.world_size() > 1:
         raise ValueError(f"checkpoint / resume is not available with data-parallel calibration "
                          f"({distributed.world_size()} processes); calibrate in one process to make the run "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -80,20 +81,13 @@ def child(mode: str, model: str, method: str, out: str) -> dict:
 
 def _sizes(path: Path) -> tuple[float, float]:
     """(checkpoint MiB, one decoder layer's float32 MiB)."""
-    from .streaming import CheckpointTensors
+    from .shards import CheckpointTensors
 
     tensors = CheckpointTensors(path)
     total = sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**20
-    numel = sum(torch_numel(shape) for key, shape in tensors.shapes.items() if ".layers.0." in key
+    numel = sum(math.prod(shape) for key, shape in tensors.shapes.items() if ".layers.0." in key
                 and "visual" not in key and "audio" not in key)
     return total, numel * 4 / 2**20
-
-
-def torch_numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def run_memory_bench(quick: bool = False) -> list[dict]:

@@ -135,7 +135,7 @@ class LayerContext:
         finally:
             collector.remove()
         self.stats = collector.sites
-        distributed.all_reduce_sites(self.stats, self.linears(self.groups()[0])[0].weight.device)
+        distributed.all_reduce_sites(self.stats, self.device)
         for group in self.groups():
             for path in group.linears[1:]:
                 self.stats[path] = self.stats[group.linears[0]]
