@@ -130,7 +130,7 @@ def _quantize(args: argparse.Namespace) -> None:
     from .serialization import save
 
     world = distributed.world_size()
-    _device(args)  # a bad --device is refused before the (slow) load
+    device = _device(args)  # a bad --device is refused before the (slow) load
     offload_directory(args.offload)  # and so is an offload directory that cannot be written to
     if world > 1 and args.resume:
         raise ValueError(f"--resume is not available with data-parallel calibration ({world} processes): such a "
@@ -142,12 +142,11 @@ def _quantize(args: argparse.Namespace) -> None:
                          rank=rank, epochs=args.epochs, calib_batch=args.calib_batch, mas_batch=args.mas_batch,
                          seed=args.seed)
     if args.stream:
-        report = _quantize_streaming(args, config, state if world == 1 else None, replace)
+        report = _quantize_streaming(args, config, state if world == 1 else None, replace, device)
         if distributed.rank() != 0:
             return
     else:
         model, processor, reference = load_any(args.model)
-        device = _device(args)
         if device.type != "cpu":
             model.to(device)
         calib = _calibration(args, processor, reference)
@@ -161,7 +160,7 @@ def _quantize(args: argparse.Namespace) -> None:
     print(f"saved to {args.out}")
 
 
-def _quantize_streaming(args: argparse.Namespace, config, state: Path, replace: bool):
+def _quantize_streaming(args: argparse.Namespace, config, state: Path, replace: bool, device):
     import torch
 
     from .loading import full_precision_dir, processor_of
@@ -173,7 +172,7 @@ def _quantize_streaming(args: argparse.Namespace, config, state: Path, replace: 
     dtype = torch.float32 if reference is not None else None  # the reference models run in float32
     return quantize_streaming(path, calib, config, args.out, processor, progress=not args.no_progress,
                               overwrite=replace, checkpoint=state, resume=args.resume, reference=reference, dtype=dtype,
-                              device=_device(args), offload=args.offload)
+                              device=device, offload=args.offload)
 
 
 def _device(args: argparse.Namespace):
