@@ -125,6 +125,33 @@ def test_straight_through_estimator_passes_gradients():
     assert w.grad is not None and bool((w.grad != 0).any())
 
 
+@pytest.mark.parametrize("bits_", [4, 8])
+def test_fused_symmetric_fake_quant_matches_the_composed_form_in_value_and_gradient(bits_):
+    """The single-node fake quantization (MAS's hot path) against the op-by-op STE graph:
+    same values, same gradients (abs-max ties split evenly, all-zero rows get only the STE)."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 40)
+    x[0, :3] = 5.0  # a three-way tie for the abs-max
+    x[1, 4], x[1, 7] = -9.0, 9.0  # a tie with opposite signs
+    x[2] = 0.0
+    smooth = torch.rand(40) + 0.5
+    smooth[:8] = 1.0  # the ties survive the smoothing
+    grid = IntGrid(bits_)
+    out_grad = torch.randn(9, 40)
+    a, b = (smooth.clone().requires_grad_() for _ in range(2))
+    xa, xb = (x.clone().requires_grad_() for _ in range(2))
+    scale, zero = choose_qparams(xa * a, grid)
+    reference = fake_quantize(xa * a, scale, zero, grid)
+    fused = fake_quantize_weight(xb * b, grid)
+    assert torch.equal(reference, fused)
+    (reference * out_grad).sum().backward()
+    (fused * out_grad).sum().backward()
+    assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(xb.grad, out_grad * b)  # the scale's share is there, not only the STE
+    assert torch.equal(fake_quantize_per_token(x, bits_), fake_quantize(x, *choose_qparams(x, grid), grid))
+
+
 def test_per_token_activation_quantization():
     torch.manual_seed(0)
     x = torch.randn(5, 32) * torch.tensor([1.0, 10.0, 0.1, 100.0, 1e-3]).unsqueeze(1)

@@ -63,7 +63,7 @@ def quantize_tokens(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     """
     qmax = 2 ** (bits - 1) - 1
     x = x.float()
-    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(EPS).div_(qmax)
+    scale = x.abs().amax(-1, keepdim=True).clamp_min_(EPS).div_(qmax)
     codes = torch.div(x, scale).round_().clamp_(-qmax - 1, qmax).to(torch.int8)
     return codes, scale
 
@@ -119,7 +119,7 @@ def _quantize_smoothed(x: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor,
     """Codes and scales of ``x / smooth[ids]`` (the fused kernel's body; ``qmax`` a 0-d tensor so
     that one compiled kernel serves every bit-width)."""
     xs = x.float() / smooth[ids]
-    scale = torch.linalg.vector_norm(xs, float("inf"), dim=-1, keepdim=True).clamp_min(EPS) / qmax
+    scale = xs.abs().amax(-1, keepdim=True).clamp_min(EPS) / qmax
     codes = torch.round(xs / scale).clamp(-qmax - 1, qmax).to(torch.int8)
     return codes, scale
 

@@ -44,9 +44,17 @@ class _TrainableLinear(nn.Module):
         self.linear, self.smooth, self.ctx, self.modalities = linear, smooth, ctx, modalities
         self.grid = IntGrid(ctx.config.w_bits, ctx.config.w_symmetric)
         self.weights: dict[Modality, torch.Tensor] = {}  # Q(W * s_m) of the current optimiser step
+        self.fixed: dict[Modality, torch.Tensor] = {}  # the same for a table that is not learned
 
     def weight(self, m: Modality) -> torch.Tensor:
-        """``Q(W * s_m)``, computed once per optimiser step (``weights`` is cleared after each)."""
+        """``Q(W * s_m)``, computed once per optimiser step (``weights`` is cleared after each);
+        with a fixed table (a group that is not smoothed), once for the whole fit."""
+        if not self.smooth.requires_grad:
+            if m not in self.fixed:
+                with torch.no_grad():
+                    self.fixed[m] = _smoothed_fake_quant(self.linear.weight, self.smooth[int(m)], self.grid,
+                                                         self.ctx.config.w_group_size)
+            return self.fixed[m]
         if m not in self.weights:
             # recomputed in backward instead of keeping ~5 weight-sized intermediates per modality alive
             self.weights[m] = checkpoint(_smoothed_fake_quant, self.linear.weight, self.smooth[int(m)], self.grid,
@@ -57,12 +65,16 @@ class _TrainableLinear(nn.Module):
         ids = self.ctx.router.rows(x)
         rows = x.reshape(-1, self.linear.in_features).float()  # float32 also for bf16 / fp16 models
         bias = None if self.linear.bias is None else self.linear.bias.float()
-        out = rows.new_zeros(rows.shape[0], self.linear.out_features)
-        for m in self.modalities:
-            idx = (ids == int(m)).nonzero().squeeze(1)
-            if idx.numel():
-                xq = fake_quantize_per_token(rows.index_select(0, idx) / self.smooth[int(m)], self.ctx.config.a_bits)
-                out = out.index_copy(0, idx, F.linear(xq, self.weight(m), bias))
+        # every row by its own modality's vector, then per-token codes: one pass over all rows
+        xq = fake_quantize_per_token(rows / self.smooth.index_select(0, ids), self.ctx.config.a_bits)
+        present = [m for m in self.modalities if bool((ids == int(m)).any())]
+        if len(present) == 1:
+            out = F.linear(xq, self.weight(present[0]), bias)
+        else:
+            out = rows.new_zeros(rows.shape[0], self.linear.out_features)
+            for m in present:
+                idx = (ids == int(m)).nonzero().squeeze(1)
+                out = out.index_copy(0, idx, F.linear(xq.index_select(0, idx), self.weight(m), bias))
         return out.reshape(*x.shape[:-1], self.linear.out_features).to(x.dtype)
 
 
