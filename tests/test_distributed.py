@@ -89,7 +89,9 @@ def test_every_rank_ends_with_the_same_model(ranks):
 
 
 # per run: largest layer-SQNR difference (dB), fraction of integer codes that may differ, float rtol
-TOLERANCES = {"masquant": (1e-4, 1e-3, 1e-3), "mbq": (1e-6, 0.0, 1e-5)}
+# (MASQuant: the learned vectors differ in the last bits, which can move a few activation codes of
+# the 16 vision tokens: a few 1e-2 dB in layer 1, with every weight code equal)
+TOLERANCES = {"masquant": (0.05, 1e-3, 1e-3), "mbq": (1e-6, 0.0, 1e-5)}
 
 
 @pytest.mark.parametrize("name", list(worker.RUNS))

@@ -37,7 +37,8 @@ class QuantConfig:
       (``Q(W*s_m) - Q(W*s_text)``). ``whiten=False`` gives the plain-SVD ablation.
       ``ridge``: added to the activation covariance, relative to its mean diagonal.
       ``cmc_guard``: per group and modality, fall back to the text vector when the patched
-      per-modality vector reconstructs that modality's layer output worse (not in the paper).
+      per-modality vector reconstructs that modality's outputs of the group's linears worse
+      (not in the paper).
       ``patch_dtype``: how the patch factors are stored (``"float16"``, ``"bfloat16"`` or
       ``"float32"``); they are computed in float64 and applied in the model's dtype.
     * ``runtime``: ``"int"`` (int8 x int8 -> int32 GEMMs) or ``"fake"`` (dequantize and multiply

@@ -141,23 +141,21 @@ class LayerContext:
                 self.stats[path] = self.stats[group.linears[0]]
 
     def block_mse(self, smooth: dict[str, torch.Tensor], weights: dict[Modality, float] | None = None,
-                  answer_only: bool = False, compensate: bool = False, only: list[int] | None = None) -> float:
+                  answer_only: bool = False, compensate: bool = False) -> float:
         """Squared error of the layer output against FP with only the given groups quantized.
 
         Without ``weights`` it is the plain MSE over valid tokens. With ``weights``, each
         modality's summed error is weighted and divided by the number of counted elements;
         ``answer_only`` drops text tokens that are not answer tokens (MBQ). ``compensate``
-        adds CMC patches as ``masquant`` would. ``only``: run these samples alone (e.g. those
-        holding a modality whose error alone is weighted; comparisons on the same subset rank
-        candidates exactly as on all samples would). Data-parallel: the error and the count are
-        summed over the processes (``only`` then names samples of this process).
+        adds CMC patches as ``masquant`` would. Data-parallel: the error and the count are
+        summed over the processes.
         """
         per_modality = torch.ones(NUM_MODALITIES, dtype=torch.float64)
         if weights is not None:
             per_modality = torch.tensor([weights.get(m, 0.0) for m in Modality], dtype=torch.float64)
         with self.quantized(smooth, compensate):
             total, count = 0.0, 0
-            for i in range(len(self.samples)) if only is None else only:
+            for i in range(len(self.samples)):
                 sample = self.samples[i]
                 target = self.target(i)
                 err = (self.run(i) - target).double().pow(2).sum(-1)

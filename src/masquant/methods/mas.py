@@ -11,8 +11,8 @@ and every entry of ``s`` kept >= ``min_scale``.
 ``method="masquant"`` stores only ``Q(W * s_text)`` and adds low-rank patches
 (``masquant.compensation``). A modality without calibration tokens falls back to the text
 vector (its tokens are then treated exactly like text) and a warning is logged. With
-``cmc_guard`` (not in the paper) a modality whose patched vector reconstructs its layer
-output worse than the text vector is routed through the text vector (``_guard``).
+``cmc_guard`` (not in the paper) a modality whose patched vector reconstructs its outputs
+of a group's linears worse than the text vector is routed through the text vector (``_guard``).
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import distributed
+from ..compensation import compensate_linear
 from ..gradients import modality_gradient_ratios
 from ..modality import Modality
 from ..pipeline import LayerContext, LayerPlan
 from ..primitives import IntGrid, fake_quantize_per_token, fake_quantize_weight
-from ..qlinear import replace_module
+from ..qlinear import QuantLinear, replace_module
 from . import register
 from .smoothquant import group_weight_absmax, smoothquant_vector
 
@@ -196,30 +197,62 @@ def _fit(ctx: LayerContext, compensate: bool) -> LayerPlan:
 
 
 def _guard(ctx: LayerContext, tables: dict[str, torch.Tensor], present: tuple[Modality, ...]) -> dict[str, list[str]]:
-    """Per group and modality, keep the modality's own vector only if it (with its patch)
-    reconstructs that modality's layer output better than the text vector does.
+    """Per group and modality, keep the modality's own vector only if, with its patch, it
+    reconstructs that modality's outputs of the group's linears better than the text vector does.
 
-    A low-rank patch cannot always absorb ``W * (s_m - s_text)``; when it cannot (typically
-    at 8-bit weights, where the rounding error is small), routing the tokens through the
-    text vector is the better model. Decided on the calibration tokens; modifies ``tables``.
+    A low-rank patch cannot always absorb ``W * (s_m - s_text)``; when it cannot (typically at
+    8-bit weights, where the rounding error is small), routing the tokens through the text
+    vector is the better model. One pass of the batches holding a non-text modality runs the
+    layer quantized as the learned tables make it (every group with its patches); at each
+    linear of a compared group, the rows of modality ``m`` go through both alternatives and are
+    compared with the full-precision linear on the same input. Decided on the calibration
+    tokens; modifies ``tables``.
     """
+    pairs = [(group, m) for group in ctx.groups() for m in present
+             if not torch.equal(tables[group.name][int(m)], tables[group.name][int(Modality.TEXT)])]
+    if not pairs:
+        return {}
+    errors = [[0.0, 0.0] for _ in pairs]  # squared error: own vector, text vector
+    holding = [i for i, s in enumerate(ctx.samples) if any(bool((s.ids[s.valid] == int(m)).any()) for m in present)]
+    with ctx.quantized(tables, compensate=True) as originals:
+        handles = []
+        for slot, (group, m) in zip(errors, pairs, strict=True):
+            candidate = tables[group.name].clone()
+            candidate[int(m)] = tables[group.name][int(Modality.TEXT)]
+            for path in group.linears:
+                text_route = QuantLinear.from_linear(originals[path], candidate, ctx.config, ctx.router)
+                compensate_linear(text_route, originals[path], ctx.stats[path], ctx.config,
+                                  where=f"layer {ctx.index} {path}: ", cache=ctx.patches, report=False)
+                hook = _compare(ctx, originals[path], text_route, m, slot)
+                handles.append(ctx.layer.get_submodule(path).register_forward_hook(hook))
+        try:
+            for i in holding:
+                ctx.run(i)
+        finally:
+            for handle in handles:
+                handle.remove()
+    totals = distributed.all_reduce_floats([e for pair in errors for e in pair])
     chosen: dict[str, list[str]] = {}
-    for m in present:
-        holding = [i for i, s in enumerate(ctx.samples) if bool((s.ids[s.valid] == int(m)).any())]
-        current = None  # error of the tables as they stand (known after the first comparison)
-        for group in ctx.groups():
-            table = tables[group.name]
-            if torch.equal(table[int(m)], table[int(Modality.TEXT)]):
-                continue
-            if current is None:
-                current = ctx.block_mse(tables, {m: 1.0}, compensate=True, only=holding)
-            candidate = table.clone()
-            candidate[int(m)] = table[int(Modality.TEXT)]
-            text = ctx.block_mse({**tables, group.name: candidate}, {m: 1.0}, compensate=True, only=holding)
-            if text < current:
-                tables[group.name], current = candidate, text
-                chosen.setdefault(group.name, []).append(m.name.lower())
+    for k, (group, m) in enumerate(pairs):
+        if totals[2 * k + 1] < totals[2 * k]:
+            tables[group.name] = tables[group.name].clone()
+            tables[group.name][int(m)] = tables[group.name][int(Modality.TEXT)]
+            chosen.setdefault(group.name, []).append(m.name.lower())
     return chosen
+
+
+def _compare(ctx: LayerContext, fp: nn.Linear, text_route: nn.Module, m: Modality, slot: list[float]):
+    """Forward hook: add the squared error of modality ``m``'s rows, as the layer's quantized
+    linear computes them and as ``text_route`` would, against ``fp``, to ``slot``."""
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        keep = (ctx.tokens.ids.to(out.device) == int(m)) & ctx.tokens.valid.to(out.device)
+        if not bool(keep.any()):
+            return
+        x = args[0]
+        ref = F.linear(x.reshape(-1, x.shape[-1])[keep], fp.weight, fp.bias).double()
+        for k, y in enumerate((out, text_route(x))):
+            slot[k] += float((y.reshape(-1, y.shape[-1])[keep].double() - ref).pow(2).sum())
+    return hook
 
 
 def _warn_missing(ctx: LayerContext) -> None:
