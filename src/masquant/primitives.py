@@ -149,10 +149,12 @@ class _SymmetricFakeQuant(torch.autograd.Function):
         u = torch.div(x, scale)
         q = u.round().clamp_(-qmax - 1, qmax)
         if ctx.needs_input_grad[0]:
-            # the scale's gradient reaches x at its abs-max entries: there sign(x) = x / amax
-            at_max = magnitude == amax
-            coef = (amax >= EPS) / (qmax * amax.clamp_min(EPS) * at_max.sum(-1, keepdim=True))
-            ctx.save_for_backward(x, u.neg_().add_(q), at_max, coef)
+            # the abs-max entries as 1.0 (|x| / max|x| is 1 there and rounds below 1 elsewhere;
+            # float arithmetic: comparisons into bool tensors are several times slower here)
+            at_max = magnitude.div_(amax.clamp_min(EPS)).floor_()
+            # per row: d scale / d max|x| shared between ties; there sign(x) = x / max|x|
+            coef = (amax >= EPS) / (qmax * amax.clamp_min(EPS) * at_max.sum(-1, keepdim=True).clamp_min(1))
+            ctx.save_for_backward(x, torch.sub(q, u), at_max, coef)
         return q.mul_(scale)
 
     @staticmethod
