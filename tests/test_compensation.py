@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from masquant import Modality, QuantConfig, QuantLinear
-from masquant.compensation import compensate_linear, low_rank_patch, resolve_rank, smoothed_covariance, whitening
+from masquant.compensation import compensate_linear, low_rank_patch, resolve_rank, whitening
 from masquant.modality import NUM_MODALITIES, ModalityRouter
 from masquant.stats import ChannelStats, SiteStats
 
@@ -51,10 +51,23 @@ def test_singular_covariance_needs_a_ridge():
     assert torch.isfinite(t).all()
 
 
-def test_smoothed_covariance_matches_direct_computation():
+def test_whitening_of_smoothed_activations_from_the_unsmoothed_covariance():
+    """One eigendecomposition of X^T X serves every smoothing vector: T^T T is the covariance of
+    X / s (ridge applied before smoothing), and the truncation it gives is the optimum for X / s."""
     x = anisotropic_activations()
     s = torch.rand(24, dtype=torch.float64) + 0.5
-    assert torch.allclose(smoothed_covariance(x.T @ x, s), (x / s).T @ (x / s))
+    t, t_inv = whitening(x.T @ x, smooth=s)
+    smoothed = (x / s).T @ (x / s)
+    assert torch.allclose(t.T @ t, smoothed, rtol=1e-8, atol=1e-8 * float(smoothed.abs().max()))
+    assert torch.allclose(t @ t_inv, torch.eye(24, dtype=torch.float64), atol=1e-8)
+    ridged, _ = whitening(x.T @ x, ridge=1e-2, smooth=s)
+    damp = 1e-2 * float((x.T @ x).diagonal().mean())
+    assert torch.allclose(ridged.T @ ridged, smoothed + torch.diag(damp / s**2), rtol=1e-8,
+                          atol=1e-8 * float(smoothed.abs().max()))
+    delta_w = torch.randn(40, 24, dtype=torch.float64)
+    patch = low_rank_patch(delta_w, 6, whitener=(t, t_inv))
+    optimum = float(torch.linalg.svdvals((x / s) @ delta_w.T)[6:].pow(2).sum().sqrt())
+    assert output_error(x / s, delta_w, patch) == pytest.approx(optimum, rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.reliability(

@@ -41,8 +41,20 @@ def resolve_rank(rank: int | float, in_features: int, out_features: int, where: 
     return r
 
 
-def whitening(cov: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``T`` and ``T^-1`` with ``T^T T = cov + ridge * mean(diag(cov)) * I`` (float64)."""
+def whitening(cov: torch.Tensor, ridge: float = 0.0, smooth: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``T`` and ``T^-1`` with ``T^T T = cov + ridge * mean(diag(cov)) * I`` (float64).
+
+    With ``smooth`` (``s``), the factors of the covariance of ``X / s`` instead:
+    ``T^T T = diag(1/s) (cov + ridge * mean(diag(cov)) * I) diag(1/s)`` (the ridge is applied
+    before smoothing), from ``whitening_basis(cov, ridge)``, which does not depend on ``s``.
+    """
+    return scaled_whitening(whitening_basis(cov, ridge), smooth)
+
+
+def whitening_basis(cov: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square roots of the eigenvalues and the eigenvectors of ``cov + ridge * mean(diag(cov)) * I``
+    (float64); raises ``ValueError`` when that matrix is singular."""
     cov = cov.double()
     n = cov.shape[0]
     damp = ridge * float(cov.diagonal().mean()) if ridge > 0 else 0.0
@@ -53,8 +65,20 @@ def whitening(cov: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torc
         raise ValueError(
             "activation covariance is singular (too few calibration tokens for this modality, or dead "
             "channels); raise `ridge` (e.g. 1e-4) or add calibration samples")
-    root = eigvals.sqrt()
-    return root[:, None] * eigvecs.T, eigvecs / root[None, :]
+    return eigvals.sqrt(), eigvecs
+
+
+def scaled_whitening(basis: tuple[torch.Tensor, torch.Tensor], smooth: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``T = Lambda^1/2 U^T diag(1/s)`` and ``T^-1 = diag(s) U Lambda^-1/2``: any ``T`` with
+    ``T^T T = C`` gives the same optimal truncation, so one eigendecomposition of the
+    unsmoothed covariance serves every smoothing vector tried."""
+    root, eigvecs = basis
+    t, t_inv = root[:, None] * eigvecs.T, eigvecs / root[None, :]
+    if smooth is None:
+        return t, t_inv
+    s = smooth.to(device=t.device, dtype=torch.float64)
+    return t / s[None, :], t_inv * s[:, None]
 
 
 def low_rank_patch(delta_w: torch.Tensor, rank: int, cov: torch.Tensor | None = None,
@@ -106,12 +130,6 @@ def _spectrum(sigma: torch.Tensor, rank: int) -> tuple[list[float], float]:
     energy = sigma.pow(2)
     kept = float(energy[:rank].sum() / energy.sum()) if float(energy.sum()) > 0 else 1.0
     return sigma[:SPECTRUM_KEEP].tolist(), kept
-
-
-def smoothed_covariance(second_moment: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
-    """Covariance of ``X / s`` from that of ``X``: ``diag(1/s) X^T X diag(1/s)``."""
-    inv = 1.0 / smooth.double()
-    return second_moment.double() * inv[:, None] * inv[None, :]
 
 
 def compensate_linear(qlinear, linear: torch.nn.Linear, site, config, where: str = "",
@@ -200,12 +218,19 @@ def _residual(qlinear, linear, modality, config, text_weight: torch.Tensor) -> t
 
 
 def _whitener(stats, modality, smooth: torch.Tensor, ridge: float, cache: dict | None):
-    """``whitening`` of the smoothed covariance, shared by the linears that read the same input
-    (q/k/v, gate/up) through ``cache``."""
+    """``whitening`` of the smoothed covariance. Through ``cache``, the eigendecomposition of the
+    unsmoothed covariance is shared by every vector tried at this input, and the factors by the
+    linears that read the same input (q/k/v, gate/up)."""
     key = ("whitening", id(stats), int(modality), smooth.cpu().numpy().tobytes(), ridge)
     if cache is not None and key in cache:
         return cache[key]
-    found = whitening(smoothed_covariance(stats.second, smooth), ridge)
+    basis_key = ("whitening basis", id(stats), int(modality), ridge)
+    basis = cache.get(basis_key) if cache is not None else None
+    if basis is None:
+        basis = whitening_basis(stats.second, ridge)
+        if cache is not None:
+            cache[basis_key] = basis
+    found = scaled_whitening(basis, smooth)
     if cache is not None:
         cache[key] = found
     return found
