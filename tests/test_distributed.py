@@ -229,3 +229,19 @@ def test_torchrun_streams_and_rank0_alone_writes(tmp_path):
     for name in shards:
         a, b = read(str(tmp_path / "one" / name)), read(str(tmp_path / "two" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_cli_picks_gloo_for_cpu_and_warns_when_nccl_overrides_the_device(monkeypatch, caplog):
+    """``--device cpu`` under torchrun calibrates on the CPUs (Gloo) even on a GPU machine; under
+    NCCL a ``--device`` naming another GPU is ignored with a warning, not silently."""
+    import argparse
+
+    from masquant import cli
+
+    assert cli._backend("cpu") == "gloo" and cli._backend(None) is None and cli._backend("cuda:0") is None
+    monkeypatch.setattr(distributed, "device", lambda: torch.device("cuda", 1))
+    with caplog.at_level("WARNING", logger="masquant"):
+        assert cli._device(argparse.Namespace(device="cuda:1")) == torch.device("cuda", 1)
+        assert not caplog.records
+        assert cli._device(argparse.Namespace(device="cuda:0")) == torch.device("cuda", 1)
+    assert "--device cuda:0 ignored" in caplog.text and "cuda:1" in caplog.text

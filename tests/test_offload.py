@@ -89,6 +89,48 @@ def test_files_are_removed_after_an_interruption_and_resume_works(tmp_path):
     assert list((tmp_path / "act").iterdir()) == []
 
 
+KILLED_IN_LAYER_1 = """
+import os, signal, sys
+import masquant
+from masquant import QuantConfig, tiny
+from masquant.methods import METHODS
+
+original = METHODS["masquant"]
+
+def killing(ctx):
+    if ctx.index == 1:
+        sys.stdout.write(str(len(os.listdir(sys.argv[1]))) + " " + str(ctx.store.file_bytes()) + "\\n")
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(ctx)
+
+killing.__dict__.update(original.__dict__)
+METHODS["masquant"] = killing
+samples = [tiny.tiny_sample(i, "vl", text_len=24) for i in range(4)]
+masquant.quantize(tiny.tiny_qwen2_5_vl(layers=3), samples, QuantConfig(method="masquant", w_bits=4, rank=4, epochs=1),
+                  progress=False, offload=sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="unlinking a mapped file needs a POSIX system")
+@pytest.mark.reliability(
+    case="SIGKILL during calibration with activations offloaded to a directory",
+    expect="nothing is left in the offload directory (each file is unlinked once mapped)")
+def test_a_killed_run_leaves_no_activation_files(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    act = tmp_path / "act"
+    act.mkdir()
+    proc = subprocess.run([sys.executable, "-c", KILLED_IN_LAYER_1, str(act)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    entries, held = (int(x) for x in proc.stdout.split())
+    assert held > 0  # the activations were in files when the process died ...
+    assert entries == 0 and list(act.iterdir()) == []  # ... and none of them had a name left
+
+
 def test_streamed_run_with_disk_offload_equals_the_in_memory_one(tmp_path):
     tiny.tiny_qwen2_5_vl(layers=3).save_pretrained(tmp_path / "fp")
     samples = vl_samples(range(4))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -155,9 +156,11 @@ class LayerCheckpoint:
         torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
         return LayerReport.from_dict(meta["report"])
 
-    def hidden(self, index: int, device: torch.device) -> list[torch.Tensor]:
-        """The saved outputs of layer ``index`` (the inputs of layer ``index + 1``)."""
-        from safetensors.torch import load_file
+    def hidden(self, index: int, device: torch.device) -> Iterator[torch.Tensor]:
+        """The saved outputs of layer ``index`` (the inputs of layer ``index + 1``), one at a time
+        (with offload, each goes to its store before the next is read)."""
+        from safetensors import safe_open
 
-        tensors = load_file(str(self._hidden(index)))
-        return [tensors[f"hidden.{j}"].to(device) for j in range(len(tensors))]
+        with safe_open(str(self._hidden(index)), framework="pt", device="cpu") as f:
+            for j in range(len(list(f.keys()))):
+                yield f.get_tensor(f"hidden.{j}").to(device)

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted run from its last finished layer (state kept in OUT)")
     quant.add_argument("--device", default=None,
                        help="where to calibrate: cpu (default) or cuda / cuda:N; under torchrun with GPUs each process "
-                            "uses its LOCAL_RANK GPU")
+                            "uses its LOCAL_RANK GPU (NCCL), and --device cpu calibrates on the CPUs (Gloo)")
     quant.add_argument("--stream", action="store_true",
                        help="hold one decoder layer in memory at a time: read each from the checkpoint's safetensors "
                             "shards, quantize it, write it, free it (for models larger than memory; docs/SCALE.md)")
@@ -175,6 +175,17 @@ def _quantize_streaming(args: argparse.Namespace, config, state: Path, replace: 
                               device=device, offload=args.offload)
 
 
+def _backend(device: str | None) -> str | None:
+    """The process-group backend ``--device`` asks for under torchrun: Gloo for ``cpu`` (also
+    on a machine with GPUs), else the default (NCCL when CUDA is available)."""
+    import torch
+
+    try:
+        return "gloo" if device is not None and torch.device(device).type == "cpu" else None
+    except RuntimeError:  # a malformed --device is refused by _device, with its own message
+        return None
+
+
 def _device(args: argparse.Namespace):
     """``--device``, except under NCCL where each process computes on its own GPU (LOCAL_RANK)."""
     import torch
@@ -182,7 +193,11 @@ def _device(args: argparse.Namespace):
     from . import distributed
 
     if distributed.device().type == "cuda":
-        return distributed.device()
+        own = distributed.device()
+        if args.device is not None and torch.device(args.device) not in (torch.device("cuda"), own):
+            log.warning("--device %s ignored: under torchrun with GPUs each process calibrates on its own GPU "
+                        "(LOCAL_RANK: %s here)", args.device, own)
+        return own
     device = torch.device(args.device or "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this machine has no CUDA GPU (or PyTorch was built without CUDA); "
@@ -272,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "quantize":
             from . import distributed
 
-            joined = distributed.init_from_env()  # started by torchrun: data-parallel calibration
+            # started by torchrun: data-parallel calibration (Gloo when asked to calibrate on CPUs)
+            joined = distributed.init_from_env(backend=_backend(args.device))
             rank = distributed.rank()
             _setup_logging(args.log_json, rank)
             _quantize(args)

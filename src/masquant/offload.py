@@ -7,17 +7,18 @@ for the sample being run, so at most one sample's activations are on the device 
 
 * ``None``: nothing moves (the tensors stay where they were computed);
 * ``"cpu"``: host memory (with a GPU compute device; on a CPU run this is the same as ``None``);
-* a directory: each tensor is written to its own file in a fresh sub-directory and read back
-  memory-mapped, so the OS pages it in and out as needed; a tensor's file is removed when the
-  tensor under the same key is replaced, and the sub-directory when the store is closed
-  (also on errors). Moving bits through a file or between devices does not change them:
-  results are bit-identical with and without offload.
+* a directory: each tensor is written to its own file there and read back memory-mapped, so
+  the OS pages it in and out as needed. Where the OS allows it (Linux, macOS) the file is
+  unlinked right after mapping: its blocks stay allocated while the tensor lives and are
+  freed with it, and a killed run (even SIGKILL) leaves at most the one file it was writing.
+  Elsewhere a tensor's file is removed when the tensor under the same key is replaced, and
+  the rest when the store is closed (also on errors). Moving bits through a file or between
+  devices does not change them: results are bit-identical with and without offload.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Hashable
 from pathlib import Path
@@ -47,16 +48,9 @@ class ActivationStore:
 
     def __init__(self, offload: str | Path | None = None):
         self.host = offload is not None  # stored tensors are on the CPU (in RAM or in files)
-        parent = offload_directory(offload)
-        self.dir: Path | None = None
-        if parent is not None:
-            try:
-                self.dir = Path(tempfile.mkdtemp(prefix="masquant-activations-", dir=parent))
-            except OSError as e:
-                raise ValueError(f"offload directory {parent} is not writable ({e.strerror or e}); "
-                                 "pass a writable directory, or offload='cpu'") from e
-        self._files: dict[Hashable, Path] = {}
-        self._written = 0
+        self.dir = offload_directory(offload)
+        self._files: dict[Hashable, Path] = {}  # files still linked (where unlinking a mapped file fails)
+        self._bytes: dict[Hashable, int] = {}
 
     def put(self, key: Hashable, tensor: torch.Tensor) -> torch.Tensor:
         """The stored form of ``tensor`` (the tensor itself without offload)."""
@@ -64,27 +58,40 @@ class ActivationStore:
             return tensor
         if self.dir is None:
             return tensor.detach().to("cpu")
-        path = self.dir / f"{self._written:06d}.pt"
-        self._written += 1
-        torch.save(tensor.detach().to("cpu", copy=True), path)  # copy: only this tensor's elements
-        stored = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            handle, name = tempfile.mkstemp(prefix="masquant-activations-", suffix=".pt", dir=self.dir)
+        except OSError as e:
+            raise ValueError(f"offload directory {self.dir} is not writable ({e.strerror or e}); "
+                             "pass a writable directory, or offload='cpu'") from e
+        path = Path(name)
+        try:
+            with os.fdopen(handle, "wb") as f:
+                torch.save(tensor.detach().to("cpu", copy=True), f)  # copy: only this tensor's elements
+            stored = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         old = self._files.pop(key, None)
         if old is not None:  # a tensor still mapped from it stays readable (the file goes with it)
             old.unlink(missing_ok=True)
-        self._files[key] = path
+        self._bytes[key] = path.stat().st_size
+        try:
+            path.unlink()  # the mapping keeps the data; nothing is left behind if the process dies
+        except OSError:  # (Windows: a mapped file cannot be removed; close() does it)
+            self._files[key] = path
         return stored
 
     def file_bytes(self) -> int:
-        """Bytes of the activation files now on disk."""
-        return sum(p.stat().st_size for p in self._files.values())
+        """Bytes of the activations now held in files (mapped)."""
+        return sum(self._bytes.values())
 
     def close(self) -> None:
-        """Remove the activation files (the tensors mapped from them stay readable where unlinking
-        a mapped file is allowed, as on Linux and macOS)."""
+        """Remove the activation files still linked (the tensors mapped from them stay readable
+        where unlinking a mapped file is allowed)."""
+        for path in self._files.values():
+            path.unlink(missing_ok=True)
         self._files.clear()
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+        self._bytes.clear()
 
     def __enter__(self) -> ActivationStore:
         return self

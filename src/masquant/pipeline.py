@@ -260,12 +260,12 @@ def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured],
         reports.append(checkpoint.restore_layer(i, layers[i], config, router))
         release(i, layers[i])
     device = torch.device("cpu") if store.host else samples[0].hidden.device
+    # the first layer's inputs (captured on the compute device), or the saved inputs of the first layer to run
+    inputs = (s.hidden for s in samples) if not start else checkpoint.hidden(start - 1, device)
+    for j, (sample, hidden) in enumerate(zip(samples, inputs, strict=True)):
+        sample.hidden = store.put(("hidden", j), hidden)
     if start:
-        for sample, hidden in zip(samples, checkpoint.hidden(start - 1, device), strict=True):
-            sample.hidden = hidden
         log.info("resuming after layer %d/%d", start, len(layers))
-    for j, sample in enumerate(samples):  # the first layer's inputs (captured on the compute device)
-        sample.hidden = store.put(("hidden", j), sample.hidden)
     bar = tqdm(range(start, len(layers)), desc=f"{config.method} W{config.w_bits}A{config.a_bits}",
                unit="layer", disable=not progress, initial=start, total=len(layers))
     for i in bar:
