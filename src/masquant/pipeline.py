@@ -168,9 +168,12 @@ class LayerContext:
         return total / max(count, 1)
 
     @contextlib.contextmanager
-    def quantized(self, smooth: dict[str, torch.Tensor], compensate: bool = False) -> Iterator[dict[str, nn.Linear]]:
-        """Temporarily swap the linears of the named groups for ``QuantLinear``s."""
-        originals = self.apply(LayerPlan(smooth, compensate=compensate), report=False)
+    def quantized(self, smooth: dict[str, torch.Tensor], compensate: bool = False,
+                  per_modality_weights: tuple[Modality, ...] = ()) -> Iterator[dict[str, nn.Linear]]:
+        """Temporarily swap the linears of the named groups for ``QuantLinear``s (``LayerPlan``'s
+        arguments)."""
+        originals = self.apply(LayerPlan(smooth, compensate=compensate, per_modality_weights=per_modality_weights),
+                               report=False)
         try:
             yield originals
         finally:

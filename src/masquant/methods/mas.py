@@ -100,38 +100,42 @@ def layer_lambdas(ctx: LayerContext) -> dict[Modality, float]:
 
 
 def learn_tables(ctx: LayerContext, tables: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Optimise the smoothing tables of the smoothed groups on the layer-output loss."""
+    """Optimise the smoothing tables of the smoothed groups on the layer-output loss; returns the
+    tables to use and the mean loss before and after (the learned tables are kept only if they
+    do not raise it)."""
     modalities = ctx.modalities()
     params = {g.name: nn.Parameter(tables[g.name].clone()) for g in ctx.groups() if ctx.smoothed(g)}
+    if not params or not ctx.config.epochs:
+        return tables, []
+    weights = torch.tensor([layer_lambdas(ctx)[m] for m in Modality], dtype=torch.float32)
+    before = _mean_loss(ctx, tables, weights)
     swapped, frozen = {}, [p for p in ctx.layer.parameters() if p.requires_grad]
     for group in ctx.groups():
         table = params.get(group.name, tables[group.name])
         for path, linear in zip(group.linears, ctx.linears(group), strict=True):
             swapped[path] = replace_module(ctx.layer, path, _TrainableLinear(linear, table, ctx, modalities))
     trainable = [ctx.layer.get_submodule(p) for p in swapped]
-    weights = torch.tensor([layer_lambdas(ctx)[m] for m in Modality], dtype=torch.float32)
-    history: list[float] = []
     try:
         for p in frozen:
             p.requires_grad_(False)
-        if params and ctx.config.epochs:
-            history = _optimise(ctx, list(params.values()), weights, trainable)
+        _optimise(ctx, list(params.values()), weights, trainable)
     finally:
         for p in frozen:
             p.requires_grad_(True)
         for path, linear in swapped.items():
             replace_module(ctx.layer, path, linear)
-    if len(history) == 2 and history[1] > history[0]:
+    learned = {**tables, **{k: p.detach().clamp_min(ctx.config.min_scale) for k, p in params.items()}}
+    history = [before, _mean_loss(ctx, learned, weights)]
+    if history[1] > history[0]:
         log.info("layer %d: learned smoothing raised the loss (%.3g -> %.3g); keeping the initial vectors",
                  ctx.index, *history)
         return tables, history
-    return {**tables, **{k: p.detach().clamp_min(ctx.config.min_scale) for k, p in params.items()}}, history
+    return learned, history
 
 
 def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tensor,
-              trainable: list[_TrainableLinear]) -> list[float]:
-    """AdamW for ``epochs`` over the samples, ``mas_batch`` samples (mean loss) per step;
-    returns the mean loss before and after.
+              trainable: list[_TrainableLinear]) -> None:
+    """AdamW for ``epochs`` over the samples, ``mas_batch`` samples (mean loss) per step.
 
     Data-parallel, the steps run over the batches of the whole calibration set: each process
     backpropagates the part of a step's loss its own samples make (none: no backward), the
@@ -144,8 +148,6 @@ def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tens
         for module in trainable:
             module.weights.clear()
 
-    new_step()
-    history = [_mean_loss(ctx, weights)]
     with torch.enable_grad():
         for _ in range(config.epochs):
             for first in range(0, total, config.mas_batch):
@@ -162,14 +164,15 @@ def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tens
                     for p in params:
                         p.clamp_(min=config.min_scale)
     new_step()
-    history.append(_mean_loss(ctx, weights))
-    new_step()
-    return history
 
 
 @torch.no_grad()
-def _mean_loss(ctx: LayerContext, weights: torch.Tensor) -> float:
-    losses = [float(_weighted_mae(ctx.run(i), ctx.target(i), s, weights)) for i, s in enumerate(ctx.samples)]
+def _mean_loss(ctx: LayerContext, tables: dict[str, torch.Tensor], weights: torch.Tensor) -> float:
+    """The MAS loss of ``tables`` (one quantized weight per modality, run by the configured
+    runtime: integer kernels by default), averaged over the calibration batches of every process."""
+    own = tuple(m for m in ctx.modalities() if m != Modality.TEXT)
+    with ctx.quantized(tables, per_modality_weights=own):
+        losses = [float(_weighted_mae(ctx.run(i), ctx.target(i), s, weights)) for i, s in enumerate(ctx.samples)]
     total, count = distributed.all_reduce_floats([sum(losses), len(losses)])
     return total / count
 
