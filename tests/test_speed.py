@@ -74,11 +74,11 @@ def test_model_rows_time_every_variant_in_the_same_rounds(monkeypatch):
 
 
 def test_calibration_scaling_rows_time_both_methods_and_feed_the_goals():
-    rows = speed.calibration_scaling_rows((32,), layers=1, samples=2)
+    rows = speed.calibration_scaling_rows(((32, 2),), layers=1, repeats=1)
     assert rows[0]["width"] == 32 and set(rows[0]["seconds"]) == {"smoothquant", "masquant"}
     assert rows[0]["ratio"] == rows[0]["seconds"]["masquant"] / rows[0]["seconds"]["smoothquant"]
     result = {"linear": [], "models": [], "calibration": [], "memory": [], "calibration_scaling": rows}
     goals = perf.goals(result)
     assert [g for g, _, _ in goals] == ["MAS+CMC calibration <= 5x SmoothQuant (random VL 32 wide, 2 samples)"]
-    assert "Calibration time by model width" in perf.markdown({**result, "machine": "x", "threads": 1,
-                                                               "torch": "t", "cpu_capability": "c"})
+    page = perf.markdown({**result, "machine": "x", "threads": 1, "torch": "t", "cpu_capability": "c"})
+    assert "Calibration time by model width and number of samples" in page

@@ -32,7 +32,8 @@ def run_speed(quick: bool = False, device: str = "cpu") -> dict:
     if device == "cpu":
         result["models"] += speed.reference_model_rows("ref-vl", calib_samples=4 if quick else 16)
         result["calibration"] = speed.calibration_rows("ref-vl", calib_samples=8 if quick else 32)
-        result["calibration_scaling"] = speed.calibration_scaling_rows((128, 256) if quick else (256, 1024))
+        result["calibration_scaling"] = speed.calibration_scaling_rows(((128, 8), (256, 8)) if quick else
+                                                                       ((256, 16), (1024, 16), (1024, 64)))
         result["memory"] = speed.calibration_memory("masquant", (2, 4) if quick else (4, 8))
     return result
 
@@ -117,7 +118,8 @@ def markdown(result: dict) -> str:
               + " | ".join(f"{r['decoder_sqnr'][m]:.2f}" for m in mods) + f" | {r['kl']:.4f} |"
               for r in result["calibration"]]
     if result.get("calibration_scaling"):
-        lines += ["", "Calibration time by model width (random Qwen2.5-VL, W4A8, default `calib_batch`):", "",
+        lines += ["", "Calibration time by model width and number of samples (random Qwen2.5-VL, W4A8, default "
+                  "`calib_batch`, fastest of two interleaved runs):", "",
                   "| width | layers | samples | SmoothQuant s | MASQuant s | ratio |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['width']} | {r['layers']} | {r['samples']} | {r['seconds']['smoothquant']:.1f} | "
                   f"{r['seconds']['masquant']:.1f} | {r['ratio']:.1f}x |" for r in result["calibration_scaling"]]
