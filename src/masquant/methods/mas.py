@@ -37,6 +37,9 @@ from .smoothquant import group_weight_absmax, smoothquant_vector
 log = logging.getLogger("masquant")
 
 
+RECOMPUTE_MIN_ELEMENTS = 1 << 20  # weights at least this large are fake-quantized again in backward
+
+
 class _TrainableLinear(nn.Module):
     """Fake-quantized linear with a (learnable) per-modality smoothing table, MAS-only form."""
 
@@ -57,9 +60,12 @@ class _TrainableLinear(nn.Module):
                                                          self.ctx.config.w_group_size)
             return self.fixed[m]
         if m not in self.weights:
-            # recomputed in backward instead of keeping ~5 weight-sized intermediates per modality alive
-            self.weights[m] = checkpoint(_smoothed_fake_quant, self.linear.weight, self.smooth[int(m)], self.grid,
-                                         self.ctx.config.w_group_size, use_reentrant=False)
+            args = (self.linear.weight, self.smooth[int(m)], self.grid, self.ctx.config.w_group_size)
+            if self.linear.weight.numel() >= RECOMPUTE_MIN_ELEMENTS:
+                # recomputed in backward instead of keeping three weight-sized tensors per modality alive
+                self.weights[m] = checkpoint(_smoothed_fake_quant, *args, use_reentrant=False)
+            else:  # small: the memory does not matter, the recomputation's time does
+                self.weights[m] = _smoothed_fake_quant(*args)
         return self.weights[m]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
