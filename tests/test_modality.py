@@ -123,3 +123,23 @@ def test_generic_adapter_calibrates_on_image_samples():
     report = masquant.quantize(model, [tiny.tiny_sample(i, "vl") for i in range(2)],
                                masquant.QuantConfig(method="smoothquant"), adapter=adapter, progress=False)
     assert set(report.tokens) == {"text", "vision"}
+
+
+def test_router_runs_are_computed_once_per_ids_and_follow_changes():
+    """The rows of each modality are shared by every linear of a forward, and recomputed when
+    the ids change (new ids, or the same tensor modified in place)."""
+
+    router = ModalityRouter({})
+    x = torch.zeros(1, 6, 4)
+    ids = torch.tensor([[0, 1, 1, 0, 2, 0]])
+    with router.scope(ids):
+        flat, runs = router.runs(x)
+        assert flat.tolist() == [0, 1, 1, 0, 2, 0]
+        assert runs[1] == slice(1, 3) and runs[2] == slice(4, 5) and runs[0].tolist() == [0, 3, 5]
+        assert router.runs(x)[1] is runs  # the same forward: not recomputed
+        ids[0, 3] = 1  # modified in place
+        assert router.runs(x)[1][1] == slice(1, 4)
+    with router.scope(torch.zeros(1, 6, dtype=torch.long)):
+        assert set(router.runs(x)[1]) == {0}
+        with pytest.raises(RuntimeError, match="do not match"):
+            router.runs(torch.zeros(1, 5, 4))

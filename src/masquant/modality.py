@@ -39,6 +39,7 @@ class ModalityRouter:
         self.table = dict(table)
         self.ids: torch.Tensor | None = None
         self._scoped = 0
+        self._runs: tuple | None = None  # (ids, their version, device, flat ids, rows per modality)
 
     @contextlib.contextmanager
     def scope(self, ids: torch.Tensor) -> Iterator[None]:
@@ -69,6 +70,23 @@ class ModalityRouter:
                 "as the hidden states"
             )
         return self.ids.reshape(-1).to(x.device)
+
+    def runs(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor | slice]]:
+        """``rows(x)`` and the rows of each modality present: a slice when they are one contiguous
+        run (an image or a clip usually is), else an index tensor. Computed once per forward and
+        device, not once per quantized linear (they all read the same ids)."""
+        ids = self.rows(x)  # (checks the ids against x)
+        cached = self._runs
+        if cached is not None and cached[0] is self.ids and cached[1] == self.ids._version and cached[2] == x.device:
+            return cached[3], cached[4]
+        out: dict[int, torch.Tensor | slice] = {}
+        for m in range(NUM_MODALITIES):
+            idx = (ids == m).nonzero().squeeze(1)
+            if idx.numel():
+                first, last = int(idx[0]), int(idx[-1])
+                out[m] = slice(first, last + 1) if last - first + 1 == idx.numel() else idx
+        self._runs = (self.ids, self.ids._version, x.device, ids, out)
+        return ids, out
 
     def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook for the top-level model: set ids from ``input_ids``."""

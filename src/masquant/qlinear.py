@@ -189,19 +189,6 @@ class QuantLinear(nn.Module):
     def needs_ids(self) -> bool:
         return not self.uniform or bool(self.patches) or bool(self.modality_qweights)
 
-    def rows_by_modality(self, ids: torch.Tensor | None) -> dict[int, torch.Tensor | slice]:
-        """Rows of each modality present in ``ids`` (computed once per forward): a slice when
-        they are one contiguous run (an image or a clip usually is), else an index tensor."""
-        if ids is None:
-            return {}
-        out: dict[int, torch.Tensor | slice] = {}
-        for m in range(NUM_MODALITIES):
-            idx = (ids == m).nonzero().squeeze(1)
-            if idx.numel():
-                first, last = int(idx[0]), int(idx[-1])
-                out[m] = slice(first, last + 1) if last - first + 1 == idx.numel() else idx
-        return out
-
     def smoothed_input(self, rows: torch.Tensor, by_modality: dict[int, torch.Tensor | slice]) -> torch.Tensor:
         """``x / s[m]`` row by row: every row by the text vector, then the rows of other
         modalities (if their vectors differ) again from ``x`` (no gather of the whole table)."""
@@ -217,8 +204,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        ids = self.router.rows(x) if self.needs_ids else None
-        by_modality = self.rows_by_modality(ids)
+        ids, by_modality = self.router.runs(x) if self.needs_ids else (None, {})
         if self.modality_qweights:  # MAS-only: each modality's rows with its own weight
             y = rows.new_empty(rows.shape[0], self.out_features, dtype=self.compute_dtype)
             for modality, idx in by_modality.items():
