@@ -29,3 +29,20 @@ def test_bad_input_gives_one_line_error(capsys):
     err = capsys.readouterr().err
     assert err.startswith("masquant: error: ") and "neither a reference model" in err
     assert "Traceback" not in err
+
+
+def test_conflicting_or_meaningless_flags_are_refused(capsys, monkeypatch):
+    """One bench per run (``--speed`` with ``--export`` used to run the export bench silently), and
+    ``eval --no-sidecar`` only for an exported model (it used to be ignored)."""
+    import pytest
+
+    import masquant.loading
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--speed", "--export"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    monkeypatch.setattr(masquant.loading, "load_any", lambda *a, **k: pytest.fail("loaded before refusing"))
+    for args in (["--model", "ref-vl", "--no-sidecar"], ["--model", "ref-vl", "--method", "rtn", "--no-sidecar"]):
+        assert main(["eval", *args]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("masquant: error: --no-sidecar scores an exported") and "ref-vl is not one" in err

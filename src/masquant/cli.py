@@ -105,12 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", nargs="+", default=["ref-vl"], help="reference models (ref-vl, ref-omni)")
     bench.add_argument("--out", type=Path, default=Path("out/bench"))
     bench.add_argument("--results", type=Path, default=None, help="also write this results page (docs/RESULTS.md)")
-    bench.add_argument("--speed", action="store_true",
-                       help="measure speed, checkpoint bytes and calibration cost instead of accuracy")
-    bench.add_argument("--export", action="store_true",
-                       help="accuracy of the compressed-tensors export with and without its sidecar")
-    bench.add_argument("--memory", action="store_true",
-                       help="peak memory of calibration, in memory vs --stream (ref-vl and a 3B-wide random model)")
+    kind = bench.add_mutually_exclusive_group()  # one bench per run
+    kind.add_argument("--speed", action="store_true",
+                      help="measure speed, checkpoint bytes and calibration cost instead of accuracy")
+    kind.add_argument("--export", action="store_true",
+                      help="accuracy of the compressed-tensors export with and without its sidecar")
+    kind.add_argument("--memory", action="store_true",
+                      help="peak memory of calibration, in memory vs --stream (ref-vl and a 3B-wide random model)")
     bench.add_argument("--device", default="cpu",
                        help="with --speed: cpu, or cuda for the GPU rows (linears and the wide model)")
     bench.add_argument("--resume", action="store_true",
@@ -267,6 +268,13 @@ def _eval(args: argparse.Namespace) -> None:
     from .loading import load_any
     from .refmodels.evaluate import FULL, QUICK, evaluate_reference
 
+    if args.no_sidecar:
+        from .sidecar import is_export
+
+        if args.method is not None or not Path(args.model).is_dir() or not is_export(Path(args.model)):
+            raise ValueError(f"--no-sidecar scores an exported (compressed-tensors) model without its sidecar; "
+                             f"{args.model} is not one{' (and --method quantizes first)' if args.method else ''}. "
+                             "Drop --no-sidecar, or export first: masquant export SOURCE --out DIR")
     if args.method is None:
         model, processor, reference = load_any(args.model, sidecar=not args.no_sidecar)
         if reference is None:
