@@ -64,6 +64,14 @@ def test_without_resume_everything_is_recomputed(fake_bench, tmp_path):
     assert len(fake_bench["quantize"]) == 6 and fake_bench["fp_evals"] == 2
 
 
+def test_resume_reuses_only_rows_of_the_same_size(fake_bench, tmp_path):
+    """``--resume`` after a ``--quick`` run must not put quick rows into a full page."""
+    bench.run_bench(("ref-vl",), quick=True, progress=False, out=tmp_path)
+    rows = bench.run_bench(("ref-vl",), quick=False, progress=False, out=tmp_path, resume=True)
+    assert fake_bench["fp_evals"] == 2 and all(not r["quick"] for r in rows)
+    assert [q[0] for q in fake_bench["quantize"]].count("rtn") == 1 + sum(m == "rtn" for _, m in bench.settings(False))
+
+
 def test_full_settings_include_the_down_proj_variants():
     todo = bench.settings(quick=False)
     assert ("W4A8", "masquant+down") in todo and ("W4A16", "awq") in todo and ("W4A16", "masquant") not in todo

@@ -65,11 +65,11 @@ def run_settings(name: str, todo: list[tuple[str, str]], quick: bool, progress: 
                  done: list[dict] = (), on_row=None) -> list[dict]:
     """Full precision plus each ``(bits, method)`` on one reference model.
 
-    Rows already in ``done`` (same model, bits and method) are reused, not recomputed;
+    Rows already in ``done`` (same model, bits, method and ``quick``) are reused, not recomputed;
     ``on_row(rows)`` is called after every new row (the bench saves its JSON there).
     """
     sizes = QUICK if quick else FULL
-    previous = {_key(r): r for r in done if r["model"] == name}
+    previous = {_key(r): r for r in done if r["model"] == name and r.get("quick", False) == quick}
     fp, processor = registry.load(name)
     rows = []
 
@@ -79,7 +79,8 @@ def run_settings(name: str, todo: list[tuple[str, str]], quick: bool, progress: 
             on_row(rows)
 
     finish(previous.get((name, "FP32", "fp"))
-           or {"model": name, "bits": "FP32", "method": "fp", **evaluate_reference(fp, processor, name, sizes)})
+           or {"model": name, "bits": "FP32", "method": "fp", "quick": quick,
+               **evaluate_reference(fp, processor, name, sizes)})
     if any((name, bits, method) not in previous for bits, method in todo):
         calib = calibration_inputs(processor, name)
         if quick:
@@ -96,7 +97,8 @@ def run_settings(name: str, todo: list[tuple[str, str]], quick: bool, progress: 
         report = quantize(qmodel, calib, config_for(bits, method, quick), progress=progress, cache=cache)
         seconds = time.perf_counter() - start
         scores = compare(fp, qmodel, held_out)
-        row = {"model": name, "bits": bits, "method": method, **evaluate_reference(qmodel, processor, name, sizes),
+        row = {"model": name, "bits": bits, "method": method, "quick": quick,
+               **evaluate_reference(qmodel, processor, name, sizes),
                "decoder_sqnr": scores["decoder_sqnr"], "kl": scores["kl"]["all"], "calib_seconds": seconds,
                "storage": storage_bytes(qmodel), "calib_samples": report.samples}
         log.info("%s %s %s: %s, prose ppl %.2f", name, bits, method,

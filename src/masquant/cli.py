@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench" and args.export:
             from .exportbench import run_export_bench, write
 
-            rows = run_export_bench(tuple(args.models), quick=args.quick)
+            rows = run_export_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress)
             command = " ".join(["masquant bench --export", *(["--quick"] if args.quick else []), "--models",
                                 *args.models, *([f"--results {args.results}"] if args.results else [])])
             print(write(rows, args.out, args.results, command))

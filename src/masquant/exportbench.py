@@ -30,7 +30,8 @@ log = logging.getLogger("masquant")
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8)}
 
 
-def run_export_bench(models: tuple[str, ...] = ("ref-vl",), quick: bool = False) -> list[dict]:
+def run_export_bench(models: tuple[str, ...] = ("ref-vl",), quick: bool = False, progress: bool = True
+                     ) -> list[dict]:
     sizes = QUICK if quick else FULL
     rows = []
     for name in models:
@@ -41,7 +42,7 @@ def run_export_bench(models: tuple[str, ...] = ("ref-vl",), quick: bool = False)
         for bits, (w, a) in SETTINGS.items():
             model, _ = registry.load(name)
             quantize(model, calib, QuantConfig(method="masquant", w_bits=w, a_bits=a,
-                                               epochs=1 if quick else 2), progress=not quick)
+                                               epochs=1 if quick else 2), progress=progress and not quick)
             rows.append(_row(name, bits, "masquant model", model, processor, fp, held_out, sizes))
             with tempfile.TemporaryDirectory() as tmp:
                 save(model, Path(tmp) / "q", processor=processor, reference=name)
