@@ -23,7 +23,8 @@ CONFIG = QuantConfig(method="masquant", w_bits=4, rank=4, epochs=1)
 
 
 @pytest.mark.reliability(
-    case='calibration interrupted (Ctrl-C in layer 2), then resumed; resumed with other inputs, settings or model',
+    case='calibration interrupted (Ctrl-C in layer 2), then resumed; resumed with other inputs, settings, model '
+         'or device type',
     expect='identical model and report; foreign state refused')
 def test_an_interrupted_run_resumes_to_the_same_model_and_report(tmp_path):
     samples = vl_samples(range(3))
@@ -43,6 +44,15 @@ def test_an_interrupted_run_resumes_to_the_same_model_and_report(tmp_path):
     with pytest.raises(ValueError, match="other model_sha256"):
         masquant.quantize(tiny.tiny_qwen2_5_vl(layers=4, seed=1), samples, CONFIG, progress=False,
                           checkpoint=tmp_path / "s", resume=True)
+    run = tmp_path / "s" / "run.json"
+    saved = json.loads(run.read_text())
+    assert saved["device"] == "cpu"
+    run.write_text(json.dumps({**saved, "device": "cuda"}))  # as if started on a GPU
+    with pytest.raises(ValueError, match="started on cuda and this one computes on cpu"):
+        masquant.quantize(tiny.tiny_qwen2_5_vl(layers=4), samples, CONFIG, progress=False,
+                          checkpoint=tmp_path / "s", resume=True)
+    del saved["device"]
+    run.write_text(json.dumps(saved))  # state written by a version that did not record the device: accepted
     resumed = tiny.tiny_qwen2_5_vl(layers=4)
     report = masquant.quantize(resumed, samples, CONFIG, progress=False, checkpoint=tmp_path / "s", resume=True)
     a, b = whole.state_dict(), resumed.state_dict()

@@ -55,9 +55,10 @@ def layer_digest(layer: nn.Module) -> str:
 
 
 def fingerprint(model: nn.Module, inputs: list[dict], config: QuantConfig) -> dict:
-    """What a run calibrates: the settings, a hash of every calibration tensor, and a hash of
-    the model's configuration and input embeddings (a different checkpoint of the same
-    architecture has other embeddings)."""
+    """What a run calibrates: the settings, a hash of every calibration tensor, a hash of the
+    model's configuration and input embeddings (a different checkpoint of the same architecture
+    has other embeddings), and the device type it computes on (a run resumed on another one would
+    match neither a clean run there nor here)."""
     data = hashlib.sha256()
     for sample in inputs:
         for key in sorted(sample):
@@ -67,7 +68,7 @@ def fingerprint(model: nn.Module, inputs: list[dict], config: QuantConfig) -> di
     weights = hashlib.sha256(model.config.to_json_string().encode())
     _hash_tensor(weights, "embeddings", model.get_input_embeddings().weight)
     return {"config": config.to_dict(), "samples": len(inputs), "inputs_sha256": data.hexdigest(),
-            "model_sha256": weights.hexdigest()}
+            "model_sha256": weights.hexdigest(), "device": model.get_input_embeddings().weight.device.type}
 
 
 class LayerCheckpoint:
@@ -88,7 +89,12 @@ class LayerCheckpoint:
                                       "layers finished); resume it (--resume / resume=True) or start over "
                                       "(--overwrite / delete the directory)")
             saved = json.loads(path.read_text())
+            saved.setdefault("device", run.get("device"))  # state written before the device was recorded
             diff = sorted(k for k in run if saved.get(k) != run[k])
+            if "device" in diff:
+                raise ValueError(f"cannot resume {self.dir}: the run was started on {saved['device']} and this one "
+                                 f"computes on {run['device']}; resume it on {saved['device']} (--device), or start "
+                                 "over (--overwrite)")
             if diff:
                 raise ValueError(f"cannot resume {self.dir}: the run was started with other {', '.join(diff)}; "
                                  "use the same model, calibration set and settings, or start over (--overwrite)")
