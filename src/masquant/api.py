@@ -65,9 +65,9 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     ``offload``: where the calibration activations (each batch's input of the current decoder
     layer and its full-precision output) wait while other batches run: ``None`` (on the compute
     device), ``"cpu"`` (host memory; changes nothing on a CPU run) or a directory (one file per
-    tensor in a fresh sub-directory, read back memory-mapped; removed at the end, also on
-    errors). Each batch's tensors come to the device only while it runs; results are
-    bit-identical. See ``masquant.offload``.
+    tensor there, read back memory-mapped and unlinked once mapped where the OS allows, so
+    that nothing is left behind, even by a killed run). Each batch's tensors come to the
+    device only while it runs; results are bit-identical. See ``masquant.offload``.
 
     Inside a ``torch.distributed`` process group of N > 1 processes (``torchrun``), every
     process passes the same ``calib``, calibrates on its share of the batches and ends with

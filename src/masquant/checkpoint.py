@@ -65,10 +65,11 @@ def fingerprint(model: nn.Module, inputs: list[dict], config: QuantConfig) -> di
             value = sample[key]
             if torch.is_tensor(value):
                 _hash_tensor(data, key, value)
+    embeddings = model.get_input_embeddings().weight
     weights = hashlib.sha256(model.config.to_json_string().encode())
-    _hash_tensor(weights, "embeddings", model.get_input_embeddings().weight)
+    _hash_tensor(weights, "embeddings", embeddings)
     return {"config": config.to_dict(), "samples": len(inputs), "inputs_sha256": data.hexdigest(),
-            "model_sha256": weights.hexdigest(), "device": model.get_input_embeddings().weight.device.type}
+            "model_sha256": weights.hexdigest(), "device": embeddings.device.type}
 
 
 class LayerCheckpoint:
@@ -168,5 +169,5 @@ class LayerCheckpoint:
         from safetensors import safe_open
 
         with safe_open(str(self._hidden(index)), framework="pt", device="cpu") as f:
-            for j in range(len(list(f.keys()))):
+            for j in range(len(f.keys())):
                 yield f.get_tensor(f"hidden.{j}").to(device)

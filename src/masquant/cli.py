@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "shards, quantize it, write it, free it (for models larger than memory; docs/SCALE.md)")
     quant.add_argument("--offload", default=None, metavar="cpu|DIR",
                        help="keep the calibration activations off the compute device: cpu (host memory) or DIR "
-                            "(files there, memory-mapped, removed at the end); each sample's come to the device "
+                            "(files there, memory-mapped, unlinked once mapped); each sample's come to the device "
                             "only while it runs (docs/SCALE.md)")
     quant.add_argument("--no-progress", action="store_true")
     an = sub.add_parser("analyze", help="measure smoothing misalignment and recommend a method",

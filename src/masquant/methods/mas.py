@@ -69,18 +69,20 @@ class _TrainableLinear(nn.Module):
         return self.weights[m]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = self.ctx.router.rows(x)
+        ids, runs = self.ctx.router.runs(x)  # (shared by every linear of the forward)
         rows = x.reshape(-1, self.linear.in_features).float()  # float32 also for bf16 / fp16 models
         bias = None if self.linear.bias is None else self.linear.bias.float()
         # every row by its own modality's vector, then per-token codes: one pass over all rows
         xq = fake_quantize_per_token(rows / self.smooth.index_select(0, ids), self.ctx.config.a_bits)
-        present = [m for m in self.modalities if bool((ids == int(m)).any())]
+        present = [m for m in self.modalities if int(m) in runs]
         if len(present) == 1:
             out = F.linear(xq, self.weight(present[0]), bias)
         else:
             out = rows.new_zeros(rows.shape[0], self.linear.out_features)
             for m in present:
-                idx = (ids == int(m)).nonzero().squeeze(1)
+                idx = runs[int(m)]
+                if isinstance(idx, slice):
+                    idx = torch.arange(idx.start, idx.stop, device=rows.device)
                 out = out.index_copy(0, idx, F.linear(xq.index_select(0, idx), self.weight(m), bias))
         return out.reshape(*x.shape[:-1], self.linear.out_features).to(x.dtype)
 
