@@ -148,3 +148,36 @@ def test_cli_streams_on_the_gpu(tmp_path):
     assert main(["quantize", "--model", "ref-vl", "--method", "smoothquant", "--w-bits", "8", "--a-bits", "8",
                  "--stream", "--device", "cuda", "--no-progress", "--out", str(tmp_path / "q")]) == 0
     assert (tmp_path / "q" / "model.safetensors.index.json").exists()
+
+
+def test_offload_from_the_gpu_keeps_the_activations_on_the_host(tmp_path, monkeypatch):
+    """``offload="cpu"`` / a directory on a GPU run: the same weights as keeping the activations on
+    the GPU, every stored activation on the host, and a lower GPU peak."""
+    from masquant import offload
+
+    stored = []
+    put = offload.ActivationStore.put
+
+    def spy(self, key, tensor):
+        kept = put(self, key, tensor)
+        stored.append(kept.device.type)
+        return kept
+
+    monkeypatch.setattr(offload.ActivationStore, "put", spy)
+    samples = vl_samples(range(16), text_len=48)
+    config = QuantConfig(method="masquant", w_bits=4, rank=4, epochs=1, calib_batch=2)
+    runs = {}
+    for where in (None, "cpu", tmp_path / "act"):
+        model = tiny.tiny_qwen2_5_vl(layers=3).cuda()
+        stored.clear()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        masquant.quantize(model, samples, config, progress=False, offload=where)
+        torch.cuda.synchronize()
+        runs[str(where)] = (model.state_dict(), torch.cuda.max_memory_allocated(), set(stored))
+    (plain, plain_peak, plain_where), *offloaded = runs.values()
+    assert plain_where == {"cuda"}
+    for state, peak, where in offloaded:
+        assert where == {"cpu"}
+        assert all(torch.equal(plain[k], state[k]) for k in plain)
+        assert peak < plain_peak, (peak, plain_peak)

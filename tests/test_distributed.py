@@ -245,3 +245,43 @@ def test_the_cli_picks_gloo_for_cpu_and_warns_when_nccl_overrides_the_device(mon
         assert not caplog.records
         assert cli._device(argparse.Namespace(device="cuda:0")) == torch.device("cuda", 1)
     assert "--device cuda:0 ignored" in caplog.text and "cuda:1" in caplog.text
+
+
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
+    not torch.cuda.is_available() or not torch.distributed.is_nccl_available(), reason="needs a CUDA GPU and NCCL"))])
+def test_a_group_of_one_runs_every_collective_and_changes_nothing(backend, monkeypatch):
+    """Calibration in a process group of one process, forced to count as data-parallel: every
+    collective of calibration runs (statistics, gradient ratios, MAS gradients and losses, the
+    meters) and the model and report equal the plain run's on the same device. Under NCCL this
+    puts every reduced tensor on the GPU; two NCCL ranks cannot share one GPU, so on a machine
+    with one GPU this is as far as NCCL can be checked."""
+    device = "cuda" if backend == "nccl" else "cpu"
+
+    def run() -> dict:
+        out = {}
+        for name, settings in worker.RUNS.items():
+            qmodel = worker.model().to(device)
+            report = masquant.quantize(qmodel, worker.calibration(), masquant.QuantConfig(**settings), progress=False)
+            out[name] = (qmodel.state_dict(), _without_time(report.to_dict()))
+        return out
+
+    plain = run()
+    calls = []
+    reduce = distributed.dist.all_reduce
+    monkeypatch.setattr(distributed.dist, "all_reduce",
+                        lambda t, *a, **k: calls.append(t.device.type) or reduce(t, *a, **k))
+    if backend == "nccl":
+        torch.cuda.set_device(0)
+    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(distributed, "active", lambda: True)
+        assert distributed.device().type == device
+        grouped = run()
+    finally:
+        torch.distributed.destroy_process_group()
+    assert len(calls) > 100 and set(calls) == {device}
+    for name, (state, report) in plain.items():
+        other_state, other_report = grouped[name]
+        assert state.keys() == other_state.keys()
+        assert all(torch.equal(state[k], other_state[k]) for k in state), name
+        assert report == other_report, name

@@ -199,7 +199,8 @@ def test_memory_bench_child_measures_one_run(tmp_path):
     assert "| tiny | 1 | 0.5 | smoothquant | streamed |" in table
 
 
-@pytest.mark.reliability(case="quantize --device cuda on a machine without a GPU; --stream of a quantized model",
+@pytest.mark.reliability(case="quantize / bench --speed --device cuda on a machine without a GPU; "
+                              "--stream of a quantized model",
                          expect="one-line error before anything is loaded / naming the directory")
 def test_cli_refuses_a_missing_gpu_and_a_quantized_source(tmp_path, capsys):
     from masquant.cli import main
@@ -208,6 +209,8 @@ def test_cli_refuses_a_missing_gpu_and_a_quantized_source(tmp_path, capsys):
         pytest.skip("this machine has a GPU")
     assert main(["quantize", "--model", "ref-vl", "--device", "cuda", "--out", str(tmp_path / "q")]) == 1
     assert "no CUDA GPU" in capsys.readouterr().err
+    assert main(["bench", "--speed", "--device", "cuda", "--out", str(tmp_path / "b")]) == 1
+    assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "b").exists()
     tiny.tiny_qwen2_5_vl().save_pretrained(tmp_path / "fp")
     (tmp_path / "fp" / "quant_config.json").write_text("{}")
     assert main(["quantize", "--model", str(tmp_path / "fp"), "--stream", "--out", str(tmp_path / "q")]) == 1

@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench" and args.speed:
             from .perf import markdown, run_speed, write
 
-            result = run_speed(quick=args.quick, device=args.device)
+            result = run_speed(quick=args.quick, device=str(_device(args)))
             command = " ".join(["masquant bench --speed", *(["--quick"] if args.quick else []),
                                 *([f"--device {args.device}"] if args.device != "cpu" else []),
                                 *([f"--results {args.results}"] if args.results else [])])
