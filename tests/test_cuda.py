@@ -174,7 +174,7 @@ def test_cli_streams_on_the_gpu(tmp_path):
 
 def test_offload_from_the_gpu_keeps_the_activations_on_the_host(tmp_path, monkeypatch, deterministic):
     """``offload="cpu"`` / a directory on a GPU run: the same weights as keeping the activations on
-    the GPU, every stored activation on the host, and a lower GPU peak."""
+    the GPU, every stored activation on the host, and a GPU peak lower by about what they hold."""
     from masquant import offload
 
     stored = []
@@ -186,7 +186,9 @@ def test_offload_from_the_gpu_keeps_the_activations_on_the_host(tmp_path, monkey
         return kept
 
     monkeypatch.setattr(offload.ActivationStore, "put", spy)
-    samples = vl_samples(range(16), text_len=48)
+    samples = vl_samples(range(32), text_len=400)
+    # every sample's decoder-layer input and full-precision output (float32, hidden 64)
+    held = sum(2 * s["input_ids"].numel() * 64 * 4 for s in samples)
     config = QuantConfig(method="masquant", w_bits=4, rank=4, epochs=1, calib_batch=2)
     runs = {}
     for where in (None, "cpu", tmp_path / "act"):
@@ -202,4 +204,4 @@ def test_offload_from_the_gpu_keeps_the_activations_on_the_host(tmp_path, monkey
     for state, peak, where in offloaded:
         assert where == {"cpu"}
         _same_bits(plain, state)
-        assert peak < plain_peak, (peak, plain_peak)
+        assert plain_peak - peak > held / 2, (plain_peak, peak, held)  # minus the one batch on the GPU
