@@ -127,25 +127,26 @@ needs_fusion = pytest.mark.skipif(not kernels.fusion_available(torch.device("cpu
 @needs_fusion
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, 6])
-def test_fused_token_quantization_equals_the_eager_one(dtype, bits):
-    x = (torch.randn(37, 96) * torch.logspace(-2, 2, 37)[:, None]).to(dtype)
-    smooth = torch.rand(3, 96) + 0.3
-    ids = torch.randint(0, 3, (37,))
-    codes, scale = kernels.fused_quantize(x, bits, smooth, ids)
-    ref_codes, ref_scale = quantize_tokens(x.float() / smooth[ids], bits)
-    assert torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
-    flips = (codes.int() - ref_codes.int()).abs()
-    assert int(flips.max()) <= 1 and float((flips > 0).float().mean()) < 1e-3  # float ties at most
-
-
-@needs_fusion
-def test_fused_epilogue_equals_the_eager_one():
-    acc = torch.randint(-2**20, 2**20, (9, 24), dtype=torch.int32)
-    scale, w_scale, bias = torch.rand(9, 1), torch.rand(24, 1), torch.randn(24)
-    for b, dtype in ((bias, torch.float32), (None, torch.bfloat16)):
-        y = kernels.fused_epilogue(acc, scale, w_scale, b, dtype)
-        ref = acc.float() * scale * w_scale.reshape(1, -1) + (0 if b is None else b)
-        assert y.dtype == dtype and torch.allclose(y.float(), ref.to(dtype).float(), rtol=1e-2 if b is None else 1e-6)
+@pytest.mark.parametrize("routed", [True, False])
+def test_fused_linear_equals_the_eager_kernels(dtype, bits, routed):
+    """One compiled region (smooth by modality, per-token codes, int8 GEMM, epilogue, bias) gives
+    the eager ``quantize_tokens`` + ``int_linear`` result: the same scales, codes that differ at
+    float ties at most, hence outputs within a code's worth."""
+    gen = torch.Generator().manual_seed(bits)
+    x = (torch.randn(37, 96, generator=gen) * torch.logspace(-2, 2, 37)[:, None]).to(dtype)
+    smooth = torch.rand(3, 96, generator=gen) + 0.3
+    ids = torch.randint(0, 3, (37,), generator=gen) if routed else None
+    q = quantize_weight(torch.randn(24, 96, generator=gen), IntGrid(4, True))
+    bias = torch.randn(24, generator=gen) if routed else None
+    y = kernels.fused_linear(x, bits, smooth, ids, q.codes, q.scale, bias, dtype)
+    rows = x.float() / (smooth[ids] if routed else smooth[0])
+    codes, scale = quantize_tokens(rows, bits)
+    ref = int_linear(codes, scale, q.codes, q.scale, None, 0, bias)
+    assert y.dtype == dtype and y.shape == (37, 24)
+    step = scale * q.scale.reshape(1, -1) * q.codes.abs().amax(1).reshape(1, -1).float()  # one code flipped
+    tol = step + (ref.abs() * 1e-2 if dtype == torch.bfloat16 else 1e-5 * ref.abs())
+    assert bool(((y.float() - ref).abs() <= tol + 1e-6).all())
+    assert float((y.float() - ref).norm() / ref.norm()) < (4e-3 if dtype == torch.bfloat16 else 1e-5)
 
 
 @needs_fusion
@@ -192,9 +193,11 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernels(monkeypatch, caplog)
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     x, smooth, ids = torch.randn(5, 16), torch.ones(3, 16), torch.zeros(5, dtype=torch.long)
+    weight, w_scale = torch.randint(-7, 8, (8, 16), dtype=torch.int8), torch.rand(8, 1)
     with caplog.at_level("WARNING", logger="masquant"):
-        codes, _ = kernels.fused_quantize(x, 8, smooth, ids)
-    assert torch.equal(codes, quantize_tokens(x, 8)[0])
+        y = kernels.fused_linear(x, 8, smooth, ids, weight, w_scale, None, torch.float32)
+    codes, scale = quantize_tokens(x, 8)
+    assert torch.equal(y, int_linear(codes, scale, weight, w_scale, None, 0, None))
     assert "fused kernels unavailable on cpu" in caplog.text and not kernels.fusion_available(torch.device("cpu"))
     monkeypatch.setenv("MASQUANT_FUSE", "yes")
     with pytest.raises(ValueError, match="MASQUANT_FUSE must be"):

@@ -12,8 +12,8 @@ The products ``q_g @ c_g^T`` run in int32 (``torch._int_mm``) and are exact.
 Fusion: the elementwise passes around the GEMM (smoothing each token by its modality's
 vector, per-token abs-max, rounding to codes; the dequantizing epilogue) cost more than the
 int8 GEMM itself when run as separate eager ops. Where ``torch.compile`` can generate code (a
-C++ compiler on CPU, Triton on CUDA) they run as one generated kernel each (``fused_quantize``,
-``fused_epilogue``); elsewhere, or with ``MASQUANT_FUSE=0``, the same arithmetic runs eagerly.
+C++ compiler on CPU, Triton on CUDA) they and the GEMM run as one compiled region
+(``fused_linear``); elsewhere, or with ``MASQUANT_FUSE=0``, the same arithmetic runs eagerly.
 ``MASQUANT_FUSE=1`` asks for fusion even where the probe finds no compiler. Small inputs (fewer
 than ``FUSE_MIN_ELEMENTS`` activations, e.g. decoding one token) run eagerly: there the call
 overhead of a compiled kernel (~0.07 ms on a 2-core CPU) outweighs the passes it saves.
@@ -115,19 +115,22 @@ def int_linear(codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, w
     return y
 
 
-def _quantize_smoothed(x: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor, qmax: torch.Tensor):
-    """Codes and scales of ``x / smooth[ids]`` (the fused kernel's body; ``qmax`` a 0-d tensor so
-    that one compiled kernel serves every bit-width)."""
-    xs = x.float() / smooth[ids]
+def _quantize_smoothed(x: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None, qmax: torch.Tensor):
+    """Codes and scales of ``x / smooth[ids]`` (every row by ``smooth[0]`` when ``ids`` is None;
+    ``qmax`` a 0-d tensor so that one compiled kernel serves every bit-width)."""
+    xs = x.float() / (smooth[0] if ids is None else smooth[ids])
     scale = xs.abs().amax(-1, keepdim=True).clamp_min(EPS) / qmax
     codes = torch.round(xs / scale).clamp(-qmax - 1, qmax).to(torch.int8)
     return codes, scale
 
 
-def _dequantize_acc(acc: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """``acc * (t x s_w) + b`` in ``dtype`` (the fused epilogue's body)."""
-    y = acc.float() * scale * weight_scale
+def _smoothed_int_linear(x: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None, qmax: torch.Tensor,
+                         weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """``Q(x / smooth[ids]) @ weight^T``, dequantized with the per-token and per-row (or
+    per-tensor) scales, plus ``bias``, in ``dtype`` (the fused kernel's body)."""
+    codes, scale = _quantize_smoothed(x, smooth, ids, qmax)
+    y = int_matmul(codes, weight).float() * scale * weight_scale.reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
     return y.to(dtype)
@@ -182,19 +185,14 @@ def _fused(fn: Callable, device: torch.device, *args):
     return fn(*args)
 
 
-def fused_quantize(x: torch.Tensor, bits: int, smooth: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                                 torch.Tensor]:
-    """Per-token codes and scales of ``x / smooth[ids]`` (``smooth [vectors, k]``, ``ids [m]``)
-    in one pass over ``x``; equal to ``quantize_tokens`` of the smoothed rows."""
+def fused_linear(x: torch.Tensor, bits: int, smooth: torch.Tensor, ids: torch.Tensor | None, weight: torch.Tensor,
+                 weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A symmetric integer linear as one compiled region: each row ``x / smooth[ids]``
+    (``smooth [vectors, k]``, ``ids [m]`` or None for ``smooth[0]`` everywhere) quantized per
+    token to ``bits``, the int8 GEMM with ``weight [n, k]`` and the dequantizing epilogue
+    (``weight_scale`` per row or per tensor) with ``bias``, in ``dtype``. Equal to
+    ``quantize_tokens`` then ``int_linear`` up to float rounding."""
     key = (bits, x.device)
     if key not in _qmax:
         _qmax[key] = torch.tensor(float(2 ** (bits - 1) - 1), device=x.device)
-    qmax = _qmax[key]
-    return _fused(_quantize_smoothed, x.device, x, smooth, ids, qmax)
-
-
-def fused_epilogue(acc: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize an int32 accumulator with per-token and per-row (or per-tensor) scales, add
-    the bias and cast, in one pass."""
-    return _fused(_dequantize_acc, acc.device, acc, scale, weight_scale.reshape(1, -1), bias, dtype)
+    return _fused(_smoothed_int_linear, x.device, x, smooth, ids, _qmax[key], weight, weight_scale, bias, dtype)

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import kernels
 from .config import QuantConfig
-from .kernels import int_linear, int_matmul, pack_int4, quantize_tokens, unpack_int4
+from .kernels import int_linear, pack_int4, quantize_tokens, unpack_int4
 from .modality import NUM_MODALITIES, Modality, ModalityRouter
 from .primitives import IntGrid, QuantizedWeight, fake_quantize_per_token, group_rows, quantize_weight
 
@@ -233,12 +233,10 @@ class QuantLinear(nn.Module):
         """``Q_a(x / smooth[ids]) @ W^T + b``: int8 GEMM (integer runtime) or dequantized float
         matmul (fake). ``smooth`` is the table (or one row of it, with ``ids`` None)."""
         if self.runtime == "int" and self.a_bits < 16:
-            fused_epilogue_ok = self.grid.symmetric and self.w_group_size in (0, -1)
-            if fused_epilogue_ok and kernels.use_fusion(rows):
-                ids = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device) if ids is None else ids
-                codes, scale = kernels.fused_quantize(rows, self.a_bits, smooth, ids)
-                acc = int_matmul(codes, weight.int8())
-                return kernels.fused_epilogue(acc, scale, weight.scale, self.bias, self.compute_dtype)
+            fusable = self.grid.symmetric and self.w_group_size in (0, -1)
+            if fusable and kernels.use_fusion(rows):
+                return kernels.fused_linear(rows, self.a_bits, smooth, ids, weight.int8(), weight.scale, self.bias,
+                                            self.compute_dtype)
             # smoothed in float32, as the fused kernel does (bf16 / fp16 models give the same codes either way)
             codes, scale = quantize_tokens(self._smoothed(rows.float(), smooth, ids, by_modality), self.a_bits)
             zero = None if self.grid.symmetric else weight.zero
