@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import os
 
 import pytest
 import torch
@@ -29,6 +30,20 @@ def vl_samples(seeds, **kw):
 
 def omni_samples(seeds, **kw):
     return [tiny.tiny_sample(s, family="omni", image=True, audio=True, **kw) for s in seeds]
+
+
+# cuBLAS reads this when it makes its first handle, so it is set before any test touches a GPU
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@pytest.fixture
+def deterministic():
+    """Two GPU runs give the same bits only with PyTorch's deterministic algorithms: kernels that
+    add with atomics (``index_add_``, the backward of indexing, some reductions) sum in a
+    different order on every run (cuBLAS then needs the fixed workspace set above)."""
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
 
 
 @pytest.fixture(autouse=True)

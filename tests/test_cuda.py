@@ -5,7 +5,6 @@ and a quantized model giving the same logits on the GPU as on the CPU.
 Tests that compare two GPU runs bit for bit run with ``deterministic`` (see there)."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -19,19 +18,6 @@ from masquant.qlinear import IntWeight
 from conftest import interrupted_at, omni_samples, vl_samples
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-# read when cuBLAS makes its first handle, so set before any test touches the GPU
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-@pytest.fixture
-def deterministic():
-    """Two GPU runs give the same bits only with PyTorch's deterministic algorithms: kernels that
-    add with atomics (``index_add_``, the backward of indexing, some reductions) sum in a
-    different order on every run (cuBLAS then needs the fixed workspace set above)."""
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(False)
-
 
 def _same_bits(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()

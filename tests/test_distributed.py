@@ -249,10 +249,11 @@ def test_the_cli_picks_gloo_for_cpu_and_warns_when_nccl_overrides_the_device(mon
 
 @pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
     not torch.cuda.is_available() or not torch.distributed.is_nccl_available(), reason="needs a CUDA GPU and NCCL"))])
-def test_a_group_of_one_runs_every_collective_and_changes_nothing(backend, monkeypatch):
+def test_a_group_of_one_runs_every_collective_and_changes_nothing(backend, monkeypatch, deterministic):
     """Calibration in a process group of one process, forced to count as data-parallel: every
     collective of calibration runs (statistics, gradient ratios, MAS gradients and losses, the
-    meters) and the model and report equal the plain run's on the same device. Under NCCL this
+    meters) and the model and report equal the plain run's on the same device (deterministic
+    algorithms: two GPU runs differ otherwise, collectives or not). Under NCCL this
     puts every reduced tensor on the GPU; two NCCL ranks cannot share one GPU, so on a machine
     with one GPU this is as far as NCCL can be checked."""
     device = "cuda" if backend == "nccl" else "cpu"
