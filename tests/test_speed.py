@@ -82,3 +82,13 @@ def test_calibration_scaling_rows_time_both_methods_and_feed_the_goals():
     assert [g for g, _, _ in goals] == ["MAS+CMC calibration <= 5x SmoothQuant (random VL 32 wide, 2 samples)"]
     page = perf.markdown({**result, "machine": "x", "threads": 1, "torch": "t", "cpu_capability": "c"})
     assert "Calibration time by model width and number of samples" in page
+
+
+def test_a_gpu_page_has_no_empty_calibration_tables():
+    """``bench --speed --device cuda`` measures no calibration rows (they are CPU rows): its page
+    leaves those sections out rather than printing empty tables."""
+    result = {"linear": [], "models": [], "calibration": [], "memory": [], "machine": "x", "threads": 1,
+              "torch": "t", "cpu_capability": "c", "gpu": "Some GPU"}
+    page = perf.markdown(result)
+    assert "on Some GPU" in page and "## Whole models" in page
+    assert "Calibration" not in page and "peak RSS" not in page

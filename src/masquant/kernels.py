@@ -115,25 +115,26 @@ def int_linear(codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, w
     return y
 
 
-def _quantize_smoothed(x: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None, qmax: torch.Tensor):
-    """Codes and scales of ``x / smooth[ids]`` (every row by ``smooth[0]`` when ``ids`` is None;
-    ``qmax`` a 0-d tensor so that one compiled kernel serves every bit-width)."""
-    xs = x.float() / (smooth[0] if ids is None else smooth[ids])
+def _int_linear_of_smoothed(xs: torch.Tensor, qmax: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                            bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Per-token codes of the smoothed rows ``xs`` (``qmax`` a 0-d tensor, so that one compiled
+    kernel serves every bit-width), the int8 GEMM and the dequantizing epilogue with ``bias``."""
     scale = xs.abs().amax(-1, keepdim=True).clamp_min(EPS) / qmax
     codes = torch.round(xs / scale).clamp(-qmax - 1, qmax).to(torch.int8)
-    return codes, scale
-
-
-def _smoothed_int_linear(x: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None, qmax: torch.Tensor,
-                         weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                         dtype: torch.dtype) -> torch.Tensor:
-    """``Q(x / smooth[ids]) @ weight^T``, dequantized with the per-token and per-row (or
-    per-tensor) scales, plus ``bias``, in ``dtype`` (the fused kernel's body)."""
-    codes, scale = _quantize_smoothed(x, smooth, ids, qmax)
     y = int_matmul(codes, weight).float() * scale * weight_scale.reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
     return y.to(dtype)
+
+
+# The fused kernels' bodies: two functions, so that each keeps its own compiled variants (torch.compile
+# caches a bounded number per function and runs it uncompiled beyond that).
+def _routed_int_linear(x, smooth, ids, qmax, weight, weight_scale, bias, dtype):
+    return _int_linear_of_smoothed(x.float() / smooth[ids], qmax, weight, weight_scale, bias, dtype)
+
+
+def _unrouted_int_linear(x, smooth, qmax, weight, weight_scale, bias, dtype):
+    return _int_linear_of_smoothed(x.float() / smooth, qmax, weight, weight_scale, bias, dtype)
 
 
 FUSE_MIN_ELEMENTS = 1 << 17  # crossover measured on CPU: 64 tokens x 2048 or 32 x 4096 features
@@ -195,4 +196,6 @@ def fused_linear(x: torch.Tensor, bits: int, smooth: torch.Tensor, ids: torch.Te
     key = (bits, x.device)
     if key not in _qmax:
         _qmax[key] = torch.tensor(float(2 ** (bits - 1) - 1), device=x.device)
-    return _fused(_smoothed_int_linear, x.device, x, smooth, ids, _qmax[key], weight, weight_scale, bias, dtype)
+    if ids is None:
+        return _fused(_unrouted_int_linear, x.device, x, smooth[0], _qmax[key], weight, weight_scale, bias, dtype)
+    return _fused(_routed_int_linear, x.device, x, smooth, ids, _qmax[key], weight, weight_scale, bias, dtype)

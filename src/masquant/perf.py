@@ -110,8 +110,14 @@ def markdown(result: dict) -> str:
                 if "linear_vs_fp16" in r else "- | - | -")
         lines.append(f"| {r['model']} | {r['variant']} | {r['prompt_tokens']} | {r['prefill_ms']:.1f} | "
                      f"{r['decode_ms']:.2f} | {size} |")
+    if result["calibration"] or result["memory"] or result.get("calibration_scaling"):  # CPU rows, not on cuda
+        lines += _calibration_markdown(result)
+    return "\n".join(lines)
+
+
+def _calibration_markdown(result: dict) -> list[str]:
     mods = list(dict.fromkeys(m for r in result["calibration"] for m in r.get("decoder_sqnr", {})))
-    lines += ["", "## Calibration (W4A8)", "",
+    lines = ["", "## Calibration (W4A8)", "",
               "| model | method | calib_batch | samples | seconds | " + " | ".join(f"SQNR {m}" for m in mods)
               + " | KL |", "|---" * (6 + len(mods)) + "|"]
     lines += [f"| {r['model']} | {r['method']} | {r.get('calib_batch', 1)} | {r['samples']} | {r['seconds']:.1f} | "
@@ -127,7 +133,7 @@ def markdown(result: dict) -> str:
               "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['layers']} | {r['loaded_mb']:.0f} | {r['peak_mb']:.0f} | "
               f"{r['calibration_mb']:.0f} |" for r in result["memory"]]
-    return "\n".join(lines)
+    return lines
 
 
 HEADER = """# Performance
