@@ -82,7 +82,7 @@ def interrupted_at(method: str, layer: int):
             raise KeyboardInterrupt
         return original(ctx)
 
-    interrupted.__dict__.update(original.__dict__)  # prepare(), second_moments
+    interrupted.__dict__.update(original.__dict__)  # needs_ratios, second_moments
     METHODS[method] = interrupted
     try:
         yield

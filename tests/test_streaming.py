@@ -128,11 +128,39 @@ def test_damaged_checkpoints_are_refused(tmp_path):
         quantize_streaming(tmp_path / "fp", vl_samples(range(2)), CONFIG, tmp_path / "out", progress=False)
 
 
-def test_methods_needing_a_whole_model_backward_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="backward pass through the whole model"):
-        quantize_streaming(tmp_path, [], QuantConfig(method="mbq"), tmp_path / "out")
-    with pytest.raises(ValueError, match="backward pass through the whole model"):
-        quantize_streaming(tmp_path, [], QuantConfig(method="masquant", lambdas="auto"), tmp_path / "out")
+def _gradient_weights(report, key: str) -> list[dict[str, float]]:
+    return [layer.groups[key]["weights" if key == "mbq" else "lambdas"] for layer in report.layers]
+
+
+@pytest.mark.parametrize("family", ["vl", "omni"])
+def test_streamed_mbq_measures_the_gradient_ratios_layer_by_layer(family, tmp_path):
+    """MBQ streams: its gradient ratios come from a forward pass that keeps every layer's input
+    and a backward pass from the last layer to the first, one layer in memory at a time. They
+    equal the whole-model backward's up to float order, and MBQ picks the same vectors."""
+    model = tiny.tiny_qwen2_5_vl(layers=3) if family == "vl" else tiny.tiny_qwen2_5_omni_thinker(layers=3)
+    model.save_pretrained(tmp_path / "fp")
+    samples = vl_samples(range(5)) if family == "vl" else omni_samples(range(5))
+    config = QuantConfig(method="mbq", w_bits=4, a_bits=8, calib_batch=2, awq_grid=6)
+    expected = _in_memory(tmp_path / "fp", samples, config, tmp_path / "mem")
+    report = quantize_streaming(tmp_path / "fp", samples, config, tmp_path / "stream", progress=False,
+                                offload=tmp_path / "act")
+    want, got = _gradient_weights(expected, "mbq"), _gradient_weights(report, "mbq")
+    assert len(got) == 3 and all(len(w) >= 2 for w in got)  # text and at least one other modality per layer
+    assert len({tuple(w.values()) for w in got}) > 1  # the ratios really differ between layers
+    for w, g in zip(want, got, strict=True):
+        assert g == pytest.approx(w, rel=1e-4)
+    _assert_same_weights(tmp_path / "mem", tmp_path / "stream")
+    assert list((tmp_path / "act").iterdir()) == []
+
+
+def test_streamed_auto_lambdas_match_the_in_memory_ones(tmp_path):
+    tiny.tiny_qwen2_5_vl(layers=2).save_pretrained(tmp_path / "fp")
+    samples = vl_samples(range(4))
+    config = QuantConfig(method="masquant", w_bits=4, a_bits=8, rank=4, epochs=1, calib_batch=2, lambdas="auto")
+    expected = _in_memory(tmp_path / "fp", samples, config, tmp_path / "mem")
+    report = quantize_streaming(tmp_path / "fp", samples, config, tmp_path / "stream", progress=False)
+    for w, g in zip(_gradient_weights(expected, "mas"), _gradient_weights(report, "mas"), strict=True):
+        assert g == pytest.approx(w, rel=1e-4) and g["vision"] != 1.0
 
 
 CAPPED = textwrap.dedent("""

@@ -18,6 +18,7 @@ from .capture import Captured, capture
 from .checkpoint import LayerCheckpoint, fingerprint
 from .collate import collate
 from .config import QuantConfig
+from .gradients import layerwise_gradient_ratios, modality_gradient_ratios
 from .methods import METHODS
 from .modality import Modality, ModalityRouter, attach_router
 from .offload import ActivationStore
@@ -105,12 +106,18 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
         inputs = collate(inputs, config.calib_batch, _pad_token_id(model))
         held = _shard(len(inputs), n_samples, config.calib_batch)
         inputs = [inputs[i] for i in held]  # this process's batches (all of them in one process)
-        prepare = getattr(method, "prepare", None)
-        prepared = {} if prepare is None else _cached(
-            cache, ("prepare", config.method, config.lambdas == "auto", config.calib_batch, n_samples),
-            prepare, model, adapter, inputs, config)
+        ratios_key = ("ratios", config.calib_batch, n_samples)
+        needs_ratios = method.needs_ratios(config)
+        prepared = {}
+        if needs_ratios and source is None:  # one backward pass through the whole model
+            prepared["ratios"] = _cached(cache, ratios_key, modality_gradient_ratios, model, adapter, inputs)
         captured = _cached(cache, ("capture", config.calib_batch, n_samples), capture_all, model, adapter, inputs,
                            progress, held)
+        if needs_ratios and source is not None:  # streamed: one decoder layer at a time
+            layers = adapter.decoder_layers(model)
+            prepared["ratios"] = _cached(
+                cache, ratios_key, layerwise_gradient_ratios, model, adapter, inputs, captured,
+                lambda i: source.load(i, layers[i]), lambda i: source.unload(i, layers[i]), store, progress)
         samples = [dataclasses.replace(s, hidden=s.hidden.clone()) for s in captured] if cache is not None else captured
         del inputs
         reports = quantize_layers(model, adapter, samples, config, router, method, prepared, progress, state,

@@ -12,52 +12,76 @@ process runs its own samples and the sums and counts are added over the processe
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import distributed
 from .arch import Adapter, modality_ids
 from .modality import Modality
+from .offload import ActivationStore
 
 SITES = ("self_attn.o_proj", "mlp.down_proj")
+
+
+class _Meter:
+    """Sums of mean ``|grad|`` per token and token counts, per layer and modality."""
+
+    def __init__(self, layers: int):
+        self.sums = [dict.fromkeys(Modality, 0.0) for _ in range(layers)]
+        self.counts = [dict.fromkeys(Modality, 0) for _ in range(layers)]
+        self.masks: dict[Modality, torch.Tensor] = {}  # the current batch's tokens of each modality
+
+    def hooks(self, layer: nn.Module, i: int) -> list:
+        """Record the gradient reaching the outputs of ``layer``'s sites (decoder layer ``i``)."""
+        def on_grad(grad: torch.Tensor) -> None:
+            g = grad.detach().abs().float().mean(-1)  # [batch, seq]
+            for m, mask in self.masks.items():
+                self.sums[i][m] += float(g[mask].sum())
+                self.counts[i][m] += int(mask.sum())
+
+        def hook(_mod: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            if out.requires_grad:
+                out.register_hook(on_grad)
+        return [layer.get_submodule(site).register_forward_hook(hook) for site in SITES]
+
+    def ratios(self) -> list[dict[Modality, float]]:
+        n, layers = len(Modality), len(self.sums)
+        flat = distributed.all_reduce_floats([s[m] for s in self.sums for m in Modality])
+        flat_counts = distributed.all_reduce_ints([c[m] for c in self.counts for m in Modality])
+        sums = [dict(zip(Modality, flat[i * n:(i + 1) * n], strict=True)) for i in range(layers)]
+        counts = [dict(zip(Modality, flat_counts[i * n:(i + 1) * n], strict=True)) for i in range(layers)]
+        return _ratios(sums, counts)
+
+
+def _targets(model: nn.Module, adapter: Adapter, sample: dict) -> tuple[torch.Tensor, dict[Modality, torch.Tensor]]:
+    """The loss's labels (the sample's ``labels``, else every valid text token) and each
+    modality's tokens (text: those with a label)."""
+    ids = modality_ids(model, sample["input_ids"], adapter)
+    valid = sample.get("attention_mask", torch.ones_like(ids)).bool()
+    labels = sample.get("labels")
+    if labels is None:
+        labels = sample["input_ids"].masked_fill((ids != int(Modality.TEXT)) | ~valid, -100)
+    masks = {Modality.TEXT: (labels != -100) & valid & (ids == int(Modality.TEXT))}
+    masks.update({m: (ids == int(m)) & valid for m in Modality if m != Modality.TEXT})
+    return labels, masks
 
 
 def modality_gradient_ratios(model: nn.Module, adapter: Adapter, samples: list[dict]) -> list[dict[Modality, float]]:
     """Per decoder layer: ``{modality: mean|grad| on it / mean|grad| on answer text}``."""
     layers = adapter.decoder_layers(model)
-    sums = [dict.fromkeys(Modality, 0.0) for _ in layers]
-    counts = [dict.fromkeys(Modality, 0) for _ in layers]
-    masks: dict[Modality, torch.Tensor] = {}
-
-    def record(i: int):
-        def on_grad(grad: torch.Tensor) -> None:
-            g = grad.detach().abs().float().mean(-1)  # [batch, seq]
-            for m, mask in masks.items():
-                sums[i][m] += float(g[mask].sum())
-                counts[i][m] += int(mask.sum())
-        def hook(_mod: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-            if out.requires_grad:
-                out.register_hook(on_grad)
-        return hook
-
+    meter = _Meter(len(layers))
     grads_before = {p: p.requires_grad for p in model.parameters()}
     embed = model.get_input_embeddings()
     handles = [embed.register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_(True))]
-    handles += [layer.get_submodule(site).register_forward_hook(record(i))
-                for i, layer in enumerate(layers) for site in SITES]
+    handles += [h for i, layer in enumerate(layers) for h in meter.hooks(layer, i)]
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for sample in samples:
-            ids = modality_ids(model, sample["input_ids"], adapter)
-            valid = sample.get("attention_mask", torch.ones_like(ids)).bool()
-            labels = sample.get("labels")
-            if labels is None:
-                labels = sample["input_ids"].masked_fill((ids != int(Modality.TEXT)) | ~valid, -100)
-            masks.clear()
-            masks[Modality.TEXT] = (labels != -100) & valid & (ids == int(Modality.TEXT))
-            masks.update({m: (ids == int(m)) & valid for m in Modality if m != Modality.TEXT})
+            labels, meter.masks = _targets(model, adapter, sample)
             inputs = {k: v for k, v in sample.items() if k != "labels"}
             with torch.enable_grad():
                 out = model(**inputs, labels=labels, use_cache=False)
@@ -67,12 +91,75 @@ def modality_gradient_ratios(model: nn.Module, adapter: Adapter, samples: list[d
             handle.remove()
         for p, flag in grads_before.items():
             p.requires_grad_(flag)
-    flat = distributed.all_reduce_floats([s[m] for s in sums for m in Modality])
-    flat_counts = distributed.all_reduce_ints([c[m] for c in counts for m in Modality])
-    n = len(Modality)
-    sums = [dict(zip(Modality, flat[i * n:(i + 1) * n], strict=True)) for i in range(len(layers))]
-    counts = [dict(zip(Modality, flat_counts[i * n:(i + 1) * n], strict=True)) for i in range(len(layers))]
-    return _ratios(sums, counts)
+    return meter.ratios()
+
+
+def _layer_out(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _load(load: Callable[[int], None], i: int, layer: nn.Module) -> None:
+    load(i)
+    for p in layer.parameters():  # gradients are wanted for activations only
+        p.requires_grad_(False)
+
+
+def layerwise_gradient_ratios(model: nn.Module, adapter: Adapter, samples: list[dict], captured: list,
+                              load: Callable[[int], None], unload: Callable[[int], None],
+                              store: ActivationStore | None = None,
+                              progress: bool = False) -> list[dict[Modality, float]]:
+    """``modality_gradient_ratios`` for a model whose decoder layers are materialised one at a
+    time (streaming): ``load(i)`` / ``unload(i)`` give decoder layer ``i`` its weights and take
+    them back. ``captured`` holds each sample's decoder input and layer arguments
+    (``masquant.capture``). A forward pass keeps every layer's input in ``store``, the loss is
+    taken after the final norm and the output head, and a backward pass runs from the last
+    layer to the first, each layer recomputed from its kept input. The same sums as one
+    backward through the whole model, in another float order; each layer is loaded twice."""
+    layers = adapter.decoder_layers(model)
+    store = store or ActivationStore()
+    meter = _Meter(len(layers))
+    targets = [_targets(model, adapter, sample) for sample in samples]
+    norm, head = adapter.norm(model), model.get_output_embeddings()
+    bar = tqdm(total=2 * len(layers), desc="gradient ratios (layer by layer)", unit="layer", disable=not progress)
+    kept: list[list[torch.Tensor]] = []  # each layer's input, per sample
+    hidden = [c.hidden for c in captured]
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            _load(load, i, layer)
+            kept.append([store.put(("ratio-input", i, j), h) for j, h in enumerate(hidden)])
+            hidden = [_layer_out(layer(h.to(c.hidden.device), **c.layer_kwargs[i])) for h, c in zip(hidden, captured,
+                                                                                                       strict=True)]
+            unload(i)
+            bar.update()
+    grads = []
+    with torch.enable_grad():
+        for j, (labels, _) in enumerate(targets):
+            h = hidden[j].detach().requires_grad_(True)
+            logits = head(norm(h))
+            model.loss_function(logits=logits, labels=labels.to(logits.device), vocab_size=logits.shape[-1]).backward()
+            grads.append(store.put(("ratio-grad", j), h.grad))
+        del hidden
+        for i in reversed(range(len(layers))):
+            _load(load, i, layers[i])
+            handles = meter.hooks(layers[i], i)
+            try:
+                for j, c in enumerate(captured):
+                    meter.masks = targets[j][1]
+                    h = kept[i][j].to(c.hidden.device).detach().requires_grad_(True)
+                    out = _layer_out(layers[i](h, **c.layer_kwargs[i]))
+                    out.backward(grads[j].to(out.device))
+                    grads[j] = store.put(("ratio-grad", j), h.grad)
+                    store.forget(("ratio-input", i, j))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            kept[i] = []
+            unload(i)
+            bar.update()
+    bar.close()
+    for j in range(len(captured)):
+        store.forget(("ratio-grad", j))
+    return meter.ratios()
 
 
 def _ratios(sums: list[dict], counts: list[dict]) -> list[dict[Modality, float]]:

@@ -81,6 +81,14 @@ class ActivationStore:
             self._files[key] = path
         return stored
 
+    def forget(self, key: Hashable) -> None:
+        """The tensor stored under ``key`` is no longer needed (its file goes where still linked;
+        the caller drops its reference)."""
+        path = self._files.pop(key, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+        self._bytes.pop(key, None)
+
     def file_bytes(self) -> int:
         """Bytes of the activations now held in files (mapped)."""
         return sum(self._bytes.values())

@@ -70,7 +70,7 @@ class LayerContext:
     tokens: TokenContext
     stats: dict[str, SiteStats] = field(default_factory=dict)
     fp_outputs: list[torch.Tensor] = field(default_factory=list)
-    prepared: dict = field(default_factory=dict)  # what the method's prepare() measured on the model
+    prepared: dict = field(default_factory=dict)  # measured first: "ratios" (gradient ratios) if the method needs them
     patches: dict = field(default_factory=dict)  # CMC patches already derived in this layer (by vectors)
     store: ActivationStore = field(default_factory=ActivationStore)
 
@@ -238,6 +238,8 @@ class LayerSource(Protocol):
     def load(self, index: int, layer: nn.Module) -> None: ...  # give the meta-device layer its weights
 
     def release(self, index: int, layer: nn.Module) -> None: ...  # write the quantized layer and free it
+
+    def unload(self, index: int, layer: nn.Module) -> None: ...  # free the layer without writing it
 
 
 @torch.no_grad()

@@ -192,6 +192,16 @@ class Skeleton:
         materialise(self.layers[index], self.prefixes[index] + ".", self.tensors, self.names, self.dtype,
                     self.device, keep_fp32=self.keep_fp32)
 
+    def unload_layer(self, index: int) -> None:
+        """Put decoder layer ``index``'s checkpoint tensors back on the meta device (freeing them);
+        ``load_layer`` reads them again."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        layer, prefix = self.layers[index], self.prefixes[index] + "."
+        for local, _ in [*layer.named_parameters(), *layer.named_buffers()]:
+            if prefix + local in self.names:
+                set_module_tensor_to_device(layer, local, "meta")
+
 
 def skeleton(directory: str | Path, dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu") -> Skeleton:

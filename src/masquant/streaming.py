@@ -53,6 +53,11 @@ class LayerStream:
     def load(self, i: int, layer: nn.Module) -> None:
         self.skeleton.load_layer(i)
 
+    def unload(self, i: int, layer: nn.Module) -> None:
+        """Free layer ``i`` without writing it (a pass before quantization, e.g. gradient ratios)."""
+        self.skeleton.unload_layer(i)
+        release_memory()
+
     def release(self, i: int, layer: nn.Module) -> None:
         """Write the quantized layer ``i`` and free it."""
         prefix = self.skeleton.prefixes[i]
@@ -154,13 +159,11 @@ def quantize_streaming(directory: str | Path, calib: Iterable[Mapping], config: 
 
     The calibration inputs are those ``masquant.quantize`` takes; ``checkpoint`` / ``resume``
     work as there (finished layers are re-read from the checkpoint and written again), and so
-    does ``offload`` (the calibration activations in host memory or files, not on ``device``). Methods
-    that need a gradient pass through the whole model (``mbq``, ``lambdas="auto"``) are refused.
+    does ``offload`` (the calibration activations in host memory or files, not on ``device``). The
+    gradient ratios of ``mbq`` and ``lambdas="auto"`` are measured layer by layer first
+    (``masquant.gradients.layerwise_gradient_ratios``: every layer read twice more, and every
+    layer's input kept until the backward pass reaches it; offload them with ``offload``).
     """
-    if config.method == "mbq" or config.lambdas == "auto":
-        raise ValueError(f"method {config.method!r} with lambdas={config.lambdas!r} needs a backward pass through "
-                         "the whole model (MBQ gradient ratios), which streaming does not do; use fixed lambdas "
-                         "(the default) or another method, or quantize in memory")
     with large_allocations_mapped():
         return _quantize_streaming(directory, calib, config, Path(out), processor, progress, overwrite, checkpoint,
                                    resume, extra_files, reference, dtype, device, offload)

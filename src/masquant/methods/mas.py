@@ -26,7 +26,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import distributed
 from ..compensation import compensate_linear
-from ..gradients import modality_gradient_ratios
 from ..modality import Modality
 from ..pipeline import LayerContext, LayerPlan
 from ..primitives import IntGrid, fake_quantize_per_token, fake_quantize_weight
@@ -283,20 +282,16 @@ def _warn_missing(ctx: LayerContext) -> None:
                         ctx.linears(ctx.groups()[0])[0].in_features)
 
 
-def _prepare(model, adapter, samples, config) -> dict:
-    if config.lambdas != "auto":
-        return {}
-    return {"ratios": modality_gradient_ratios(model, adapter, samples)}
+def _auto_lambdas(config) -> bool:
+    return config.lambdas == "auto"
 
 
-@register("mas")
+@register("mas", needs_ratios=_auto_lambdas)
 def mas(ctx: LayerContext) -> LayerPlan:
     return _fit(ctx, compensate=False)
 
 
-@register("masquant", second_moments=True)
+@register("masquant", second_moments=True, needs_ratios=_auto_lambdas)
 def masquant(ctx: LayerContext) -> LayerPlan:
     return _fit(ctx, compensate=True)
 
-
-mas.prepare = masquant.prepare = _prepare

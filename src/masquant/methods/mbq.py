@@ -9,7 +9,6 @@ family for weight-only quantization (``a_bits=16``), SmoothQuant's
 
 from __future__ import annotations
 
-from ..gradients import modality_gradient_ratios
 from ..pipeline import LayerContext, LayerPlan
 from . import register
 from .awq import awq_vector, search_exponent
@@ -23,7 +22,7 @@ def candidate(ctx: LayerContext, group, exponent: float):
     return smoothquant_vector(site.absmax(), group_weight_absmax(ctx, group), exponent)
 
 
-@register("mbq")
+@register("mbq", needs_ratios=lambda config: True)
 def mbq(ctx: LayerContext) -> LayerPlan:
     weights = ctx.prepared["ratios"][ctx.index]
     plan = LayerPlan({}, {"mbq": {"weights": {m.name.lower(): w for m, w in weights.items()}}})
@@ -38,5 +37,3 @@ def mbq(ctx: LayerContext) -> LayerPlan:
         plan.info[group.name] = {"alpha": best, "weighted_mse": losses[best], "rtn_weighted_mse": losses[0.0]}
     return plan
 
-
-mbq.prepare = lambda model, adapter, samples, config: {"ratios": modality_gradient_ratios(model, adapter, samples)}
