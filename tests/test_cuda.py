@@ -191,3 +191,20 @@ def test_offload_from_the_gpu_keeps_the_activations_on_the_host(tmp_path, monkey
         assert where == {"cpu"}
         _same_bits(plain, state)
         assert plain_peak - peak > held / 2, (plain_peak, peak, held)  # minus the one batch on the GPU
+
+
+def test_streamed_mbq_on_the_gpu_matches_the_in_memory_gpu_run(tmp_path, deterministic):
+    """The layer-by-layer gradient ratios on the GPU (every kept layer input offloaded to the host)."""
+    from masquant.serialization import model_class
+    from masquant.streaming import quantize_streaming
+
+    tiny.tiny_qwen2_5_vl(layers=3).save_pretrained(tmp_path / "fp")
+    samples = vl_samples(range(4))
+    config = QuantConfig(method="mbq", w_bits=4, a_bits=8, calib_batch=2, awq_grid=6)
+    cls, _ = model_class(tmp_path / "fp")
+    whole = cls.from_pretrained(tmp_path / "fp").cuda().eval()
+    expected = masquant.quantize(whole, samples, config, progress=False)
+    report = quantize_streaming(tmp_path / "fp", samples, config, tmp_path / "stream", progress=False, device="cuda",
+                                offload="cpu")
+    for a, b in zip(expected.layers, report.layers, strict=True):
+        assert b.groups["mbq"]["weights"] == pytest.approx(a.groups["mbq"]["weights"], rel=1e-4)
