@@ -109,6 +109,7 @@ def test_fused_kernels_on_the_gpu_match_the_eager_ones(monkeypatch):
     with router.scope(ids), torch.no_grad():
         assert kernels.use_fusion(x)
         fused = layer(x)
+        assert "cuda" not in kernels._broken  # the fused region ran compiled (Triton)
         monkeypatch.setenv("MASQUANT_FUSE", "0")
         eager = layer(x)
     assert float((fused - eager).norm() / eager.norm()) < 1e-5

@@ -139,6 +139,8 @@ def test_fused_linear_equals_the_eager_kernels(dtype, bits, routed):
     q = quantize_weight(torch.randn(24, 96, generator=gen), IntGrid(4, True))
     bias = torch.randn(24, generator=gen) if routed else None
     y = kernels.fused_linear(x, bits, smooth, ids, q.codes, q.scale, bias, dtype)
+    body = kernels._routed_int_linear if routed else kernels._unrouted_int_linear
+    assert body in kernels._compiled and "cpu" not in kernels._broken  # compiled, not the eager fallback
     rows = x.float() / (smooth[ids] if routed else smooth[0])
     codes, scale = quantize_tokens(rows, bits)
     ref = int_linear(codes, scale, q.codes, q.scale, None, 0, bias)
@@ -167,6 +169,7 @@ def test_quant_linear_fused_and_eager_agree_with_patches(runs, monkeypatch):
     with router.scope(ids), torch.no_grad():
         assert kernels.use_fusion(x)
         fused = layer(x)
+        assert "cpu" not in kernels._broken  # the fused region ran compiled
         monkeypatch.setenv("MASQUANT_FUSE", "0")
         eager = layer(x)
         layer.runtime = "fake"

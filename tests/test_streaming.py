@@ -140,7 +140,8 @@ def test_streamed_mbq_measures_the_gradient_ratios_layer_by_layer(family, tmp_pa
     equal the whole-model backward's up to float order, and MBQ picks the same vectors."""
     model = tiny.tiny_qwen2_5_vl(layers=3) if family == "vl" else tiny.tiny_qwen2_5_omni_thinker(layers=3)
     model.save_pretrained(tmp_path / "fp")
-    samples = vl_samples(range(5)) if family == "vl" else omni_samples(range(5))
+    media = {"image": True} if family == "vl" else {"image": True, "audio": True}
+    samples = [tiny.tiny_sample(s, family=family, text_len=8 + 3 * s, **media) for s in range(5)]  # padded batches
     config = QuantConfig(method="mbq", w_bits=4, a_bits=8, calib_batch=2, awq_grid=6)
     expected = _in_memory(tmp_path / "fp", samples, config, tmp_path / "mem")
     report = quantize_streaming(tmp_path / "fp", samples, config, tmp_path / "stream", progress=False,
@@ -151,7 +152,34 @@ def test_streamed_mbq_measures_the_gradient_ratios_layer_by_layer(family, tmp_pa
     for w, g in zip(want, got, strict=True):
         assert g == pytest.approx(w, rel=1e-4)
     _assert_same_weights(tmp_path / "mem", tmp_path / "stream")
-    assert list((tmp_path / "act").iterdir()) == []
+
+
+def test_layerwise_ratios_leave_no_gradient_and_free_what_they_kept(monkeypatch):
+    """Called on a model in memory (loading a layer is then a no-op): the ratios of the whole-model
+    backward, no parameter left with a gradient or with other ``requires_grad`` flags, and every
+    activation it stored given back to the store."""
+    from masquant.api import capture_all, validate_all
+    from masquant.arch import get_adapter
+    from masquant.collate import collate
+    from masquant.gradients import layerwise_gradient_ratios, modality_gradient_ratios
+    from masquant.offload import ActivationStore
+
+    model = tiny.tiny_qwen2_5_vl(layers=3).eval()
+    adapter = get_adapter(model)
+    model.lm_head.weight.requires_grad_(False)  # a flag that must survive
+    batches = collate(validate_all(model, adapter, [tiny.tiny_sample(s, text_len=6 + 4 * s) for s in range(5)]), 2, 0)
+    expected = modality_gradient_ratios(model, adapter, batches)
+    stored, forgotten = [], []
+    put, forget = ActivationStore.put, ActivationStore.forget
+    monkeypatch.setattr(ActivationStore, "put", lambda self, key, t: stored.append(key) or put(self, key, t))
+    monkeypatch.setattr(ActivationStore, "forget", lambda self, key: forgotten.append(key) or forget(self, key))
+    got = layerwise_gradient_ratios(model, adapter, batches, capture_all(model, adapter, batches, progress=False),
+                                    lambda i: None, lambda i: None, ActivationStore("cpu"))
+    for w, g in zip(expected, got, strict=True):
+        assert g == pytest.approx(w, rel=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.lm_head.weight.requires_grad and model.model.language_model.norm.weight.requires_grad
+    assert set(stored) == set(forgotten) and len(set(stored)) == 4 * 3 + 3  # inputs of 3 layers + output, grads
 
 
 def test_streamed_auto_lambdas_match_the_in_memory_ones(tmp_path):

@@ -107,7 +107,7 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
         held = _shard(len(inputs), n_samples, config.calib_batch)
         inputs = [inputs[i] for i in held]  # this process's batches (all of them in one process)
         ratios_key = ("ratios", config.calib_batch, n_samples)
-        needs_ratios = method.needs_ratios(config)
+        needs_ratios = getattr(method, "needs_ratios", lambda config: False)(config)
         prepared = {}
         if needs_ratios and source is None:  # one backward pass through the whole model
             prepared["ratios"] = _cached(cache, ratios_key, modality_gradient_ratios, model, adapter, inputs)

@@ -11,8 +11,9 @@ process runs its own samples and the sums and counts are added over the processe
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -69,28 +70,37 @@ def _targets(model: nn.Module, adapter: Adapter, sample: dict) -> tuple[torch.Te
     return labels, masks
 
 
+@contextlib.contextmanager
+def _activation_gradients_only(model: nn.Module) -> Iterator[None]:
+    """No parameter gets a gradient inside (the flags are restored after)."""
+    before = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in before:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in before.items():
+            p.requires_grad_(flag)
+
+
 def modality_gradient_ratios(model: nn.Module, adapter: Adapter, samples: list[dict]) -> list[dict[Modality, float]]:
     """Per decoder layer: ``{modality: mean|grad| on it / mean|grad| on answer text}``."""
     layers = adapter.decoder_layers(model)
     meter = _Meter(len(layers))
-    grads_before = {p: p.requires_grad for p in model.parameters()}
     embed = model.get_input_embeddings()
     handles = [embed.register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_(True))]
     handles += [h for i, layer in enumerate(layers) for h in meter.hooks(layer, i)]
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for sample in samples:
-            labels, meter.masks = _targets(model, adapter, sample)
-            inputs = {k: v for k, v in sample.items() if k != "labels"}
-            with torch.enable_grad():
-                out = model(**inputs, labels=labels, use_cache=False)
-                out.loss.backward()
+        with _activation_gradients_only(model):
+            for sample in samples:
+                labels, meter.masks = _targets(model, adapter, sample)
+                inputs = {k: v for k, v in sample.items() if k != "labels"}
+                with torch.enable_grad():
+                    out = model(**inputs, labels=labels, use_cache=False)
+                    out.loss.backward()
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in grads_before.items():
-            p.requires_grad_(flag)
     return meter.ratios()
 
 
@@ -100,7 +110,7 @@ def _layer_out(out) -> torch.Tensor:
 
 def _load(load: Callable[[int], None], i: int, layer: nn.Module) -> None:
     load(i)
-    for p in layer.parameters():  # gradients are wanted for activations only
+    for p in layer.parameters():  # materialised now, so not frozen with the rest of the model
         p.requires_grad_(False)
 
 
@@ -112,50 +122,58 @@ def layerwise_gradient_ratios(model: nn.Module, adapter: Adapter, samples: list[
     time (streaming): ``load(i)`` / ``unload(i)`` give decoder layer ``i`` its weights and take
     them back. ``captured`` holds each sample's decoder input and layer arguments
     (``masquant.capture``). A forward pass keeps every layer's input in ``store``, the loss is
-    taken after the final norm and the output head, and a backward pass runs from the last
-    layer to the first, each layer recomputed from its kept input. The same sums as one
-    backward through the whole model, in another float order; each layer is loaded twice."""
+    taken on ``output head(final norm(h))`` (the models of the built-in adapters; a model that
+    scales or caps its logits differently would get other ratios), and a backward pass runs
+    from the last layer to the first, each layer recomputed from its kept input. The same sums
+    as one backward through the whole model, in another float order; each layer is loaded
+    twice. One batch at a time is on the compute device (with an offloading ``store``)."""
     layers = adapter.decoder_layers(model)
     store = store or ActivationStore()
     meter = _Meter(len(layers))
     targets = [_targets(model, adapter, sample) for sample in samples]
     norm, head = adapter.norm(model), model.get_output_embeddings()
+    device = [c.hidden.device for c in captured]  # where each batch is computed
     bar = tqdm(total=2 * len(layers), desc="gradient ratios (layer by layer)", unit="layer", disable=not progress)
-    kept: list[list[torch.Tensor]] = []  # each layer's input, per sample
-    hidden = [c.hidden for c in captured]
-    with torch.no_grad():
-        for i, layer in enumerate(layers):
-            _load(load, i, layer)
-            kept.append([store.put(("ratio-input", i, j), h) for j, h in enumerate(hidden)])
-            hidden = [_layer_out(layer(h.to(c.hidden.device), **c.layer_kwargs[i])) for h, c in zip(hidden, captured,
-                                                                                                       strict=True)]
-            unload(i)
-            bar.update()
-    grads = []
-    with torch.enable_grad():
-        for j, (labels, _) in enumerate(targets):
-            h = hidden[j].detach().requires_grad_(True)
-            logits = head(norm(h))
-            model.loss_function(logits=logits, labels=labels.to(logits.device), vocab_size=logits.shape[-1]).backward()
-            grads.append(store.put(("ratio-grad", j), h.grad))
-        del hidden
-        for i in reversed(range(len(layers))):
-            _load(load, i, layers[i])
-            handles = meter.hooks(layers[i], i)
-            try:
-                for j, c in enumerate(captured):
-                    meter.masks = targets[j][1]
-                    h = kept[i][j].to(c.hidden.device).detach().requires_grad_(True)
-                    out = _layer_out(layers[i](h, **c.layer_kwargs[i]))
-                    out.backward(grads[j].to(out.device))
-                    grads[j] = store.put(("ratio-grad", j), h.grad)
-                    store.forget(("ratio-input", i, j))
-            finally:
-                for handle in handles:
-                    handle.remove()
-            kept[i] = []
-            unload(i)
-            bar.update()
+    # kept[i][j]: the input of layer i for batch j (kept[len(layers)]: the last layer's output)
+    kept = [[store.put(("ratio-input", 0, j), c.hidden) for j, c in enumerate(captured)]]
+    with _activation_gradients_only(model):
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                _load(load, i, layer)
+                kept.append([store.put(("ratio-input", i + 1, j),
+                                       _layer_out(layer(x.to(device[j]), **c.layer_kwargs[i])))
+                             for j, (x, c) in enumerate(zip(kept[i], captured, strict=True))])
+                unload(i)
+                bar.update()
+        grads = []
+        with torch.enable_grad():
+            for j, (labels, _) in enumerate(targets):
+                h = kept[-1][j].to(device[j]).detach().requires_grad_(True)
+                logits = head(norm(h))
+                loss = model.loss_function(logits=logits, labels=labels.to(logits.device), vocab_size=logits.shape[-1])
+                loss.backward()
+                grads.append(store.put(("ratio-grad", j), h.grad))
+                del logits, loss, h
+                store.forget(("ratio-input", len(layers), j))
+            kept.pop()
+            for i in reversed(range(len(layers))):
+                _load(load, i, layers[i])
+                handles = meter.hooks(layers[i], i)
+                try:
+                    for j, c in enumerate(captured):
+                        meter.masks = targets[j][1]
+                        h = kept[i][j].to(device[j]).detach().requires_grad_(True)
+                        out = _layer_out(layers[i](h, **c.layer_kwargs[i]))
+                        out.backward(grads[j].to(out.device))
+                        grads[j] = store.put(("ratio-grad", j), h.grad)
+                        del out, h
+                        store.forget(("ratio-input", i, j))
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                kept.pop()
+                unload(i)
+                bar.update()
     bar.close()
     for j in range(len(captured)):
         store.forget(("ratio-grad", j))
