@@ -164,3 +164,33 @@ def test_an_unwritable_offload_directory_is_refused(tmp_path, capsys, monkeypatc
         (tmp_path / "ro").mkdir(mode=0o500)
         with pytest.raises(ValueError, match="not a writable directory"):
             _run(AWQ, vl_samples(range(2)), offload=tmp_path / "ro")
+
+
+def test_captured_inputs_go_to_the_store_as_they_are_captured(tmp_path, monkeypatch):
+    """With offload, each batch's first-layer input leaves the compute device right after its
+    capture (not all of them at the start of calibration), and is written once."""
+    import masquant.api as api
+    from masquant.offload import ActivationStore
+
+    events = []
+    capture, put = api.capture, ActivationStore.put
+
+    def spy_capture(*args, **kw):
+        events.append("capture")
+        return capture(*args, **kw)
+
+    def spy_put(self, key, tensor):
+        stored = put(self, key, tensor)
+        if key[0] == "hidden":
+            events.append(("hidden", key[1], "kept" if stored is tensor else "written"))
+        return stored
+
+    monkeypatch.setattr(api, "capture", spy_capture)
+    monkeypatch.setattr(ActivationStore, "put", spy_put)
+    _run(MAS, vl_samples(range(6)), offload=tmp_path / "act")
+    captures = [i for i, e in enumerate(events) if e == "capture"]
+    assert len(captures) == 3  # 6 samples in batches of 2
+    for j, i in enumerate(captures):
+        assert events[i + 1] == ("hidden", j, "written")  # stored before the next batch is captured
+    # calibration starts from them as stored (later layers' outputs replace them, written anew)
+    assert [e for e in events[captures[-1] + 2:] if e[0] == "hidden"][:3] == [("hidden", j, "kept") for j in range(3)]

@@ -179,7 +179,7 @@ def test_layerwise_ratios_leave_no_gradient_and_free_what_they_kept(monkeypatch)
         assert g == pytest.approx(w, rel=1e-4)
     assert all(p.grad is None for p in model.parameters())
     assert not model.lm_head.weight.requires_grad and model.model.language_model.norm.weight.requires_grad
-    assert set(stored) == set(forgotten) and len(set(stored)) == 4 * 3 + 3  # inputs of 3 layers + output, grads
+    assert set(stored) <= set(forgotten) and len(set(stored)) == 3 * 3 + 3  # 3 layer outputs and a gradient per batch
 
 
 def test_streamed_auto_lambdas_match_the_in_memory_ones(tmp_path):

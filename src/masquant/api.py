@@ -112,12 +112,13 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
         if needs_ratios and source is None:  # one backward pass through the whole model
             prepared["ratios"] = _cached(cache, ratios_key, modality_gradient_ratios, model, adapter, inputs)
         captured = _cached(cache, ("capture", config.calib_batch, n_samples), capture_all, model, adapter, inputs,
-                           progress, held)
+                           progress, held, store if cache is None else None)  # a cache outlives the store
+        device = next(model.parameters()).device  # where the layers compute
         if needs_ratios and source is not None:  # streamed: one decoder layer at a time
             layers = adapter.decoder_layers(model)
             prepared["ratios"] = _cached(
                 cache, ratios_key, layerwise_gradient_ratios, model, adapter, inputs, captured,
-                lambda i: source.load(i, layers[i]), lambda i: source.unload(i, layers[i]), store, progress)
+                lambda i: source.load(i, layers[i]), lambda i: source.unload(i, layers[i]), store, progress, device)
         samples = [dataclasses.replace(s, hidden=s.hidden.clone()) for s in captured] if cache is not None else captured
         del inputs
         reports = quantize_layers(model, adapter, samples, config, router, method, prepared, progress, state,
@@ -161,12 +162,19 @@ def _shard(n_batches: int, n_samples: int, calib_batch: int) -> list[int]:
 
 @torch.no_grad()
 def capture_all(model: nn.Module, adapter: Adapter, inputs: list[dict], progress: bool = True,
-                indices: list[int] | None = None) -> list[Captured]:
+                indices: list[int] | None = None, store: ActivationStore | None = None) -> list[Captured]:
     """Decoder-layer inputs of every validated sample (see ``masquant.capture``); ``indices``:
-    the samples' positions in the whole calibration set (default: their order here)."""
+    the samples' positions in the whole calibration set (default: their order here). With
+    ``store``, each input goes to the store as soon as it is captured (an offloading store keeps
+    them off the compute device from the start)."""
     indices = range(len(inputs)) if indices is None else indices
-    return [dataclasses.replace(capture(model, adapter, x, modality_ids(model, x["input_ids"], adapter)), index=i)
-            for x, i in zip(tqdm(inputs, desc="capture", unit="sample", disable=not progress), indices, strict=True)]
+    captured = []
+    for j, (x, i) in enumerate(zip(tqdm(inputs, desc="capture", unit="sample", disable=not progress), indices,
+                                   strict=True)):
+        c = capture(model, adapter, x, modality_ids(model, x["input_ids"], adapter))
+        captured.append(dataclasses.replace(c, index=i, hidden=c.hidden if store is None else
+                                            store.put(("hidden", j), c.hidden)))
+    return captured
 
 
 def _check_weights(model: nn.Module, adapter: Adapter) -> None:

@@ -116,8 +116,8 @@ def _load(load: Callable[[int], None], i: int, layer: nn.Module) -> None:
 
 def layerwise_gradient_ratios(model: nn.Module, adapter: Adapter, samples: list[dict], captured: list,
                               load: Callable[[int], None], unload: Callable[[int], None],
-                              store: ActivationStore | None = None,
-                              progress: bool = False) -> list[dict[Modality, float]]:
+                              store: ActivationStore | None = None, progress: bool = False,
+                              device: torch.device | None = None) -> list[dict[Modality, float]]:
     """``modality_gradient_ratios`` for a model whose decoder layers are materialised one at a
     time (streaming): ``load(i)`` / ``unload(i)`` give decoder layer ``i`` its weights and take
     them back. ``captured`` holds each sample's decoder input and layer arguments
@@ -126,16 +126,17 @@ def layerwise_gradient_ratios(model: nn.Module, adapter: Adapter, samples: list[
     scales or caps its logits differently would get other ratios), and a backward pass runs
     from the last layer to the first, each layer recomputed from its kept input. The same sums
     as one backward through the whole model, in another float order; each layer is loaded
-    twice. One batch at a time is on the compute device (with an offloading ``store``)."""
+    twice. ``device``: where the layers compute (default: where the captured inputs are); one
+    batch at a time is there (with an offloading ``store``)."""
     layers = adapter.decoder_layers(model)
     store = store or ActivationStore()
     meter = _Meter(len(layers))
     targets = [_targets(model, adapter, sample) for sample in samples]
     norm, head = adapter.norm(model), model.get_output_embeddings()
-    device = [c.hidden.device for c in captured]  # where each batch is computed
+    device = [device or c.hidden.device for c in captured]  # where each batch is computed
     bar = tqdm(total=2 * len(layers), desc="gradient ratios (layer by layer)", unit="layer", disable=not progress)
     # kept[i][j]: the input of layer i for batch j (kept[len(layers)]: the last layer's output)
-    kept = [[store.put(("ratio-input", 0, j), c.hidden) for j, c in enumerate(captured)]]
+    kept = [[c.hidden for c in captured]]  # (already where the store keeps activations)
     with _activation_gradients_only(model):
         with torch.no_grad():
             for i, layer in enumerate(layers):

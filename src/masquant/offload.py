@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from collections.abc import Hashable
 from pathlib import Path
 
@@ -51,13 +52,17 @@ class ActivationStore:
         self.dir = offload_directory(offload)
         self._files: dict[Hashable, Path] = {}  # files still linked (where unlinking a mapped file fails)
         self._bytes: dict[Hashable, int] = {}
+        self._held: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # key -> the tensor put there
 
     def put(self, key: Hashable, tensor: torch.Tensor) -> torch.Tensor:
-        """The stored form of ``tensor`` (the tensor itself without offload)."""
-        if not self.host:
+        """The stored form of ``tensor`` (the tensor itself without offload, or when this store
+        already holds it under ``key``)."""
+        if not self.host or self._held.get(key) is tensor:
             return tensor
         if self.dir is None:
-            return tensor.detach().to("cpu")
+            stored = tensor.detach().to("cpu")
+            self._held[key] = stored
+            return stored
         try:
             handle, name = tempfile.mkstemp(prefix="masquant-activations-", suffix=".pt", dir=self.dir)
         except OSError as e:
@@ -79,6 +84,7 @@ class ActivationStore:
             path.unlink()  # the mapping keeps the data; nothing is left behind if the process dies
         except OSError:  # (Windows: a mapped file cannot be removed; close() does it)
             self._files[key] = path
+        self._held[key] = stored
         return stored
 
     def forget(self, key: Hashable) -> None:
@@ -88,6 +94,7 @@ class ActivationStore:
         if path is not None:
             path.unlink(missing_ok=True)
         self._bytes.pop(key, None)
+        self._held.pop(key, None)
 
     def file_bytes(self) -> int:
         """Bytes of the activations now held in files (mapped)."""

@@ -265,7 +265,8 @@ def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured],
         reports.append(checkpoint.restore_layer(i, layers[i], config, router))
         release(i, layers[i])
     device = torch.device("cpu") if store.host else samples[0].hidden.device
-    # the first layer's inputs (captured on the compute device), or the saved inputs of the first layer to run
+    # the first layer's inputs (as captured, already in the store with offload), or the saved inputs of the first
+    # layer to run
     inputs = (s.hidden for s in samples) if not start else checkpoint.hidden(start - 1, device)
     for j, (sample, hidden) in enumerate(zip(samples, inputs, strict=True)):
         sample.hidden = store.put(("hidden", j), hidden)
