@@ -113,7 +113,7 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
             prepared["ratios"] = _cached(cache, ratios_key, modality_gradient_ratios, model, adapter, inputs)
         captured = _cached(cache, ("capture", config.calib_batch, n_samples), capture_all, model, adapter, inputs,
                            progress, held, store if cache is None else None)  # a cache outlives the store
-        device = next(model.parameters()).device  # where the layers compute
+        device = next(p.device for p in model.parameters() if not p.is_meta)  # where the layers compute
         if needs_ratios and source is not None:  # streamed: one decoder layer at a time
             layers = adapter.decoder_layers(model)
             prepared["ratios"] = _cached(
