@@ -162,3 +162,38 @@ def test_resuming_with_other_decoder_weights_is_refused(tmp_path):
             p.mul_(1.5)
     with pytest.raises(ValueError, match="decoder layer 0 of this model differs"):
         masquant.quantize(other, samples, config, progress=False, checkpoint=tmp_path / "s", resume=True)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_resumed_run_reuses_the_saved_gradient_ratios(tmp_path, monkeypatch, streamed):
+    """MBQ's gradient ratios (a whole-model backward, or a layer-by-layer pass when streaming) are
+    saved with the state: a resumed run reads them instead of measuring again, and ends with the
+    same bytes as an uninterrupted run."""
+    import masquant.api as api
+    from masquant.serialization import load, model_class
+    from masquant.streaming import quantize_streaming
+
+    config = QuantConfig(method="mbq", w_bits=4, a_bits=8, calib_batch=2, awq_grid=4)
+    samples = vl_samples(range(4))
+    tiny.tiny_qwen2_5_vl(layers=3).save_pretrained(tmp_path / "fp")
+    measured = []
+    for name in ("modality_gradient_ratios", "layerwise_gradient_ratios"):
+        real = getattr(api, name)
+        monkeypatch.setattr(api, name, lambda *a, real=real, **k: measured.append(1) or real(*a, **k))
+
+    def run(out, **kw):
+        if streamed:
+            quantize_streaming(tmp_path / "fp", samples, config, tmp_path / out, progress=False, **kw)
+            return load(tmp_path / out).state_dict()
+        cls, _ = model_class(tmp_path / "fp")
+        model = cls.from_pretrained(tmp_path / "fp").eval()
+        masquant.quantize(model, samples, config, progress=False, **kw)
+        return model.state_dict()
+
+    expected = run("whole")
+    with interrupted_at("mbq", 1), pytest.raises(KeyboardInterrupt):
+        run("resumed", checkpoint=tmp_path / "s")
+    assert len(measured) == 2 and (tmp_path / "s" / "gradient_ratios.json").exists()
+    resumed = run("resumed", checkpoint=tmp_path / "s", resume=True)
+    assert len(measured) == 2  # read from the state, not measured again
+    assert expected.keys() == resumed.keys() and all(torch.equal(expected[k], resumed[k]) for k in expected)

@@ -24,13 +24,14 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .modality import ModalityRouter
+from .modality import Modality, ModalityRouter
 from .qlinear import QuantLinear, replace_module
 from .report import LayerReport
 from .serialization import sha256_file
 
 STATE_DIR = ".masquant-partial"
 RUN = "run.json"
+RATIOS = "gradient_ratios.json"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -101,6 +102,7 @@ class LayerCheckpoint:
                                  "use the same model, calibration set and settings, or start over (--overwrite)")
             return self.finished()
         self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / RATIOS).unlink(missing_ok=True)  # a new run measures its own
         _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(run, indent=1)))
         return 0
 
@@ -121,6 +123,19 @@ class LayerCheckpoint:
                 raise ValueError(f"{what} is missing or damaged: this state cannot be resumed; start over "
                                  "(--overwrite, or delete the state directory)")
         return n
+
+    def save_ratios(self, ratios: list[dict[Modality, float]]) -> None:
+        """The gradient ratios of this run (MBQ, ``lambdas="auto"``), so that a resumed run reuses
+        them instead of measuring them again (JSON keeps every float exactly)."""
+        data = [{m.name.lower(): v for m, v in layer.items()} for layer in ratios]
+        _atomic_write(self.dir / RATIOS, lambda tmp: tmp.write_text(json.dumps(data)))
+
+    def ratios(self) -> list[dict[Modality, float]] | None:
+        """The saved gradient ratios, or None when none were saved."""
+        path = self.dir / RATIOS
+        if not path.exists():
+            return None
+        return [{Modality[name.upper()]: v for name, v in layer.items()} for layer in json.loads(path.read_text())]
 
     def _meta(self, index: int) -> dict:
         return json.loads(self._layer(index, "json").read_text())
