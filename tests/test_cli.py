@@ -46,3 +46,31 @@ def test_conflicting_or_meaningless_flags_are_refused(capsys, monkeypatch):
         assert main(["eval", *args]) == 1
         err = capsys.readouterr().err
         assert err.startswith("masquant: error: --no-sidecar scores an exported") and "ref-vl is not one" in err
+
+
+def test_deterministic_flag_holds_for_the_calibration_only(tmp_path, monkeypatch):
+    """``quantize --deterministic`` calibrates with PyTorch's deterministic algorithms and a fixed
+    cuBLAS workspace (what makes two GPU runs bit-identical), and leaves the setting as it was."""
+    import torch
+
+    import masquant.api
+    from masquant import tiny
+
+    seen = []
+    real = masquant.api.quantize
+
+    def spy(*args, **kwargs):
+        import os
+
+        seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(masquant.api, "quantize", spy)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr("masquant.loading.load_any", lambda spec: (tiny.tiny_qwen2_5_vl(layers=1), None, None))
+    monkeypatch.setattr("masquant.cli._calibration", lambda args, processor, reference: [tiny.tiny_sample(0)])
+    for flag, out in ((["--deterministic"], "a"), ([], "b")):
+        assert main(["quantize", "--model", "tiny", "--method", "rtn", "--no-progress", *flag,
+                     "--out", str(tmp_path / out)]) == 0
+    assert seen == [(True, ":4096:8"), (False, ":4096:8")]  # (the variable only matters before CUDA starts)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("masquant")
@@ -68,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the calibration activations off the compute device: cpu (host memory) or DIR "
                             "(files there, memory-mapped, unlinked once mapped); each sample's come to the device "
                             "only while it runs (docs/SCALE.md)")
+    quant.add_argument("--deterministic", action="store_true",
+                       help="PyTorch's deterministic algorithms (and a fixed cuBLAS workspace): two runs on the same "
+                            "GPU, or an interrupted and resumed one, give the same bits; slower on a GPU, no change "
+                            "on a CPU (docs/SCALE.md)")
     quant.add_argument("--no-progress", action="store_true")
     an = sub.add_parser("analyze", help="measure smoothing misalignment and recommend a method",
                         description="Per layer and linear: activation ranges per modality, their misalignment, "
@@ -174,6 +181,25 @@ def _quantize_streaming(args: argparse.Namespace, config, state: Path, replace: 
     return quantize_streaming(path, calib, config, args.out, processor, progress=not args.no_progress,
                               overwrite=replace, checkpoint=state, resume=args.resume, reference=reference, dtype=dtype,
                               device=device, offload=args.offload)
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool) -> Iterator[None]:
+    """``--deterministic``: GPU kernels that add with atomics sum in another order on every run
+    unless PyTorch is asked for deterministic algorithms; cuBLAS then needs a fixed workspace,
+    which it reads when it makes its first handle (so before the model reaches the GPU)."""
+    if not on:
+        yield
+        return
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def _backend(device: str | None) -> str | None:
@@ -299,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             joined = distributed.init_from_env(backend=_backend(args.device))
             rank = distributed.rank()
             _setup_logging(args.log_json, rank)
-            _quantize(args)
+            with _deterministic(args.deterministic):
+                _quantize(args)
         elif args.command == "analyze":
             _analyze(args)
         elif args.command == "export":
