@@ -52,6 +52,7 @@ def test_deterministic_flag_holds_for_the_calibration_only(tmp_path, monkeypatch
     """``quantize --deterministic`` calibrates with PyTorch's deterministic algorithms and a fixed
     cuBLAS workspace (what makes two GPU runs bit-identical), and leaves the setting as it was."""
     import torch
+    from safetensors.torch import load_file
 
     import masquant.api
     from masquant import tiny
@@ -68,9 +69,12 @@ def test_deterministic_flag_holds_for_the_calibration_only(tmp_path, monkeypatch
     monkeypatch.setattr(masquant.api, "quantize", spy)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr("masquant.loading.load_any", lambda spec: (tiny.tiny_qwen2_5_vl(layers=1), None, None))
-    monkeypatch.setattr("masquant.cli._calibration", lambda args, processor, reference: [tiny.tiny_sample(0)])
+    monkeypatch.setattr("masquant.cli._calibration",
+                        lambda args, processor, reference: [tiny.tiny_sample(s) for s in range(3)])
     for flag, out in ((["--deterministic"], "a"), ([], "b")):
-        assert main(["quantize", "--model", "tiny", "--method", "rtn", "--no-progress", *flag,
-                     "--out", str(tmp_path / out)]) == 0
+        assert main(["quantize", "--model", "tiny", "--method", "masquant", "--epochs", "1", "--rank", "4",
+                     "--no-progress", *flag, "--out", str(tmp_path / out)]) == 0
     assert seen == [(True, ":4096:8"), (False, ":4096:8")]  # (the variable only matters before CUDA starts)
     assert not torch.are_deterministic_algorithms_enabled()
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("a", "b"))  # on a CPU: the same bits
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
