@@ -33,7 +33,7 @@ def run_speed(quick: bool = False, device: str = "cpu") -> dict:
         result["models"] += speed.reference_model_rows("ref-vl", calib_samples=4 if quick else 16)
         result["calibration"] = speed.calibration_rows("ref-vl", calib_samples=8 if quick else 32)
         result["calibration_scaling"] = speed.calibration_scaling_rows(((128, 8), (256, 8)) if quick else
-                                                                       ((256, 16), (1024, 16), (1024, 64)))
+                                                                       ((256, 16), (1024, 16), (1024, 64), (1024, 128)))
         result["memory"] = speed.calibration_memory("masquant", (2, 4) if quick else (4, 8))
     return result
 

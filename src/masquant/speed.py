@@ -274,13 +274,14 @@ def calibration_rows(name: str = "ref-vl", calib_samples: int = 32, repeats: int
     return rows
 
 
-def calibration_scaling_rows(sizes: tuple[tuple[int, int], ...] = ((256, 16), (1024, 16), (1024, 64)),
+def calibration_scaling_rows(sizes: tuple[tuple[int, int], ...] = ((256, 16), (1024, 16), (1024, 64), (1024, 128)),
                              layers: int = 2, repeats: int = 2) -> list[dict]:
     """SmoothQuant and MASQuant calibration time (W4A8) on random Qwen2.5-VL models, per
     ``(width, samples)``: how the MASQuant / SmoothQuant ratio moves once arithmetic, not
     per-call overhead, dominates (the reference models are 256 wide), and once the per-layer
     costs that do not grow with the samples (CMC's eigendecompositions) are spread over more of
-    them. Each time is the fastest of ``repeats`` interleaved runs (this machine is noisy)."""
+    them, up to the reference's 128 samples. Each time is the fastest of ``repeats`` interleaved
+    runs (this machine is noisy)."""
     from . import tiny
     from .api import quantize
 
