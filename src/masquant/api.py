@@ -108,20 +108,21 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
         inputs = [inputs[i] for i in held]  # this process's batches (all of them in one process)
         ratios_key = ("ratios", config.calib_batch, n_samples)
         needs_ratios = getattr(method, "needs_ratios", lambda config: False)(config)
-        saved_ratios = state.ratios() if state is not None and needs_ratios else None  # measured before a crash
-        prepared = {} if saved_ratios is None else {"ratios": saved_ratios}
-        if needs_ratios and source is None and saved_ratios is None:  # one backward pass through the whole model
-            prepared["ratios"] = _cached(cache, ratios_key, modality_gradient_ratios, model, adapter, inputs)
+        ratios = state.ratios() if state is not None and needs_ratios else None  # measured before a crash
+        measure = needs_ratios and ratios is None
+        if measure and source is None:  # one backward pass through the whole model
+            ratios = _cached(cache, ratios_key, modality_gradient_ratios, model, adapter, inputs)
         captured = _cached(cache, ("capture", config.calib_batch, n_samples), capture_all, model, adapter, inputs,
                            progress, held, store if cache is None else None)  # a cache outlives the store
-        device = next(p.device for p in model.parameters() if not p.is_meta)  # where the layers compute
-        if needs_ratios and source is not None and saved_ratios is None:  # streamed: one decoder layer at a time
+        if measure and source is not None:  # streamed: one decoder layer at a time, on the device of the rest
             layers = adapter.decoder_layers(model)
-            prepared["ratios"] = _cached(
-                cache, ratios_key, layerwise_gradient_ratios, model, adapter, inputs, captured,
-                lambda i: source.load(i, layers[i]), lambda i: source.unload(i, layers[i]), store, progress, device)
-        if state is not None and needs_ratios and saved_ratios is None:
-            state.save_ratios(prepared["ratios"])
+            device = next(p.device for p in model.parameters() if not p.is_meta)
+            ratios = _cached(cache, ratios_key, layerwise_gradient_ratios, model, adapter, inputs, captured,
+                             lambda i: source.load(i, layers[i]), lambda i: source.unload(i, layers[i]), store,
+                             progress, device)
+        if measure and state is not None:
+            state.save_ratios(ratios)
+        prepared = {} if ratios is None else {"ratios": ratios}
         samples = [dataclasses.replace(s, hidden=s.hidden.clone()) for s in captured] if cache is not None else captured
         del inputs
         reports = quantize_layers(model, adapter, samples, config, router, method, prepared, progress, state,

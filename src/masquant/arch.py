@@ -179,6 +179,12 @@ def type_names(adapter: Adapter) -> str:
     return "model_type " + "/".join(adapter.model_types)
 
 
+def layer_output(out: torch.Tensor | tuple) -> torch.Tensor:
+    """The hidden states a decoder layer returns (a tuple whose first item they are, or the
+    tensor alone, depending on the transformers version)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def modality_ids(model: nn.Module, input_ids: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
     """Modality of every token of ``input_ids`` (same shape, ``torch.long``)."""
     adapter = adapter or get_adapter(model)

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .arch import Adapter, modality_ids
+from .arch import Adapter, layer_output, modality_ids
 from .modality import Modality
 from .offload import ActivationStore
 
@@ -104,10 +104,6 @@ def modality_gradient_ratios(model: nn.Module, adapter: Adapter, samples: list[d
     return meter.ratios()
 
 
-def _layer_out(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _load(load: Callable[[int], None], i: int, layer: nn.Module) -> None:
     load(i)
     for p in layer.parameters():  # materialised now, so not frozen with the rest of the model
@@ -142,7 +138,7 @@ def layerwise_gradient_ratios(model: nn.Module, adapter: Adapter, samples: list[
             for i, layer in enumerate(layers):
                 _load(load, i, layer)
                 kept.append([store.put(("ratio-input", i + 1, j),
-                                       _layer_out(layer(x.to(device[j]), **c.layer_kwargs[i])))
+                                       layer_output(layer(x.to(device[j]), **c.layer_kwargs[i])))
                              for j, (x, c) in enumerate(zip(kept[i], captured, strict=True))])
                 unload(i)
                 bar.update()
@@ -164,7 +160,7 @@ def layerwise_gradient_ratios(model: nn.Module, adapter: Adapter, samples: list[
                     for j, c in enumerate(captured):
                         meter.masks = targets[j][1]
                         h = kept[i][j].to(device[j]).detach().requires_grad_(True)
-                        out = _layer_out(layers[i](h, **c.layer_kwargs[i]))
+                        out = layer_output(layers[i](h, **c.layer_kwargs[i]))
                         out.backward(grads[j].to(out.device))
                         grads[j] = store.put(("ratio-grad", j), h.grad)
                         del out, h

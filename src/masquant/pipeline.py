@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .arch import Adapter, LinearGroup
+from .arch import Adapter, LinearGroup, layer_output
 from .capture import Captured
 from .checkpoint import LayerCheckpoint, layer_digest
 from .compensation import compensate_linear
@@ -109,8 +109,7 @@ class LayerContext:
     def run(self, sample_index: int) -> torch.Tensor:
         sample = self.samples[sample_index]
         with self.sample_scope(sample):
-            out = self.layer(sample.hidden.to(self.device), **sample.layer_kwargs[self.index])
-        return out[0] if isinstance(out, tuple) else out
+            return layer_output(self.layer(sample.hidden.to(self.device), **sample.layer_kwargs[self.index]))
 
     def sample_count(self) -> int:
         """Calibration batches of the whole run (``samples`` holds this process's share)."""
