@@ -69,7 +69,7 @@ def test_deterministic_flag_holds_for_the_calibration_only(tmp_path, monkeypatch
     monkeypatch.setattr(masquant.api, "quantize", spy)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr("masquant.loading.load_any", lambda spec: (tiny.tiny_qwen2_5_vl(layers=1), None, None))
-    monkeypatch.setattr("masquant.cli._calibration",
+    monkeypatch.setattr("masquant.cli_quantize.calibration",
                         lambda args, processor, reference: [tiny.tiny_sample(s) for s in range(3)])
     for flag, out in ((["--deterministic"], "a"), ([], "b")):
         assert main(["quantize", "--model", "tiny", "--method", "masquant", "--epochs", "1", "--rank", "4",

@@ -236,14 +236,14 @@ def test_the_cli_picks_gloo_for_cpu_and_warns_when_nccl_overrides_the_device(mon
     NCCL a ``--device`` naming another GPU is ignored with a warning, not silently."""
     import argparse
 
-    from masquant import cli
+    from masquant.cli_quantize import compute_device, process_backend
 
-    assert cli._backend("cpu") == "gloo" and cli._backend(None) is None and cli._backend("cuda:0") is None
+    assert process_backend("cpu") == "gloo" and process_backend(None) is None and process_backend("cuda:0") is None
     monkeypatch.setattr(distributed, "device", lambda: torch.device("cuda", 1))
     with caplog.at_level("WARNING", logger="masquant"):
-        assert cli._device(argparse.Namespace(device="cuda:1")) == torch.device("cuda", 1)
+        assert compute_device(argparse.Namespace(device="cuda:1")) == torch.device("cuda", 1)
         assert not caplog.records
-        assert cli._device(argparse.Namespace(device="cuda:0")) == torch.device("cuda", 1)
+        assert compute_device(argparse.Namespace(device="cuda:0")) == torch.device("cuda", 1)
     assert "--device cuda:0 ignored" in caplog.text and "cuda:1" in caplog.text
 
 

@@ -15,7 +15,7 @@ import torch
 import masquant
 from masquant import QuantConfig, tiny
 from masquant.checkpoint import STATE_DIR
-from masquant.cli import prepare_output
+from masquant.cli_quantize import prepare_output
 
 from conftest import interrupted_at, vl_samples
 
