@@ -199,3 +199,58 @@ def test_rank_zero_needs_no_covariance(vl_model):
     q = model.model.language_model.layers[0].self_attn.q_proj
     assert not q.patches
     assert report.layers[0].linears["self_attn.q_proj"].compensation["vision"]["skipped"] == "rank 0"
+
+
+needs_compiler = pytest.mark.skipif(not masquant.kernels.fusion_available(torch.device("cpu")),
+                                    reason="no C++ compiler for torch.compile on this machine")
+
+
+@needs_compiler
+@pytest.mark.parametrize("group_size", [0, 16])
+def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size, monkeypatch):
+    """MAS's compiled fake quantization (large weights and activations) against the eager one:
+    the same values, and gradients for the smoothing vectors and the inputs equal up to
+    summation order (abs-max ties included)."""
+    from masquant.methods import mas
+    from masquant.primitives import IntGrid
+
+    gen = torch.Generator().manual_seed(group_size)
+    weight = torch.randn(24, 64, generator=gen)
+    weight[0, :3] = 4.0  # an abs-max tie
+    rows = torch.randn(30, 64, generator=gen) * torch.logspace(-1, 1, 30)[:, None]
+    table = torch.rand(3, 64, generator=gen) + 0.5
+    ids = torch.randint(0, 3, (30,), generator=gen)
+    grad_w, grad_x = torch.randn(24, 64, generator=gen), torch.randn(30, 64, generator=gen)
+
+    def run_both(threshold):
+        monkeypatch.setattr(mas, "COMPILE_MIN_ELEMENTS", threshold)
+        s, x = table.clone().requires_grad_(), rows.clone().requires_grad_()
+        wq = mas._smoothed_fake_quant(weight, s[1], IntGrid(4), group_size)
+        xq = mas._smoothed_tokens(x, s, ids, 8)
+        ((wq * grad_w).sum() + (xq * grad_x).sum()).backward()
+        return wq.detach(), xq.detach(), s.grad, x.grad
+
+    eager = run_both(1 << 62)
+    compiled = run_both(0)
+    assert mas._symmetric_weight_body in masquant.kernels._compiled
+    assert mas._tokens_body in masquant.kernels._compiled and "cpu" not in masquant.kernels._broken
+    for e, c in zip(eager, compiled, strict=True):
+        assert torch.allclose(e, c, rtol=1e-5, atol=1e-5), float((e - c).abs().max())
+    assert torch.equal(eager[0], compiled[0]) and float(eager[2][0].abs().max()) > 0
+
+
+@needs_compiler
+def test_compiled_training_learns_the_same_tables(misaligned, calib, monkeypatch):
+    """A whole MASQuant calibration with every weight and activation of MAS training on the
+    compiled path gives the eager run's model up to float summation order."""
+    from masquant.methods import mas
+
+    eager, eager_report = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8)
+    monkeypatch.setattr(mas, "COMPILE_MIN_ELEMENTS", 0)
+    compiled, compiled_report = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8)
+    assert mas._symmetric_weight_body in masquant.kernels._compiled
+    for e, c in zip(eager_report.layers, compiled_report.layers, strict=True):
+        assert e.groups["mas"]["loss_before_after"] == pytest.approx(c.groups["mas"]["loss_before_after"], rel=1e-3)
+    for (name, a), (_, b) in zip(eager.named_modules(), compiled.named_modules(), strict=True):
+        if isinstance(a, QuantLinear):
+            assert torch.allclose(a.smooth, b.smooth, rtol=1e-3, atol=1e-4), name

@@ -169,10 +169,22 @@ def use_fusion(x: torch.Tensor) -> bool:
     return x.numel() >= FUSE_MIN_ELEMENTS and fusion_available(x.device)
 
 
-def _fused(fn: Callable, device: torch.device, *args):
+def qmax_tensor(bits: int, device: torch.device) -> torch.Tensor:
+    """The largest symmetric code at ``bits`` as a 0-d float tensor on ``device`` (one per pair):
+    a tensor argument, so that one compiled variant of a kernel serves every bit-width."""
+    key = (bits, device)
+    if key not in _qmax:
+        _qmax[key] = torch.tensor(float(2 ** (bits - 1) - 1), device=device)
+    return _qmax[key]
+
+
+def compiled(fn: Callable, device: torch.device, *args):
+    """``fn(*args)``, through ``torch.compile`` (dynamic shapes, compiled once per process) where
+    ``fusion_available(device)``; eagerly otherwise, or after the compiler failed once on this
+    device type (logged). Differentiable ``fn`` get a compiled backward too."""
     if fusion_available(device):
         if fn not in _compiled:
-            log.info("compiling the fused %s kernel for %s (once per process; cached on disk)", fn.__name__,
+            log.info("compiling the %s kernel for %s (once per process; cached on disk)", fn.__name__,
                      device.type)
             _compiled[fn] = torch.compile(fn, dynamic=True)
         try:
@@ -193,9 +205,7 @@ def fused_linear(x: torch.Tensor, bits: int, smooth: torch.Tensor, ids: torch.Te
     token to ``bits``, the int8 GEMM with ``weight [n, k]`` and the dequantizing epilogue
     (``weight_scale`` per row or per tensor) with ``bias``, in ``dtype``. Equal to
     ``quantize_tokens`` then ``int_linear`` up to float rounding."""
-    key = (bits, x.device)
-    if key not in _qmax:
-        _qmax[key] = torch.tensor(float(2 ** (bits - 1) - 1), device=x.device)
+    qmax = qmax_tensor(bits, x.device)
     if ids is None:
-        return _fused(_unrouted_int_linear, x.device, x, smooth[0], _qmax[key], weight, weight_scale, bias, dtype)
-    return _fused(_routed_int_linear, x.device, x, smooth, ids, _qmax[key], weight, weight_scale, bias, dtype)
+        return compiled(_unrouted_int_linear, x.device, x, smooth[0], qmax, weight, weight_scale, bias, dtype)
+    return compiled(_routed_int_linear, x.device, x, smooth, ids, qmax, weight, weight_scale, bias, dtype)
