@@ -205,15 +205,18 @@ needs_compiler = pytest.mark.skipif(not masquant.kernels.fusion_available(torch.
                                     reason="no C++ compiler for torch.compile on this machine")
 
 
-@needs_compiler
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("group_size", [0, 16])
-def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size, monkeypatch):
+def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size, device, monkeypatch):
     """MAS's compiled fake quantization (large weights and activations) against the eager one:
     the same values, and gradients for the smoothing vectors and the inputs equal up to
-    summation order (abs-max ties included)."""
+    summation order (abs-max ties included). On CUDA the compiled form is Triton's."""
     from masquant.methods import mas
     from masquant.primitives import IntGrid
 
+    if not masquant.kernels.fusion_available(torch.device(device)):
+        pytest.skip(f"no code generator for torch.compile on {device}")
     gen = torch.Generator().manual_seed(group_size)
     weight = torch.randn(24, 64, generator=gen)
     weight[0, :3] = 4.0  # an abs-max tie
@@ -221,6 +224,7 @@ def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size
     table = torch.rand(3, 64, generator=gen) + 0.5
     ids = torch.randint(0, 3, (30,), generator=gen)
     grad_w, grad_x = torch.randn(24, 64, generator=gen), torch.randn(30, 64, generator=gen)
+    weight, rows, table, ids, grad_w, grad_x = (t.to(device) for t in (weight, rows, table, ids, grad_w, grad_x))
 
     def run_both(threshold):
         monkeypatch.setattr(mas, "COMPILE_MIN_ELEMENTS", threshold)
@@ -233,10 +237,15 @@ def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size
     eager = run_both(1 << 62)
     compiled = run_both(0)
     assert mas._symmetric_weight_body in masquant.kernels._compiled
-    assert mas._tokens_body in masquant.kernels._compiled and "cpu" not in masquant.kernels._broken
+    assert mas._tokens_body in masquant.kernels._compiled and device not in masquant.kernels._broken
+    assert float(eager[2][0].abs().max()) > 0  # (row 0 of the table only reaches the tokens)
+    if device == "cuda":  # Triton's float32 division is not correctly rounded: a code may flip at a tie
+        for e, c in zip(eager, compiled, strict=True):
+            assert float((e - c).norm() / e.norm()) < 1e-2
+        return
     for e, c in zip(eager, compiled, strict=True):
         assert torch.allclose(e, c, rtol=1e-5, atol=1e-5), float((e - c).abs().max())
-    assert torch.equal(eager[0], compiled[0]) and float(eager[2][0].abs().max()) > 0
+    assert torch.equal(eager[0], compiled[0])
 
 
 @needs_compiler
