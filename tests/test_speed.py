@@ -1,5 +1,7 @@
 """The speed benchmark's measurements on tiny shapes (no timing assertions: CI machines are noisy)."""
 
+import copy
+
 import torch
 
 from masquant import QuantLinear, perf, speed, tiny
@@ -92,3 +94,16 @@ def test_a_gpu_page_has_no_empty_calibration_tables():
     page = perf.markdown(result)
     assert "on Some GPU" in page and "## Whole models" in page
     assert "Calibration" not in page and "peak RSS" not in page
+
+
+def test_w8a8_of_a_bf16_model_keeps_bf16_around_the_integer_linears():
+    """The benchmark's "W8A8 on bf16" variant: integer linears inside a bfloat16 model, whose
+    output stays bf16 and close to the bf16 model's."""
+    bf16 = tiny.tiny_qwen2_5_vl(hidden=128, layers=1).to(torch.bfloat16)
+    quantized = speed.synthetic_quantize(copy.deepcopy(bf16), 8)
+    sample = tiny.tiny_sample(0, "vl")
+    with torch.no_grad():
+        ref, out = bf16(**sample).logits, quantized(**sample).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert any(isinstance(m, QuantLinear) for m in quantized.modules())
+    assert torch.nn.functional.cosine_similarity(out.float().flatten(), ref.float().flatten(), 0) > 0.98

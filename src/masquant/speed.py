@@ -213,7 +213,8 @@ def _strip(sample: dict, device: str = "cpu") -> dict:
 
 def wide_model_rows(layers: int, device: str = "cpu") -> list[dict]:
     """A random Qwen2.5-VL with Qwen2.5-VL-3B-wide decoder layers (2048 / 11008, 16 heads):
-    FP32, BF16, W8A8, W4A8 and MASQuant W8A8 (rank 32); a 512-token prompt, half image."""
+    FP32, BF16, W8A8, W4A8, MASQuant W8A8 (rank 32) and W8A8 of the BF16 model (integer linears,
+    everything else in bf16); a 512-token prompt, half image."""
     from . import tiny
 
     fp = tiny.tiny_qwen2_5_vl(hidden=2048, layers=layers, intermediate=11008, heads=16).to(device)
@@ -222,7 +223,8 @@ def wide_model_rows(layers: int, device: str = "cpu") -> list[dict]:
     models = {"fp32": fp, "bf16": copy.deepcopy(fp).to(torch.bfloat16),
               "W8A8": synthetic_quantize(copy.deepcopy(fp), 8),
               "W4A8": synthetic_quantize(copy.deepcopy(fp), 4),
-              "MASQuant W8A8 r32": synthetic_quantize(copy.deepcopy(fp), 8, rank=32)}
+              "MASQuant W8A8 r32": synthetic_quantize(copy.deepcopy(fp), 8, rank=32),
+              "W8A8 on bf16": synthetic_quantize(copy.deepcopy(fp).to(torch.bfloat16), 8)}
     return model_rows(f"random Qwen2.5-VL, {layers} layers 3B-wide", models, prompt, short, device)
 
 
