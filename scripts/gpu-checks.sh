@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run: the CUDA tests (kernels, calibration, streaming,
-# offload and resume on the GPU, NCCL in a group of one), a profile of one quantized linear and
-# the GPU speed rows. CI has no GPU;
+# offload and resume on the GPU, NCCL in a group of one, MAS training's Triton fake
+# quantization), a profile of one quantized linear and the GPU speed rows. CI has no GPU;
 # run this on a machine with one, from the repository root, with a Python that has torch (CUDA),
 # transformers and accelerate (the package itself is taken from src/):
 #
@@ -21,7 +21,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 echo "== CUDA tests"
 timeout "${TESTS_TIMEOUT:-330}" "$python" -m pytest -p no:cacheprovider -q -rs --durations=12 tests/test_cuda.py \
-    "tests/test_distributed.py::test_a_group_of_one_runs_every_collective_and_changes_nothing" 2>&1 \
+    "tests/test_distributed.py::test_a_group_of_one_runs_every_collective_and_changes_nothing" \
+    "tests/test_masquant.py::test_compiled_fake_quantization_of_training_matches_the_eager_one" 2>&1 \
     | tee "$out/tests.log" || status=1
 
 echo "== where a quantized linear's time goes (scripts/gpu_profile.py)"
