@@ -226,3 +226,20 @@ def test_bf16_inputs_give_the_same_codes_fused_or_eager(monkeypatch):
         eager = layer(x).float()
     assert torch.allclose(fused, eager, rtol=1e-2, atol=1e-2)
     assert float((fused - eager).norm() / eager.norm()) < 4e-3  # bf16 output rounding only
+
+
+def _variant(x):
+    return x * 2 + 1
+
+
+@needs_fusion
+def test_compiled_kernels_keep_more_variants_than_dynamos_default():
+    """Past dynamo's default of 8 variants a function runs eagerly; ``kernels.compiled`` raises the
+    limit so that every variant a quantized model needs is compiled (here: one per input rank)."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    for ndim in range(1, 11):
+        x = torch.randn(*[2] * ndim)
+        assert torch.equal(kernels.compiled(_variant, x.device, x), _variant(x))
+    assert counters["stats"]["unique_graphs"] - before == 10

@@ -178,6 +178,25 @@ def qmax_tensor(bits: int, device: torch.device) -> torch.Tensor:
     return _qmax[key]
 
 
+COMPILED_VARIANTS = 64  # compiled variants allowed per function (dynamo's default: 8)
+
+
+def _allow_variants() -> None:
+    """Raise dynamo's per-function recompile limit to ``COMPILED_VARIANTS`` (never lower it).
+
+    One kernel gets a variant per combination of what dynamo specialises on: output dtype, bias
+    or none, per-row or per-tensor weight scale, square or not, inputs that need a gradient or
+    not. One model needs a handful, but a process that quantizes and runs several (the speed
+    benchmark: FP32 and bf16 models, W8 and W4, the MAS training forms) passed dynamo's default
+    of 8, after which dynamo ran the kernel eagerly for every new variant (one warning)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name) < COMPILED_VARIANTS:
+        setattr(config, name, COMPILED_VARIANTS)
+
+
 def compiled(fn: Callable, device: torch.device, *args):
     """``fn(*args)``, through ``torch.compile`` (dynamic shapes, compiled once per process) where
     ``fusion_available(device)``; eagerly otherwise, or after the compiler failed once on this
@@ -186,6 +205,7 @@ def compiled(fn: Callable, device: torch.device, *args):
         if fn not in _compiled:
             log.info("compiling the %s kernel for %s (once per process; cached on disk)", fn.__name__,
                      device.type)
+            _allow_variants()
             _compiled[fn] = torch.compile(fn, dynamic=True)
         try:
             return _compiled[fn](*args)

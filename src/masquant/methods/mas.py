@@ -90,8 +90,8 @@ class _TrainableLinear(nn.Module):
 
 def _smoothed_fake_quant(weight: torch.Tensor, smooth: torch.Tensor, grid: IntGrid, group_size: int) -> torch.Tensor:
     """``Q(W * s)``, differentiable in ``s``."""
-    if grid.symmetric and _compile(weight):
-        return kernels.compiled(_symmetric_weight_body, weight.device, weight, smooth,
+    if grid.symmetric and _compile(weight):  # (detached: dynamo compiles parameters for their exact shape)
+        return kernels.compiled(_symmetric_weight_body, weight.device, weight.detach(), smooth,
                                 kernels.qmax_tensor(grid.bits, weight.device), group_size)
     return fake_quantize_weight(weight.float() * smooth, grid, group_size)
 
