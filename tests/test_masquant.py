@@ -207,8 +207,8 @@ needs_compiler = pytest.mark.skipif(not masquant.kernels.fusion_available(torch.
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-@pytest.mark.parametrize("group_size", [0, 16])
-def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size, device, monkeypatch):
+@pytest.mark.parametrize(("group_size", "symmetric"), [(0, True), (16, True), (16, False)])
+def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size, symmetric, device, monkeypatch):
     """MAS's compiled fake quantization (large weights and activations) against the eager one:
     the same values, and gradients for the smoothing vectors and the inputs equal up to
     summation order (abs-max ties included). On CUDA the compiled form is Triton's."""
@@ -229,14 +229,14 @@ def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size
     def run_both(threshold):
         monkeypatch.setattr(mas, "COMPILE_MIN_ELEMENTS", threshold)
         s, x = table.clone().requires_grad_(), rows.clone().requires_grad_()
-        wq = mas._smoothed_fake_quant(weight, s[1], IntGrid(4), group_size)
+        wq = mas._smoothed_fake_quant(weight, s[1], IntGrid(4, symmetric), group_size)
         xq = mas._smoothed_tokens(x, s, ids, 8)
         ((wq * grad_w).sum() + (xq * grad_x).sum()).backward()
         return wq.detach(), xq.detach(), s.grad, x.grad
 
     eager = run_both(1 << 62)
     compiled = run_both(0)
-    assert mas._symmetric_weight_body in masquant.kernels._compiled
+    assert mas._weight_body in masquant.kernels._compiled
     assert mas._tokens_body in masquant.kernels._compiled and device not in masquant.kernels._broken
     assert float(eager[2][0].abs().max()) > 0  # (row 0 of the table only reaches the tokens)
     if device == "cuda":  # Triton's float32 division is not correctly rounded: a code may flip at a tie
@@ -257,7 +257,7 @@ def test_compiled_training_learns_the_same_tables(misaligned, calib, monkeypatch
     eager, eager_report = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8)
     monkeypatch.setattr(mas, "COMPILE_MIN_ELEMENTS", 0)
     compiled, compiled_report = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8)
-    assert mas._symmetric_weight_body in masquant.kernels._compiled
+    assert mas._weight_body in masquant.kernels._compiled
     for e, c in zip(eager_report.layers, compiled_report.layers, strict=True):
         assert e.groups["mas"]["loss_before_after"] == pytest.approx(c.groups["mas"]["loss_before_after"], rel=1e-3)
     for (name, a), (_, b) in zip(eager.named_modules(), compiled.named_modules(), strict=True):

@@ -28,7 +28,14 @@ from .. import distributed, kernels
 from ..compensation import compensate_linear
 from ..modality import Modality
 from ..pipeline import LayerContext, LayerPlan
-from ..primitives import EPS, IntGrid, fake_quantize_per_token, fake_quantize_weight, group_rows
+from ..primitives import (
+    IntGrid,
+    choose_qparams,
+    fake_quantize,
+    fake_quantize_per_token,
+    fake_quantize_weight,
+    group_rows,
+)
 from ..qlinear import QuantLinear, replace_module
 from . import register
 from .smoothquant import group_weight_absmax, smoothquant_vector
@@ -90,16 +97,15 @@ class _TrainableLinear(nn.Module):
 
 def _smoothed_fake_quant(weight: torch.Tensor, smooth: torch.Tensor, grid: IntGrid, group_size: int) -> torch.Tensor:
     """``Q(W * s)``, differentiable in ``s``."""
-    if grid.symmetric and _compile(weight):  # (detached: dynamo compiles parameters for their exact shape)
-        return kernels.compiled(_symmetric_weight_body, weight.device, weight.detach(), smooth,
-                                kernels.qmax_tensor(grid.bits, weight.device), group_size)
+    if _compile(weight):  # (detached: dynamo compiles parameters for their exact shape)
+        return kernels.compiled(_weight_body, weight.device, weight.detach(), smooth, grid, group_size)
     return fake_quantize_weight(weight.float() * smooth, grid, group_size)
 
 
 def _smoothed_tokens(rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor, bits: int) -> torch.Tensor:
     """Each row divided by its modality's vector, then fake-quantized per token (differentiable)."""
     if bits < 16 and _compile(rows):
-        return kernels.compiled(_tokens_body, rows.device, rows, smooth, ids, kernels.qmax_tensor(bits, rows.device))
+        return kernels.compiled(_tokens_body, rows.device, rows, smooth, ids, IntGrid(bits, symmetric=True))
     return fake_quantize_per_token(rows / smooth.index_select(0, ids), bits)
 
 
@@ -110,22 +116,19 @@ def _compile(x: torch.Tensor) -> bool:
     return x.numel() >= COMPILE_MIN_ELEMENTS and kernels.fusion_available(x.device)
 
 
-def _symmetric_rows(x: torch.Tensor, qmax: torch.Tensor) -> torch.Tensor:
-    """``fake_quantize`` of ``x``'s rows on a symmetric grid (scale ``max|x| / qmax`` per row,
-    straight-through rounding), composed of differentiable ops: the values and gradient of
-    ``primitives._SymmetricFakeQuant`` (up to summation order), for ``torch.compile`` to fuse."""
-    scale = x.abs().amax(-1, keepdim=True).clamp_min(EPS) / qmax
-    u = x / scale
-    return (u + (u.round() - u).detach()).clamp(-qmax - 1, qmax) * scale
+# The compiled forms: the op-by-op straight-through fake quantization of ``primitives`` (the values
+# and gradient of its single-node ``_SymmetricFakeQuant``, up to summation order), for inductor to fuse.
+def _rows_body(rows: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    return fake_quantize(rows, *choose_qparams(rows, grid), grid)
 
 
-def _symmetric_weight_body(weight, smooth, qmax, group_size):
+def _weight_body(weight, smooth, grid, group_size):
     smoothed = weight.float() * smooth
-    return _symmetric_rows(group_rows(smoothed, group_size), qmax).reshape(smoothed.shape)
+    return _rows_body(group_rows(smoothed, group_size), grid).reshape(smoothed.shape)
 
 
-def _tokens_body(rows, smooth, ids, qmax):
-    return _symmetric_rows(rows / smooth.index_select(0, ids), qmax)
+def _tokens_body(rows, smooth, ids, grid):
+    return _rows_body(rows / smooth.index_select(0, ids), grid)
 
 
 def initial_table(ctx: LayerContext, group) -> torch.Tensor:
