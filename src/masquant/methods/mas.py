@@ -50,16 +50,29 @@ COMPILE_MIN_ELEMENTS = 1 << 20  # weights / activations at least this large: com
 class _TrainableLinear(nn.Module):
     """Fake-quantized linear with a (learnable) per-modality smoothing table, MAS-only form."""
 
-    def __init__(self, linear: nn.Linear, smooth: torch.Tensor, ctx: LayerContext):
+    def __init__(self, linear: nn.Linear, smooth: torch.Tensor, ctx: LayerContext, shared: dict | None = None):
         super().__init__()
         self.linear, self.smooth, self.ctx = linear, smooth, ctx
         self.grid = IntGrid(ctx.config.w_bits, ctx.config.w_symmetric)
         self.weights: dict[Modality, torch.Tensor] = {}  # Q(W * s_m) of the current optimiser step
         self.fixed: dict[Modality, torch.Tensor] = {}  # the same for a table that is not learned
+        # the quantized tokens and row order of the latest input, by table: the linears of a group read
+        # the same input with the same table (q/k/v, gate/up), so the first computes them for all;
+        # cleared with ``weights`` at each optimiser step
+        self.shared = {} if shared is None else shared
 
-    def weight(self, m: Modality) -> torch.Tensor:
+    def weight(self, m: Modality, present: list[Modality]) -> torch.Tensor:
         """``Q(W * s_m)``, computed once per optimiser step (``weights`` is cleared after each);
-        with a fixed table (a group that is not smoothed), once for the whole fit."""
+        with a fixed table (a group that is not smoothed), once for the whole fit. A small weight
+        is quantized for every modality ``present`` at once (one pass per elementwise op instead of
+        one per modality: on small layers each op's fixed cost is most of its time)."""
+        group_size = self.ctx.config.w_group_size
+        if self.smooth.requires_grad and m not in self.weights and len(present) > 1 and group_size != -1 \
+                and self.linear.weight.numel() < RECOMPUTE_MIN_ELEMENTS and not _compile(self.linear.weight):
+            rows = self.smooth[[int(p) for p in present]]  # [modalities, in]
+            stacked = (self.linear.weight.float()[None] * rows[:, None, :]).flatten(0, 1)  # [modalities * out, in]
+            quantized = fake_quantize_weight(stacked, self.grid, group_size).unflatten(0, (len(present), -1))
+            self.weights.update(zip(present, quantized.unbind(0), strict=True))
         if not self.smooth.requires_grad:
             if m not in self.fixed:
                 with torch.no_grad():
@@ -77,22 +90,37 @@ class _TrainableLinear(nn.Module):
         return self.weights[m]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, runs = self.ctx.router.runs(x)  # (shared by every linear of the forward)
-        rows = x.reshape(-1, self.linear.in_features).float()  # float32 also for bf16 / fp16 models
+        xq, present, order = self._tokens(x)
         bias = None if self.linear.bias is None else self.linear.bias.float()
-        # every row by its own modality's vector, then per-token codes: one pass over all rows
-        xq = _smoothed_tokens(rows, self.smooth, ids, self.ctx.config.a_bits)
-        present = [Modality(m) for m in sorted(runs)]  # (padding rows included: every row gets an output)
-        if len(present) == 1:
-            out = F.linear(xq, self.weight(present[0]), bias)
+        if order is None:
+            out = F.linear(xq, self.weight(present[0], present), bias)
         else:  # each modality's rows by its own weight, then back into row order (one gather)
-            idx = [runs[int(m)] for m in present]
-            idx = [torch.arange(i.start, i.stop, device=rows.device) if isinstance(i, slice) else i for i in idx]
-            parts = [F.linear(xq.index_select(0, i), self.weight(m), bias) for m, i in zip(present, idx, strict=True)]
-            order = torch.cat(idx)
-            back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=rows.device))
+            idx, back = order
+            parts = [F.linear(xq.index_select(0, i), self.weight(m, present), bias)
+                     for m, i in zip(present, idx, strict=True)]
             out = torch.cat(parts).index_select(0, back)
         return out.reshape(*x.shape[:-1], self.linear.out_features).to(x.dtype)
+
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Modality], tuple | None]:
+        """Every row of ``x`` by its own modality's vector, then per-token codes (one pass over all
+        rows, float32 also for bf16 / fp16 models); the modalities present (padding rows included:
+        every row gets an output); and, with several, each one's rows and the gather that puts
+        their outputs back in row order. Shared by the linears that read ``x`` with this table."""
+        hit = self.shared.get(id(self.smooth))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        ids, runs = self.ctx.router.runs(x)  # (shared by every linear of the forward)
+        rows = x.reshape(-1, self.linear.in_features).float()
+        xq = _smoothed_tokens(rows, self.smooth, ids, self.ctx.config.a_bits)
+        present = [Modality(m) for m in sorted(runs)]
+        order = None
+        if len(present) > 1:
+            idx = [runs[int(m)] for m in present]
+            idx = [torch.arange(i.start, i.stop, device=rows.device) if isinstance(i, slice) else i for i in idx]
+            cat = torch.cat(idx)
+            order = idx, torch.empty_like(cat).scatter_(0, cat, torch.arange(cat.numel(), device=rows.device))
+        self.shared[id(self.smooth)] = (x, (xq, present, order))
+        return xq, present, order
 
 
 def _smoothed_fake_quant(weight: torch.Tensor, smooth: torch.Tensor, grid: IntGrid, group_size: int) -> torch.Tensor:
@@ -156,11 +184,11 @@ def learn_tables(ctx: LayerContext, tables: dict[str, torch.Tensor]) -> tuple[di
         return tables, []
     weights = torch.tensor([layer_lambdas(ctx)[m] for m in Modality], dtype=torch.float32)
     before = _mean_loss(ctx, tables, weights)
-    swapped, frozen = {}, [p for p in ctx.layer.parameters() if p.requires_grad]
+    swapped, frozen, shared = {}, [p for p in ctx.layer.parameters() if p.requires_grad], {}
     for group in ctx.groups():
         table = params.get(group.name, tables[group.name])
         for path, linear in zip(group.linears, ctx.linears(group), strict=True):
-            swapped[path] = replace_module(ctx.layer, path, _TrainableLinear(linear, table, ctx))
+            swapped[path] = replace_module(ctx.layer, path, _TrainableLinear(linear, table, ctx, shared))
     trainable = [ctx.layer.get_submodule(p) for p in swapped]
     try:
         for p in frozen:
@@ -194,6 +222,7 @@ def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tens
     def new_step() -> None:
         for module in trainable:
             module.weights.clear()
+            module.shared.clear()
 
     with torch.enable_grad():
         for _ in range(config.epochs):
