@@ -159,6 +159,35 @@ def synthetic_quantize(model: nn.Module, w_bits: int, a_bits: int = 8, rank: int
     return model
 
 
+FREE = "decoder linears free (bound)"  # the whole-model variant whose decoder linears cost nothing
+
+
+class _FreeLinear(nn.Module):
+    """A stand-in for a decoder linear that costs one allocation: its output is zeros."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def free_linears(model: nn.Module) -> nn.Module:
+    """``model`` with every decoder linear that quantization replaces made (almost) free: its time
+    is what no linear kernel can remove, so ``fp32 / free`` bounds the speed-up of any quantized
+    variant (Amdahl). Speed only: the outputs are meaningless."""
+    from .arch import get_adapter
+    from .qlinear import replace_module
+
+    adapter = get_adapter(model)
+    for layer in adapter.decoder_layers(model):
+        for group in adapter.groups:
+            for path in group.linears:
+                replace_module(layer, path, _FreeLinear(layer.get_submodule(path)))
+    return model
+
+
 @torch.no_grad()
 def model_rows(name: str, models: dict[str, nn.Module], prompt: dict, short_prompt: dict, device: str = "cpu",
                decode_tokens: int = 32) -> list[dict]:
@@ -224,7 +253,8 @@ def wide_model_rows(layers: int, device: str = "cpu") -> list[dict]:
               "W8A8": synthetic_quantize(copy.deepcopy(fp), 8),
               "W4A8": synthetic_quantize(copy.deepcopy(fp), 4),
               "MASQuant W8A8 r32": synthetic_quantize(copy.deepcopy(fp), 8, rank=32),
-              "W8A8 on bf16": synthetic_quantize(copy.deepcopy(fp).to(torch.bfloat16), 8)}
+              "W8A8 on bf16": synthetic_quantize(copy.deepcopy(fp).to(torch.bfloat16), 8),
+              FREE: free_linears(copy.deepcopy(fp))}
     return model_rows(f"random Qwen2.5-VL, {layers} layers 3B-wide", models, prompt, short, device)
 
 
@@ -243,6 +273,7 @@ def reference_model_rows(name: str = "ref-vl", calib_samples: int = 16) -> list[
                           ("MASQuant W8A8 r32", QuantConfig(method="masquant", epochs=1))):
         models[label] = copy.deepcopy(fp)
         quantize(models[label], calib, config, progress=False)
+    models[FREE] = free_linears(copy.deepcopy(fp))
     return model_rows(name, models, prompt, prompt)
 
 
