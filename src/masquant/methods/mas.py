@@ -50,16 +50,12 @@ COMPILE_MIN_ELEMENTS = 1 << 20  # weights / activations at least this large: com
 class _TrainableLinear(nn.Module):
     """Fake-quantized linear with a (learnable) per-modality smoothing table, MAS-only form."""
 
-    def __init__(self, linear: nn.Linear, smooth: torch.Tensor, ctx: LayerContext, shared: dict | None = None):
+    def __init__(self, linear: nn.Linear, smooth: torch.Tensor, ctx: LayerContext):
         super().__init__()
         self.linear, self.smooth, self.ctx = linear, smooth, ctx
         self.grid = IntGrid(ctx.config.w_bits, ctx.config.w_symmetric)
         self.weights: dict[Modality, torch.Tensor] = {}  # Q(W * s_m) of the current optimiser step
         self.fixed: dict[Modality, torch.Tensor] = {}  # the same for a table that is not learned
-        # the quantized tokens and row order of the latest input, by table: the linears of a group read
-        # the same input with the same table (q/k/v, gate/up), so the first computes them for all;
-        # cleared with ``weights`` at each optimiser step
-        self.shared = {} if shared is None else shared
 
     def weight(self, m: Modality, present: list[Modality]) -> torch.Tensor:
         """``Q(W * s_m)``, computed once per optimiser step (``weights`` is cleared after each);
@@ -105,22 +101,23 @@ class _TrainableLinear(nn.Module):
         """Every row of ``x`` by its own modality's vector, then per-token codes (one pass over all
         rows, float32 also for bf16 / fp16 models); the modalities present (padding rows included:
         every row gets an output); and, with several, each one's rows and the gather that puts
-        their outputs back in row order. Shared by the linears that read ``x`` with this table."""
-        hit = self.shared.get(id(self.smooth))
-        if hit is not None and hit[0] is x:
-            return hit[1]
+        their outputs back in row order.
+
+        (Computed once for the linears that share an input, q/k/v or gate/up, this saved 5-10 % of
+        a step, but their gradients then sum in another order: the learned tables move at rounding
+        level and the reference metrics by a few tenths of a point, so the published results would
+        no longer reproduce. Not done.)"""
         ids, runs = self.ctx.router.runs(x)  # (shared by every linear of the forward)
         rows = x.reshape(-1, self.linear.in_features).float()
         xq = _smoothed_tokens(rows, self.smooth, ids, self.ctx.config.a_bits)
         present = [Modality(m) for m in sorted(runs)]
-        order = None
-        if len(present) > 1:
-            idx = [runs[int(m)] for m in present]
-            idx = [torch.arange(i.start, i.stop, device=rows.device) if isinstance(i, slice) else i for i in idx]
-            cat = torch.cat(idx)
-            order = idx, torch.empty_like(cat).scatter_(0, cat, torch.arange(cat.numel(), device=rows.device))
-        self.shared[id(self.smooth)] = (x, (xq, present, order))
-        return xq, present, order
+        if len(present) == 1:
+            return xq, present, None
+        idx = [runs[int(m)] for m in present]
+        idx = [torch.arange(i.start, i.stop, device=rows.device) if isinstance(i, slice) else i for i in idx]
+        cat = torch.cat(idx)
+        back = torch.empty_like(cat).scatter_(0, cat, torch.arange(cat.numel(), device=rows.device))
+        return xq, present, (idx, back)
 
 
 def _smoothed_fake_quant(weight: torch.Tensor, smooth: torch.Tensor, grid: IntGrid, group_size: int) -> torch.Tensor:
@@ -184,11 +181,11 @@ def learn_tables(ctx: LayerContext, tables: dict[str, torch.Tensor]) -> tuple[di
         return tables, []
     weights = torch.tensor([layer_lambdas(ctx)[m] for m in Modality], dtype=torch.float32)
     before = _mean_loss(ctx, tables, weights)
-    swapped, frozen, shared = {}, [p for p in ctx.layer.parameters() if p.requires_grad], {}
+    swapped, frozen = {}, [p for p in ctx.layer.parameters() if p.requires_grad]
     for group in ctx.groups():
         table = params.get(group.name, tables[group.name])
         for path, linear in zip(group.linears, ctx.linears(group), strict=True):
-            swapped[path] = replace_module(ctx.layer, path, _TrainableLinear(linear, table, ctx, shared))
+            swapped[path] = replace_module(ctx.layer, path, _TrainableLinear(linear, table, ctx))
     trainable = [ctx.layer.get_submodule(p) for p in swapped]
     try:
         for p in frozen:
@@ -222,7 +219,6 @@ def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tens
     def new_step() -> None:
         for module in trainable:
             module.weights.clear()
-            module.shared.clear()
 
     with torch.enable_grad():
         for _ in range(config.epochs):
