@@ -44,6 +44,30 @@ def test_token_codes_match_the_fake_quantizer():
         assert torch.allclose(codes.float() * scale, fake_quantize_per_token(x, bits), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_kernels_are_bit_identical_to_their_op_by_op_definition(dtype):
+    """The eager kernels take one reduction for max |x| and convert the int32 sums inside the
+    scaling multiply; the values are exactly those of the op-by-op definition (abs, amax; float,
+    multiply), so a checkpoint's outputs and the published results do not move. Rows of zeros
+    (the scale's floor), huge and tiny rows included."""
+    from masquant.primitives import EPS
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(12, 96, generator=g) * torch.logspace(-30, 30, 12)[:, None]).to(dtype)
+    x[0] = 0
+    weight = torch.randint(-128, 128, (40, 96), generator=g, dtype=torch.int8)
+    weight_scale, bias = torch.rand(40, 1, generator=g), torch.randn(40, generator=g)
+    for bits in (8, 6, 4):
+        codes, scale = quantize_tokens(x, bits)
+        qmax = 2 ** (bits - 1) - 1
+        ref_scale = x.float().abs().amax(-1, keepdim=True).clamp_min(EPS) / qmax
+        ref_codes = torch.div(x.float(), ref_scale).round().clamp(-qmax - 1, qmax).to(torch.int8)
+        assert torch.equal(scale, ref_scale) and torch.equal(codes, ref_codes)
+        y = int_linear(codes, scale, weight, weight_scale, None, 0, bias)
+        ref = torch._int_mm(codes, weight.T).float() * scale * weight_scale.reshape(1, -1) + bias
+        assert torch.equal(y, ref)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group_size", [0, -1, 16])
 @pytest.mark.parametrize("w_bits", [8, 4, 3])

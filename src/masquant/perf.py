@@ -50,10 +50,11 @@ def goals(result: dict) -> list[tuple[str, str, bool | None]]:
         w8, kernel = sq["speedup"]["W8A8"], sq["speedup"]["int_mm kernel"]
         out.append(("linear W8A8 >= 3x FP32 (4096x4096, 512 tokens)", f"{w8:.2f}x (raw kernel {kernel:.2f}x)",
                     w8 >= 3))
-    overheads = [r["ms"]["MASQuant W8A8 r32"] / r["ms"]["W8A8"] - 1 for r in result["linear"] if r["tokens"] >= 512]
+    overheads = [r["ms"]["MASQuant W8A8 r32"] / r["ms"]["W8A8"] - 1 for r in result["linear"]
+                 if r["tokens"] >= 512 and min(r.get("in", 4096), r.get("out", 4096)) >= 2048]
     if overheads:
         worst = max(overheads)
-        out.append(("MASQuant patch overhead <= 10% (rank 32, half non-text), linears >= 512 tokens",
+        out.append(("MASQuant patch overhead <= 10% (rank 32, half non-text), 3B / 7B / 4096 linears, >= 512 tokens",
                     f"worst {100 * worst:+.1f}%", worst <= 0.10))
     models = result["models"]
     for name in dict.fromkeys(r["model"] for r in models):

@@ -1,7 +1,7 @@
 """``masquant bench --speed``: the integer runtime against floating point, as ratios measured
 in one run (machines are noisy; absolute times are printed but only ratios are compared).
 
-* linear level: shapes of Qwen2.5-VL-3B / 7B and a 4096 x 4096 square, 1 to 2048 tokens:
+* linear level: shapes of Qwen2.5-VL-3B / 7B, a 4096 x 4096 square and ref-vl's 256 x 256, 1 to 2048 tokens:
   FP32 and BF16 ``nn.Linear``, the raw ``torch._int_mm`` kernel, W8A8 / W4A8 ``QuantLinear``,
   MASQuant W8A8 (rank-32 patch, half of the tokens non-text) and torchao's dynamic int8
   when it is installed;
@@ -38,6 +38,7 @@ LINEAR_SHAPES = {  # name: (in_features, out_features)
     "3B down 11008>2048": (11008, 2048),
     "7B up 3584>18944": (3584, 18944),
     "7B down 18944>3584": (18944, 3584),
+    "ref-vl attn 256>256": (256, 256),  # the reference model's width: where decode spends its time
 }
 TOKENS = (1, 16, 512, 2048)
 ROUNDS = 3
