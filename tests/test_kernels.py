@@ -46,10 +46,10 @@ def test_token_codes_match_the_fake_quantizer():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eager_kernels_are_bit_identical_to_their_op_by_op_definition(dtype):
-    """The eager kernels take one reduction for max |x| and convert the int32 sums inside the
-    scaling multiply; the values are exactly those of the op-by-op definition (abs, amax; float,
-    multiply), so a checkpoint's outputs and the published results do not move. Rows of zeros
-    (the scale's floor), huge and tiny rows included."""
+    """The eager kernels convert the int32 sums inside the scaling multiply; the values are
+    exactly those of the op-by-op definition (float, then multiply), so a checkpoint's outputs
+    and the published results do not move. Rows of zeros (the scale's floor), huge and tiny rows
+    included."""
     from masquant.primitives import EPS
 
     g = torch.Generator().manual_seed(3)

@@ -109,6 +109,9 @@ class LowRankPatch(nn.Module):
         return self.down(x, smooth) @ self.factors(x.dtype, smooth)[1]
 
 
+_MODALITY_INDEX = {m.name.lower(): int(m) for m in Modality}  # a patch's key -> its row of the table
+
+
 class QuantLinear(nn.Module):
     """A decoder linear with one stored integer weight and per-modality routing."""
 
@@ -213,13 +216,14 @@ class QuantLinear(nn.Module):
         else:
             y = self._matmul(rows, self.smooth, ids, by_modality, self.qweight)
         for name, patch in self.patches.items():
-            modality = int(Modality[name.upper()])
-            idx = by_modality.get(modality)
+            idx = by_modality.get(_MODALITY_INDEX[name])
+            if idx is None:
+                continue
+            l1, l2 = patch.factors(rows.dtype, self.smooth[_MODALITY_INDEX[name]])
             if isinstance(idx, slice):  # one run of rows: views, the product added in place
-                y[idx].addmm_(patch.down(rows[idx], self.smooth[modality]).to(y.dtype),
-                              patch.factors(rows.dtype, self.smooth[modality])[1].to(y.dtype))
-            elif idx is not None:
-                y.index_add_(0, idx, patch(rows.index_select(0, idx), self.smooth[modality]).to(y.dtype))
+                y[idx].addmm_((rows[idx].to(l1.dtype) @ l1).to(rows.dtype).to(y.dtype), l2.to(y.dtype))
+            else:
+                y.index_add_(0, idx, ((rows.index_select(0, idx).to(l1.dtype) @ l1).to(rows.dtype) @ l2).to(y.dtype))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _smoothed(self, rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None,
