@@ -75,10 +75,11 @@ class ModalityRouter:
         """``rows(x)`` and the rows of each modality present: a slice when they are one contiguous
         run (an image or a clip usually is), else an index tensor. Computed once per forward and
         device, not once per quantized linear (they all read the same ids)."""
-        ids = self.rows(x)  # (checks the ids against x)
         cached = self._runs
-        if cached is not None and cached[0] is self.ids and cached[1] == self.ids._version and cached[2] == x.device:
+        if cached is not None and cached[0] is self.ids and cached[1] == self.ids._version and cached[2] == x.device \
+                and self.ids.shape == x.shape[:-1]:  # (the check of rows(x), without its reshape)
             return cached[3], cached[4]
+        ids = self.rows(x)  # (checks the ids against x)
         out: dict[int, torch.Tensor | slice] = {}
         for m in range(NUM_MODALITIES):
             idx = (ids == m).nonzero().squeeze(1)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import kernels, native
 from .config import QuantConfig
 from .kernels import int_linear, pack_int4, quantize_tokens, unpack_int4
 from .modality import NUM_MODALITIES, Modality, ModalityRouter
@@ -110,6 +110,7 @@ class LowRankPatch(nn.Module):
 
 
 _MODALITY_INDEX = {m.name.lower(): int(m) for m in Modality}  # a patch's key -> its row of the table
+TEXT = int(Modality.TEXT)
 
 
 class QuantLinear(nn.Module):
@@ -132,6 +133,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("smooth", torch.ones(NUM_MODALITIES, in_features))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.uniform, self.unsmoothed = True, True
+        # the native decoding call (``_native_decode``): possible for this layer's format, and its bound arguments
+        self._native_ok = (self.grid.symmetric and self.w_group_size in (0, -1) and self.a_bits < 16
+                           and dtype == torch.float32)
+        self._plan: native.Plan | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, smooth: torch.Tensor, config: QuantConfig,
@@ -206,6 +211,9 @@ class QuantLinear(nn.Module):
         return xs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._native_decode(x)
+        if y is not None:
+            return y
         rows = x.reshape(-1, self.in_features)
         ids, by_modality = self.router.runs(x) if self.needs_ids else (None, {})
         if self.modality_qweights:  # MAS-only: each modality's rows with its own weight
@@ -226,6 +234,30 @@ class QuantLinear(nn.Module):
                 y.index_add_(0, idx, ((rows.index_select(0, idx).to(l1.dtype) @ l1).to(rows.dtype) @ l2).to(y.dtype))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def _native_decode(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole linear as one native call (``native.Plan``), or None for the general path: a
+        float32 layer in the integer runtime with symmetric per-row (or per-tensor) weight codes,
+        a few contiguous float32 rows on the CPU (decoding), all of them text (or a layer without
+        routing). Bit-identical to the general path (tested); its point is the fixed cost per call."""
+        if not (self._native_ok and self.runtime == "int" and x.dtype == torch.float32 and x.device.type == "cpu"):
+            return None
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] * self.in_features * self.out_features > native.MAX_MACS or not rows.is_contiguous() \
+                or not native.enabled():
+            return None
+        modules, buffers = self._modules, self._buffers  # (direct: nn.Module's __getattr__ costs a few us here)
+        if modules["modality_qweights"]:
+            return None
+        if (modules["patches"] or not self.uniform) and any(m != TEXT for m in self.router.runs(x)[1]):
+            return None  # rows of another modality: their own vector and patch (general path)
+        weight = modules["qweight"]
+        codes, scale = weight._buffers["codes"], weight._buffers["scale"]
+        smooth = None if self.unsmoothed else buffers["smooth"]  # (text rows: its row 0)
+        plan = self._plan
+        if plan is None or not plan.current(codes, scale, buffers["bias"], smooth):
+            plan = self._plan = native.Plan(weight.int8(), codes, scale, buffers["bias"], smooth, self.a_bits)
+        return plan(rows).reshape(*x.shape[:-1], self.out_features)
+
     def _smoothed(self, rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None,
                   by_modality: dict[int, torch.Tensor | slice]) -> torch.Tensor:
         if ids is not None or smooth.shape[0] == NUM_MODALITIES:  # the layer's own table
@@ -242,7 +274,10 @@ class QuantLinear(nn.Module):
                 return kernels.fused_linear(rows, self.a_bits, smooth, ids, weight.int8(), weight.scale, self.bias,
                                             self.compute_dtype)
             # smoothed in float32, as the fused kernel does (bf16 / fp16 models give the same codes either way)
-            codes, scale = quantize_tokens(self._smoothed(rows.float(), smooth, ids, by_modality), self.a_bits)
+            xs = self._smoothed(rows.float(), smooth, ids, by_modality)
+            if fusable and native.usable(xs, self.out_features):  # a few tokens (decoding): one native call
+                return native.int_linear(xs, self.a_bits, weight.int8(), weight.scale, self.bias).to(self.compute_dtype)
+            codes, scale = quantize_tokens(xs, self.a_bits)
             zero = None if self.grid.symmetric else weight.zero
             return int_linear(codes, scale, weight.int8(), weight.scale, zero, self.w_group_size,
                               self.bias).to(self.compute_dtype)
