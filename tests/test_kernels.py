@@ -381,3 +381,20 @@ def test_the_native_call_follows_state_dict_loads_copies_and_the_runtime(w_bits)
     assert not torch.equal(before, after)
     assert torch.equal(after, general) and torch.equal(copied, general)
     assert float((fake - general).norm() / general.norm()) < 1e-5
+
+
+@needs_native
+def test_one_row_of_a_large_layer_takes_the_native_call_with_the_same_values(monkeypatch):
+    """One row goes native at any size (one pass over the weight beats oneDNN's fixed costs);
+    from two rows of a large layer up, the eager kernels run. Values identical either way."""
+    from masquant import native, speed
+
+    assert native.small(1, 4096, 4096) and not native.small(2, 4096, 4096) and native.small(8, 256, 256)
+    torch.manual_seed(0)
+    layer = speed.quant_linear(torch.nn.Linear(1536, 1400), 8)
+    x = torch.randn(1, 1, 1536)
+    with torch.no_grad():
+        fast = layer(x)
+        assert isinstance(layer._plan, native.Plan)
+        monkeypatch.setenv("MASQUANT_NATIVE", "0")
+        assert torch.equal(fast, layer(x))

@@ -242,8 +242,8 @@ class QuantLinear(nn.Module):
         if not (self._native_ok and self.runtime == "int" and x.dtype == torch.float32 and x.device.type == "cpu"):
             return None
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] * self.in_features * self.out_features > native.MAX_MACS or not rows.is_contiguous() \
-                or not native.enabled():
+        if not (native.small(rows.shape[0], self.in_features, self.out_features) and rows.is_contiguous()
+                and native.enabled()):
             return None
         modules, buffers = self._modules, self._buffers  # (direct: nn.Module's __getattr__ costs a few us here)
         if modules["modality_qweights"]:
