@@ -378,6 +378,8 @@ def test_the_native_call_follows_state_dict_loads_copies_and_the_runtime(w_bits)
         a.runtime = "fake"
         fake = a(x)
     general = int_linear(*quantize_tokens(x, 8), b.qweight.int8(), b.qweight.scale, None, 0, b.bias)
+    sums = a.qweight.row_sums()  # cached (a full pass over the weight), and follows the load
+    assert sums is a.qweight.row_sums() and torch.equal(sums, b.qweight.int8().sum(1, dtype=torch.int32))
     assert not torch.equal(before, after)
     assert torch.equal(after, general) and torch.equal(copied, general)
     assert float((fake - general).norm() / general.norm()) < 1e-5
@@ -398,3 +400,22 @@ def test_one_row_of_a_large_layer_takes_the_native_call_with_the_same_values(mon
         assert isinstance(layer._plan, native.Plan)
         monkeypatch.setenv("MASQUANT_NATIVE", "0")
         assert torch.equal(fast, layer(x))
+
+
+@needs_native
+def test_a_bf16_layer_decodes_natively_with_the_eager_values(monkeypatch):
+    """A bfloat16 model's linears (the general path: rows converted to float32) take the native
+    kernel for one row too, with the eager kernels' values."""
+    from masquant import native, speed
+
+    torch.manual_seed(0)
+    layer = speed.quant_linear(torch.nn.Linear(512, 300).to(torch.bfloat16), 8)
+    x = torch.randn(1, 512, dtype=torch.bfloat16)
+    calls = []
+    real = native.int_linear
+    monkeypatch.setattr(native, "int_linear", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fast = layer(x)
+        monkeypatch.setenv("MASQUANT_NATIVE", "0")
+        eager = layer(x)
+    assert calls and fast.dtype == torch.bfloat16 and torch.equal(fast, eager)

@@ -125,10 +125,11 @@ def usable(rows: torch.Tensor, out_features: int) -> bool:
 
 
 def int_linear(rows: torch.Tensor, bits: int, weight: torch.Tensor, weight_scale: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
+               bias: torch.Tensor | None, row_sums: torch.Tensor | None = None) -> torch.Tensor:
     """``kernels.int_linear(*kernels.quantize_tokens(rows, bits), weight, weight_scale, None, 0, bias)``
     in one native call: ``rows [m, k]`` (float32), ``weight [n, k]`` int8 (symmetric codes),
-    ``weight_scale`` one per row or one for the tensor; float32 ``[m, n]``."""
+    ``weight_scale`` one per row or one for the tensor; float32 ``[m, n]``. ``row_sums`` (int32
+    ``weight.sum(1)``, ``IntWeight.row_sums``) is computed when not given."""
     lib = library()
     x = rows.float().contiguous()
     w = weight.contiguous()
@@ -137,7 +138,7 @@ def int_linear(rows: torch.Tensor, bits: int, weight: torch.Tensor, weight_scale
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    wsum = w.sum(1, dtype=torch.int32)
+    wsum = w.sum(1, dtype=torch.int32) if row_sums is None else row_sums.contiguous()
     lib.masquant_int_linear(x.data_ptr(), m, k, None, 2 ** (bits - 1) - 1, w.data_ptr(), wsum.data_ptr(), n,
                             scale.data_ptr(), 1 if scale.numel() == n else 0, None if b is None else b.data_ptr(), EPS,
                             y.data_ptr())
@@ -159,9 +160,9 @@ class Plan:
     __slots__ = ("_fn", "_layer", "_out", "_ref", "tensors", "version")
 
     def __init__(self, codes: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
-                 bias: torch.Tensor | None, smooth: torch.Tensor | None, bits: int):
+                 bias: torch.Tensor | None, smooth: torch.Tensor | None, bits: int, row_sums: torch.Tensor):
         n, k = codes.shape
-        wsum = codes.sum(1, dtype=torch.int32)
+        wsum = row_sums.contiguous()
         self.tensors = (packed, weight_scale, bias, smooth, codes, wsum)
         self.version = packed._version
         self._fn = library().masquant_layer
