@@ -386,20 +386,21 @@ def test_the_native_call_follows_state_dict_loads_copies_and_the_runtime(w_bits)
 
 
 @needs_native
-def test_one_row_of_a_large_layer_takes_the_native_call_with_the_same_values(monkeypatch):
-    """One row goes native at any size (one pass over the weight beats oneDNN's fixed costs);
-    from two rows of a large layer up, the eager kernels run. Values identical either way."""
+def test_small_layers_take_the_native_call_and_large_ones_the_eager_kernels(monkeypatch):
+    """Few rows of a small layer go native; a large layer stays on oneDNN (multi-threaded) even
+    for one row. Values identical either way."""
     from masquant import native, speed
 
-    assert native.small(1, 4096, 4096) and not native.small(2, 4096, 4096) and native.small(8, 256, 256)
+    assert native.small(8, 256, 256) and native.small(1, 2048, 1024) and not native.small(1, 4096, 4096)
     torch.manual_seed(0)
-    layer = speed.quant_linear(torch.nn.Linear(1536, 1400), 8)
-    x = torch.randn(1, 1, 1536)
+    small, large = speed.quant_linear(torch.nn.Linear(256, 512), 8), speed.quant_linear(torch.nn.Linear(2048, 2048), 8)
+    inputs = [torch.randn(1, 1, layer.in_features) for layer in (small, large)]
     with torch.no_grad():
-        fast = layer(x)
-        assert isinstance(layer._plan, native.Plan)
+        outputs = [layer(x) for layer, x in zip((small, large), inputs, strict=True)]
+        assert isinstance(small._plan, native.Plan) and large._plan is None
         monkeypatch.setenv("MASQUANT_NATIVE", "0")
-        assert torch.equal(fast, layer(x))
+        for layer, x, y in zip((small, large), inputs, outputs, strict=True):
+            assert torch.equal(layer(x), y)
 
 
 @needs_native

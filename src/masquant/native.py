@@ -38,14 +38,16 @@ from .primitives import EPS
 
 log = logging.getLogger("masquant")
 
-# rows * in * out up to which the native kernel beats the eager one (2-core CPU); one row at any size (it
-# streams the weight once, single-threaded, against oneDNN's fixed costs: 0.19 vs 0.33 ms at 2048 x 2048)
+# rows * in * out up to which the native kernel beats the eager one (2-core CPU). Not one row of any size:
+# in isolation (weights in cache) one row of a 2048 x 2048 layer takes 0.19 ms against the eager 0.33 ms, but
+# in a model a large layer's decode streams its weight from memory, which one thread does no faster than
+# oneDNN's two (3B-wide decode: the same time either way), and a machine with more cores would be slower.
 MAX_MACS = 1 << 21
 
 
 def small(rows: int, in_features: int, out_features: int) -> bool:
     """Whether ``rows`` rows through an ``in -> out`` linear are few enough for the native kernel."""
-    return rows == 1 or rows * in_features * out_features <= MAX_MACS
+    return rows * in_features * out_features <= MAX_MACS
 
 SOURCE = r"""
 #include <cmath>
