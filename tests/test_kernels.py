@@ -328,7 +328,7 @@ def test_decoding_through_the_native_kernel_gives_the_eager_model(w_bits, monkey
 
 def test_a_failing_native_build_falls_back_to_the_eager_kernels(monkeypatch, tmp_path, caplog):
     """A compiler that fails: one warning, the eager kernels, the same values; nothing cached."""
-    from masquant import native
+    from masquant import native, speed
 
     broken = tmp_path / "broken-cxx"
     broken.write_text("#!/bin/sh\necho 'simulated compiler failure' >&2\nexit 1\n")
@@ -337,7 +337,7 @@ def test_a_failing_native_build_falls_back_to_the_eager_kernels(monkeypatch, tmp
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     native.library.cache_clear()
     try:
-        layer = masquant.speed.quant_linear(torch.nn.Linear(32, 16), 8)
+        layer = speed.quant_linear(torch.nn.Linear(32, 16), 8)
         x = torch.randn(1, 32)
         with caplog.at_level("WARNING", logger="masquant"), torch.no_grad():
             y = layer(x)
@@ -420,3 +420,20 @@ def test_a_bf16_layer_decodes_natively_with_the_eager_values(monkeypatch):
         monkeypatch.setenv("MASQUANT_NATIVE", "0")
         eager = layer(x)
     assert calls and fast.dtype == torch.bfloat16 and torch.equal(fast, eager)
+
+
+@needs_native
+def test_the_native_kernel_refuses_tensors_off_the_cpu():
+    """It reads raw CPU pointers: a weight elsewhere is a clear error, never a read of device memory."""
+    from masquant import native, speed
+
+    weight = torch.empty(4, 8, dtype=torch.int8, device="meta")
+    with pytest.raises(ValueError, match=r"tensors on \['meta'\]: move the model and its inputs to one device"):
+        native.int_linear(torch.randn(1, 8), 8, weight, torch.ones(4, 1), None)
+    layer = speed.quant_linear(torch.nn.Linear(8, 4), 8)
+    with torch.no_grad():
+        layer(torch.randn(1, 8))  # (a plan bound to CPU tensors)
+        layer.to("meta")
+        with pytest.raises(ValueError, match="one device"):  # the plan is not reused: the general path says so
+            layer(torch.randn(1, 8))
+    assert layer._plan is None or layer._plan.tensors[0].device.type == "cpu"

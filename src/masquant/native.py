@@ -132,6 +132,10 @@ def int_linear(rows: torch.Tensor, bits: int, weight: torch.Tensor, weight_scale
     in one native call: ``rows [m, k]`` (float32), ``weight [n, k]`` int8 (symmetric codes),
     ``weight_scale`` one per row or one for the tensor; float32 ``[m, n]``. ``row_sums`` (int32
     ``weight.sum(1)``, ``IntWeight.row_sums``) is computed when not given."""
+    devices = {t.device.type for t in (rows, weight, weight_scale, bias, row_sums) if t is not None}
+    if devices != {"cpu"}:
+        raise ValueError(f"a CPU input reached a layer with tensors on {sorted(devices - {'cpu'})}: move the model "
+                         "and its inputs to one device")
     lib = library()
     x = rows.float().contiguous()
     w = weight.contiguous()

@@ -264,6 +264,8 @@ class QuantLinear(nn.Module):
         smooth = None if self.unsmoothed else buffers["smooth"]  # (text rows: its row 0)
         plan = self._plan
         if plan is None or not plan.current(codes, scale, buffers["bias"], smooth):
+            if codes.device.type != "cpu":  # (a layer on another device than its input: the general path says so)
+                return None
             plan = self._plan = native.Plan(weight.int8(), codes, scale, buffers["bias"], smooth, self.a_bits,
                                             weight.row_sums())
         return plan(rows).reshape(*x.shape[:-1], self.out_features)
