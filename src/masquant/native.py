@@ -49,6 +49,7 @@ def small(rows: int, in_features: int, out_features: int) -> bool:
     """Whether ``rows`` rows through an ``in -> out`` linear are few enough for the native kernel."""
     return rows * in_features * out_features <= MAX_MACS
 
+
 SOURCE = r"""
 #include <cmath>
 #include <cstdint>
@@ -57,24 +58,22 @@ SOURCE = r"""
 // at scale t[r]. The codes are stored shifted by 128 as uint8 so that the dot products are unsigned x signed
 // byte products (AVX-512 VNNI / AVX-VNNI dpbusd where the CPU has them), corrected by 128 * sum(w[o]) (wsum):
 // exact int32 arithmetic either way.
-extern "C" void masquant_int_linear(const float* x, int64_t m, int64_t k, const float* smooth, int32_t qmax,
-                                    const int8_t* w, const int32_t* wsum, int64_t n, const float* ws,
-                                    int64_t ws_stride, const float* bias, float eps, float* y);
 
-// A layer's static arguments, bound once (Plan): one pointer per call instead of eleven arguments.
+// A layer's arguments, bound once (Plan): the call passes one pointer to them.
 struct Layer {
   int64_t k; const float* smooth; int64_t qmax; const int8_t* w; const int32_t* wsum; int64_t n;
   const float* ws; int64_t ws_stride; const float* bias; double eps;
 };
 
 extern "C" void masquant_layer(const Layer* l, const float* x, int64_t m, float* y) {
-  masquant_int_linear(x, m, l->k, l->smooth, (int32_t)l->qmax, l->w, l->wsum, l->n, l->ws, l->ws_stride, l->bias,
-                      (float)l->eps, y);
-}
-
-extern "C" void masquant_int_linear(const float* x, int64_t m, int64_t k, const float* smooth, int32_t qmax,
-                                    const int8_t* w, const int32_t* wsum, int64_t n, const float* ws,
-                                    int64_t ws_stride, const float* bias, float eps, float* y) {
+  const int64_t k = l->k, n = l->n, ws_stride = l->ws_stride;
+  const int32_t qmax = (int32_t)l->qmax;
+  const float* smooth = l->smooth;
+  const int8_t* w = l->w;
+  const int32_t* wsum = l->wsum;
+  const float* ws = l->ws;
+  const float* bias = l->bias;
+  const float eps = (float)l->eps;
   uint8_t* codes = new uint8_t[k];
   float* xs = smooth ? new float[k] : nullptr;
   const float lo = (float)(-qmax - 1), hi = (float)qmax;
@@ -132,23 +131,10 @@ def int_linear(rows: torch.Tensor, bits: int, weight: torch.Tensor, weight_scale
     in one native call: ``rows [m, k]`` (float32), ``weight [n, k]`` int8 (symmetric codes),
     ``weight_scale`` one per row or one for the tensor; float32 ``[m, n]``. ``row_sums`` (int32
     ``weight.sum(1)``, ``IntWeight.row_sums``) is computed when not given."""
-    devices = {t.device.type for t in (rows, weight, weight_scale, bias, row_sums) if t is not None}
-    if devices != {"cpu"}:
-        raise ValueError(f"a CPU input reached a layer with tensors on {sorted(devices - {'cpu'})}: move the model "
-                         "and its inputs to one device")
-    lib = library()
-    x = rows.float().contiguous()
     w = weight.contiguous()
-    scale = weight_scale.float().reshape(-1).contiguous()
-    b = None if bias is None else bias.float().contiguous()
-    m, k = x.shape
-    n = w.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    wsum = w.sum(1, dtype=torch.int32) if row_sums is None else row_sums.contiguous()
-    lib.masquant_int_linear(x.data_ptr(), m, k, None, 2 ** (bits - 1) - 1, w.data_ptr(), wsum.data_ptr(), n,
-                            scale.data_ptr(), 1 if scale.numel() == n else 0, None if b is None else b.data_ptr(), EPS,
-                            y.data_ptr())
-    return y
+    wsum = w.sum(1, dtype=torch.int32) if row_sums is None else row_sums
+    scale, b = weight_scale.float().reshape(-1, 1).contiguous(), None if bias is None else bias.float().contiguous()
+    return Plan(w, w, scale, b, None, bits, wsum)(rows.float().contiguous())
 
 
 class _Layer(ctypes.Structure):  # the C++ side's ``Layer``
@@ -167,6 +153,10 @@ class Plan:
 
     def __init__(self, codes: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
                  bias: torch.Tensor | None, smooth: torch.Tensor | None, bits: int, row_sums: torch.Tensor):
+        devices = {t.device.type for t in (codes, weight_scale, bias, smooth, row_sums) if t is not None}
+        if devices != {"cpu"}:
+            raise ValueError(f"a CPU input reached a layer with tensors on {sorted(devices - {'cpu'})}: move the model "
+                             "and its inputs to one device")
         n, k = codes.shape
         wsum = row_sums.contiguous()
         self.tensors = (packed, weight_scale, bias, smooth, codes, wsum)
@@ -215,12 +205,9 @@ def library() -> ctypes.CDLL | None:
         log.warning("the native decoding kernel could not be built (%s: %s); running the eager kernels "
                     "(MASQUANT_NATIVE=0 skips the attempt)", type(err).__name__, str(err)[:300])
         return None
-    fn = lib.masquant_int_linear
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, i64, ptr, ctypes.c_int32, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_float, ptr]
-    fn.restype = None
     layer = lib.masquant_layer
-    layer.argtypes = [ptr, ptr, i64, ptr]  # (Python ints convert to 64-bit pointers and sizes)
+    ptr = ctypes.c_void_p
+    layer.argtypes = [ptr, ptr, ctypes.c_int64, ptr]  # (Python ints convert to 64-bit pointers and sizes)
     layer.restype = None
     return lib
 

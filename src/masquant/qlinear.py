@@ -233,14 +233,13 @@ class QuantLinear(nn.Module):
         else:
             y = self._matmul(rows, self.smooth, ids, by_modality, self.qweight)
         for name, patch in self.patches.items():
-            idx = by_modality.get(_MODALITY_INDEX[name])
-            if idx is None:
-                continue
-            l1, l2 = patch.factors(rows.dtype, self.smooth[_MODALITY_INDEX[name]])
+            modality = _MODALITY_INDEX[name]
+            idx = by_modality.get(modality)
             if isinstance(idx, slice):  # one run of rows: views, the product added in place
-                y[idx].addmm_((rows[idx].to(l1.dtype) @ l1).to(rows.dtype).to(y.dtype), l2.to(y.dtype))
-            else:
-                y.index_add_(0, idx, ((rows.index_select(0, idx).to(l1.dtype) @ l1).to(rows.dtype) @ l2).to(y.dtype))
+                y[idx].addmm_(patch.down(rows[idx], self.smooth[modality]).to(y.dtype),
+                              patch.factors(rows.dtype, self.smooth[modality])[1].to(y.dtype))
+            elif idx is not None:
+                y.index_add_(0, idx, patch(rows.index_select(0, idx), self.smooth[modality]).to(y.dtype))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _native_decode(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -250,8 +249,7 @@ class QuantLinear(nn.Module):
         routing). Bit-identical to the general path (tested); its point is the fixed cost per call."""
         if not (self._native_ok and self.runtime == "int" and x.dtype == torch.float32 and x.device.type == "cpu"):
             return None
-        rows = x.reshape(-1, self.in_features)
-        if not (native.small(rows.shape[0], self.in_features, self.out_features) and rows.is_contiguous()
+        if not (native.small(x.numel() // self.in_features, self.in_features, self.out_features) and x.is_contiguous()
                 and native.enabled()):
             return None
         modules, buffers = self._modules, self._buffers  # (direct: nn.Module's __getattr__ costs a few us here)
@@ -268,7 +266,7 @@ class QuantLinear(nn.Module):
                 return None
             plan = self._plan = native.Plan(weight.int8(), codes, scale, buffers["bias"], smooth, self.a_bits,
                                             weight.row_sums())
-        return plan(rows).reshape(*x.shape[:-1], self.out_features)
+        return plan(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
 
     def _smoothed(self, rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None,
                   by_modality: dict[int, torch.Tensor | slice]) -> torch.Tensor:

@@ -147,17 +147,24 @@ def synthetic_quantize(model: nn.Module, w_bits: int, a_bits: int = 8, rank: int
     and patch with ``rank``), with the model's modality router attached. Speed only."""
     from .arch import get_adapter
     from .modality import attach_router
+
+    router = ModalityRouter(get_adapter(model).token_table(model.config))
+    _swap_decoder_linears(model, lambda linear, group: quant_linear(linear, w_bits, a_bits, rank if group.smooth else 0,
+                                                                    router))
+    attach_router(model, router)
+    return model
+
+
+def _swap_decoder_linears(model: nn.Module, make: Callable) -> None:
+    """Replace every decoder linear that quantization replaces by ``make(linear, group)``."""
+    from .arch import get_adapter
     from .qlinear import replace_module
 
     adapter = get_adapter(model)
-    router = ModalityRouter(adapter.token_table(model.config))
     for layer in adapter.decoder_layers(model):
         for group in adapter.groups:
             for path in group.linears:
-                patched = rank if group.smooth else 0
-                replace_module(layer, path, quant_linear(layer.get_submodule(path), w_bits, a_bits, patched, router))
-    attach_router(model, router)
-    return model
+                replace_module(layer, path, make(layer.get_submodule(path), group))
 
 
 FREE = "decoder linears free (bound)"  # the whole-model variant whose decoder linears cost nothing
@@ -178,14 +185,7 @@ def free_linears(model: nn.Module) -> nn.Module:
     """``model`` with every decoder linear that quantization replaces made (almost) free: its time
     is what no linear kernel can remove, so ``fp32 / free`` bounds the speed-up of any quantized
     variant (Amdahl). Speed only: the outputs are meaningless."""
-    from .arch import get_adapter
-    from .qlinear import replace_module
-
-    adapter = get_adapter(model)
-    for layer in adapter.decoder_layers(model):
-        for group in adapter.groups:
-            for path in group.linears:
-                replace_module(layer, path, _FreeLinear(layer.get_submodule(path)))
+    _swap_decoder_linears(model, lambda linear, group: _FreeLinear(linear))
     return model
 
 

@@ -1,0 +1,175 @@
+"""The native decoding kernel (``masquant.native``): bit-identity with the eager kernels, when
+``QuantLinear`` takes it, and its fallbacks."""
+
+import pytest
+import torch
+
+import masquant
+from masquant.kernels import int_linear, quantize_tokens
+
+needs_native = pytest.mark.skipif(masquant.native.library() is None, reason="no C++ compiler on this machine")
+
+
+@needs_native
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 1, 1), (1, 7, 5), (2, 64, 33), (3, 300, 17), (1, 256, 768)])
+@pytest.mark.parametrize("bits", [8, 6, 4])
+@pytest.mark.parametrize(("per_row", "with_bias"), [(True, True), (False, False)])
+def test_native_kernel_is_bit_identical_to_the_eager_kernels(m, k, n, bits, per_row, with_bias):
+    """The native decoding kernel: the eager kernels' exact float32 values (codes, int32 sums,
+    epilogue in the same order), for odd widths (vector tails), a row of zeros (the scale's
+    floor), exact halves (round to even), huge and tiny rows, per-row or per-tensor weight
+    scales, with and without bias."""
+    from masquant import native
+
+    g = torch.Generator().manual_seed(m * 1000 + k + n + bits)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-20, 20, m)[:, None]
+    x[0, : k // 2] = 0
+    if m > 1:
+        x[1] = 0
+    if m > 2 and k >= 4:  # exact halves (the scale is 1): rounding goes to even, as torch.round does
+        x[2] = 0
+        x[2, :4] = torch.tensor([2.0 ** (bits - 1) - 1, 2.5, -3.5, 0.5])
+    weight = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    weight_scale = torch.rand(n if per_row else 1, 1, generator=g) + 1e-3
+    bias = torch.randn(n, generator=g) if with_bias else None
+    expected = int_linear(*quantize_tokens(x, bits), weight, weight_scale, None, 0 if per_row else -1, bias)
+    assert torch.equal(native.int_linear(x, bits, weight, weight_scale, bias), expected)
+
+
+@needs_native
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_decoding_through_the_native_kernel_gives_the_eager_model(w_bits, monkeypatch):
+    """A quantized model with patches and routing decodes (one token at a time, small layers: the
+    native kernel's case) to exactly the logits it gives with MASQUANT_NATIVE=0."""
+    from masquant import native, speed
+
+    calls = []
+    real = native.Plan.__call__
+    monkeypatch.setattr(native.Plan, "__call__", lambda *a: calls.append(1) or real(*a))
+    model = speed.synthetic_quantize(masquant.tiny.tiny_qwen2_5_vl(hidden=64, layers=2), w_bits, rank=4)
+    sample = masquant.tiny.tiny_sample(0, "vl")
+    with torch.no_grad():
+        fast = model.generate(**sample, max_new_tokens=3, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+        assert calls  # the decode steps (text rows only) took the native call of each linear
+        monkeypatch.setenv("MASQUANT_NATIVE", "0")
+        calls.clear()
+        eager = model.generate(**sample, max_new_tokens=3, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+        assert not calls
+    assert torch.equal(fast.sequences, eager.sequences)
+    for a, b in zip(fast.logits, eager.logits, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_failing_native_build_falls_back_to_the_eager_kernels(monkeypatch, tmp_path, caplog):
+    """A compiler that fails: one warning, the eager kernels, the same values; nothing cached."""
+    from masquant import native, speed
+
+    broken = tmp_path / "broken-cxx"
+    broken.write_text("#!/bin/sh\necho 'simulated compiler failure' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        layer = speed.quant_linear(torch.nn.Linear(32, 16), 8)
+        x = torch.randn(1, 32)
+        with caplog.at_level("WARNING", logger="masquant"), torch.no_grad():
+            y = layer(x)
+        assert native.library() is None and not native.usable(x, 16)
+        assert "native decoding kernel could not be built" in caplog.text
+        assert "simulated compiler failure" in caplog.text
+        assert torch.equal(y, int_linear(*quantize_tokens(x, 8), layer.qweight.int8(), layer.qweight.scale, None, 0,
+                                         layer.bias))
+        assert not list((tmp_path / "cache" / "masquant").glob("*.so"))
+    finally:
+        native.library.cache_clear()
+
+
+@needs_native
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_the_native_call_follows_state_dict_loads_copies_and_the_runtime(w_bits):
+    """The native call binds a layer's tensors once; loading other weights into the layer, a
+    deep copy, a pickle and switching to the fake runtime all give what the general path gives."""
+    import copy
+    import pickle
+
+    from masquant import native, speed
+
+    def layer(seed):
+        torch.manual_seed(seed)
+        return speed.quant_linear(torch.nn.Linear(48, 40), w_bits)
+
+    a, b = layer(0), layer(1)
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        before = a(x)
+        assert isinstance(a._plan, native.Plan)
+        a.load_state_dict(b.state_dict())
+        after = a(x)
+        twin = copy.deepcopy(a)
+        assert twin._plan is None and pickle.loads(pickle.dumps(a))._plan is None
+        copied = twin(x)
+        a.runtime = "fake"
+        fake = a(x)
+    general = int_linear(*quantize_tokens(x, 8), b.qweight.int8(), b.qweight.scale, None, 0, b.bias)
+    sums = a.qweight.row_sums()  # cached (a full pass over the weight), and follows the load
+    assert sums is a.qweight.row_sums() and torch.equal(sums, b.qweight.int8().sum(1, dtype=torch.int32))
+    assert not torch.equal(before, after)
+    assert torch.equal(after, general) and torch.equal(copied, general)
+    assert float((fake - general).norm() / general.norm()) < 1e-5
+
+
+@needs_native
+def test_small_layers_take_the_native_call_and_large_ones_the_eager_kernels(monkeypatch):
+    """Few rows of a small layer go native; a large layer stays on oneDNN (multi-threaded) even
+    for one row. Values identical either way."""
+    from masquant import native, speed
+
+    assert native.small(8, 256, 256) and native.small(1, 2048, 1024) and not native.small(1, 4096, 4096)
+    torch.manual_seed(0)
+    small, large = speed.quant_linear(torch.nn.Linear(256, 512), 8), speed.quant_linear(torch.nn.Linear(2048, 2048), 8)
+    inputs = [torch.randn(1, 1, layer.in_features) for layer in (small, large)]
+    with torch.no_grad():
+        outputs = [layer(x) for layer, x in zip((small, large), inputs, strict=True)]
+        assert isinstance(small._plan, native.Plan) and large._plan is None
+        monkeypatch.setenv("MASQUANT_NATIVE", "0")
+        for layer, x, y in zip((small, large), inputs, outputs, strict=True):
+            assert torch.equal(layer(x), y)
+
+
+@needs_native
+def test_a_bf16_layer_decodes_natively_with_the_eager_values(monkeypatch):
+    """A bfloat16 model's linears (the general path: rows converted to float32) take the native
+    kernel for one row too, with the eager kernels' values."""
+    from masquant import native, speed
+
+    torch.manual_seed(0)
+    layer = speed.quant_linear(torch.nn.Linear(512, 300).to(torch.bfloat16), 8)
+    x = torch.randn(1, 512, dtype=torch.bfloat16)
+    calls = []
+    real = native.int_linear
+    monkeypatch.setattr(native, "int_linear", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fast = layer(x)
+        monkeypatch.setenv("MASQUANT_NATIVE", "0")
+        eager = layer(x)
+    assert calls and fast.dtype == torch.bfloat16 and torch.equal(fast, eager)
+
+
+@needs_native
+def test_the_native_kernel_refuses_tensors_off_the_cpu():
+    """It reads raw CPU pointers: a weight elsewhere is a clear error, never a read of device memory."""
+    from masquant import native, speed
+
+    weight = torch.empty(4, 8, dtype=torch.int8, device="meta")
+    with pytest.raises(ValueError, match=r"tensors on \['meta'\]: move the model and its inputs to one device"):
+        native.int_linear(torch.randn(1, 8), 8, weight, torch.ones(4, 1), None)
+    layer = speed.quant_linear(torch.nn.Linear(8, 4), 8)
+    with torch.no_grad():
+        layer(torch.randn(1, 8))  # (a plan bound to CPU tensors)
+        layer.to("meta")
+        with pytest.raises(ValueError, match="one device"):  # the plan is not reused: the general path says so
+            layer(torch.randn(1, 8))
+    assert layer._plan is None or layer._plan.tensors[0].device.type == "cpu"
