@@ -1,5 +1,5 @@
-"""The native decoding kernel (``masquant.native``): bit-identity with the eager kernels, when
-``QuantLinear`` takes it, and its fallbacks."""
+"""The native integer kernel (``masquant.native``): bit-identity with the eager kernels (its
+AVX-512 VNNI code and its plain C++ loops), when ``QuantLinear`` takes it, and its fallbacks."""
 
 import pytest
 import torch
@@ -10,15 +10,29 @@ from masquant.kernels import int_linear, quantize_tokens
 needs_native = pytest.mark.skipif(masquant.native.library() is None, reason="no C++ compiler on this machine")
 
 
+@pytest.fixture(scope="module", params=["default", "portable"])
+def kernel_library(request):
+    """The kernel as built for this CPU, and its plain C++ loops (``MASQUANT_PORTABLE``, what a CPU
+    without AVX-512 VNNI runs), built into a separate cached library."""
+    from masquant import native
+
+    if request.param == "default":
+        return native.library()
+    lib = native.load(native.find_compiler(), ("MASQUANT_PORTABLE",))
+    assert lib.masquant_vnni() == 0
+    return lib
+
+
 @needs_native
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 1, 1), (1, 7, 5), (2, 64, 33), (3, 300, 17), (1, 256, 768)])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 1, 1), (1, 7, 5), (2, 64, 33), (3, 300, 17), (1, 256, 768),
+                                           (6, 40, 70), (37, 256, 130)])
 @pytest.mark.parametrize("bits", [8, 6, 4])
 @pytest.mark.parametrize(("per_row", "with_bias"), [(True, True), (False, False)])
-def test_native_kernel_is_bit_identical_to_the_eager_kernels(m, k, n, bits, per_row, with_bias):
-    """The native decoding kernel: the eager kernels' exact float32 values (codes, int32 sums,
-    epilogue in the same order), for odd widths (vector tails), a row of zeros (the scale's
-    floor), exact halves (round to even), huge and tiny rows, per-row or per-tensor weight
-    scales, with and without bias."""
+def test_native_kernel_is_bit_identical_to_the_eager_kernels(m, k, n, bits, per_row, with_bias, kernel_library):
+    """The native kernel: the eager kernels' exact float32 values (codes, int32 sums, epilogue in
+    the same order), for odd widths (vector tails, partial blocks of outputs and rows), a row of
+    zeros (the scale's floor), exact halves (round to even), huge and tiny rows, per-row or
+    per-tensor weight scales, with and without bias; each row by its own smoothing vector."""
     from masquant import native
 
     g = torch.Generator().manual_seed(m * 1000 + k + n + bits)
@@ -33,25 +47,60 @@ def test_native_kernel_is_bit_identical_to_the_eager_kernels(m, k, n, bits, per_
     weight_scale = torch.rand(n if per_row else 1, 1, generator=g) + 1e-3
     bias = torch.randn(n, generator=g) if with_bias else None
     expected = int_linear(*quantize_tokens(x, bits), weight, weight_scale, None, 0 if per_row else -1, bias)
-    assert torch.equal(native.int_linear(x, bits, weight, weight_scale, bias), expected)
+    sums = weight.sum(1, dtype=torch.int32)
+    plan = native.Plan(weight, weight, weight_scale, bias, None, bits, sums, lib=kernel_library)
+    assert torch.equal(plan(x), expected)
+    if kernel_library is native.library():
+        assert torch.equal(native.int_linear(x, bits, weight, weight_scale, bias), expected)
+
+    table = torch.rand(3, k, generator=g) + 0.25  # routed: each row divided by the vector its id names
+    ids = torch.randint(0, 3, (m,), generator=g)
+    smoothed = x / table[0]
+    for modality in (1, 2):  # as QuantLinear.smoothed_input does it
+        smoothed[ids == modality] = x[ids == modality] / table[modality]
+    expected = int_linear(*quantize_tokens(smoothed, bits), weight, weight_scale, None, 0 if per_row else -1, bias)
+    plan = native.Plan(weight, weight, weight_scale, bias, table, bits, sums, lib=kernel_library)
+    assert torch.equal(plan(x, ids), expected)
+    if m:
+        assert torch.equal(plan(x), int_linear(*quantize_tokens(x / table[0], bits), weight, weight_scale, None,
+                                               0 if per_row else -1, bias))  # (no ids: row 0 for all)
+
+
+@needs_native
+def test_ids_outside_the_smoothing_table_are_an_error():
+    """An id that names no smoothing vector is refused before anything is read (no read past the table)."""
+    from masquant import native
+
+    weight = torch.ones(4, 8, dtype=torch.int8)
+    plan = native.Plan(weight, weight, torch.ones(4, 1), None, torch.ones(2, 8), 8, weight.sum(1, dtype=torch.int32))
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match=r"must index the layer's 2 smoothing vectors"):
+            plan(torch.randn(3, 8), torch.tensor([0, bad, 1]))
 
 
 @needs_native
 @pytest.mark.parametrize("w_bits", [8, 4])
-def test_decoding_through_the_native_kernel_gives_the_eager_model(w_bits, monkeypatch):
-    """A quantized model with patches and routing decodes (one token at a time, small layers: the
-    native kernel's case) to exactly the logits it gives with MASQUANT_NATIVE=0."""
+def test_the_native_kernel_gives_the_eager_model(w_bits, monkeypatch):
+    """A quantized model with patches and routing prefills (text and image rows: routed smoothing,
+    patches added to the image rows) and decodes (one text token at a time) through the native
+    kernel to exactly the logits it gives with MASQUANT_NATIVE=0."""
     from masquant import native, speed
 
     calls = []
     real = native.Plan.__call__
-    monkeypatch.setattr(native.Plan, "__call__", lambda *a: calls.append(1) or real(*a))
+
+    def spy(plan, rows, ids=None):
+        calls.append(ids)
+        return real(plan, rows, ids)
+
+    monkeypatch.setattr(native.Plan, "__call__", spy)
     model = speed.synthetic_quantize(masquant.tiny.tiny_qwen2_5_vl(hidden=64, layers=2), w_bits, rank=4)
     sample = masquant.tiny.tiny_sample(0, "vl")
     with torch.no_grad():
         fast = model.generate(**sample, max_new_tokens=3, do_sample=False, output_logits=True,
                               return_dict_in_generate=True)
-        assert calls  # the decode steps (text rows only) took the native call of each linear
+        assert any(ids is not None and 1 in ids.tolist() for ids in calls)  # routed prefill rows
+        assert any(ids is None for ids in calls)  # decoding (text rows) and layers without routing
         monkeypatch.setenv("MASQUANT_NATIVE", "0")
         calls.clear()
         eager = model.generate(**sample, max_new_tokens=3, do_sample=False, output_logits=True,
@@ -78,7 +127,7 @@ def test_a_failing_native_build_falls_back_to_the_eager_kernels(monkeypatch, tmp
         with caplog.at_level("WARNING", logger="masquant"), torch.no_grad():
             y = layer(x)
         assert native.library() is None and not native.usable(x, 16)
-        assert "native decoding kernel could not be built" in caplog.text
+        assert "native integer kernel could not be built" in caplog.text
         assert "simulated compiler failure" in caplog.text
         assert torch.equal(y, int_linear(*quantize_tokens(x, 8), layer.qweight.int8(), layer.qweight.scale, None, 0,
                                          layer.bias))
@@ -127,7 +176,8 @@ def test_small_layers_take_the_native_call_and_large_ones_the_eager_kernels(monk
     for one row. Values identical either way."""
     from masquant import native, speed
 
-    assert native.small(8, 256, 256) and native.small(1, 2048, 1024) and not native.small(1, 4096, 4096)
+    assert native.small(128, 256, 256) and native.small(1, 2048, 1024) and native.small(37, 256, 768)
+    assert not native.small(129, 256, 256) and not native.small(1, 2048, 2048) and not native.small(1, 4096, 4096)
     torch.manual_seed(0)
     small, large = speed.quant_linear(torch.nn.Linear(256, 512), 8), speed.quant_linear(torch.nn.Linear(2048, 2048), 8)
     inputs = [torch.randn(1, 1, layer.in_features) for layer in (small, large)]

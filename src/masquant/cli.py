@@ -164,7 +164,7 @@ def _eval(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_json)
-    rank, joined = 0, False
+    rank, joined, completed = 0, False, False
     try:
         if args.command == "quantize":
             from . import distributed
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import markdown
 
             print(markdown(rows))
+        completed = True
         return 0
     except (ValueError, RuntimeError, OSError, KeyError) as err:
         if args.debug:
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if joined:
             from .distributed import shutdown
 
-            shutdown()
+            shutdown(completed)
 
 
 class _JsonFormatter(logging.Formatter):

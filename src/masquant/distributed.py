@@ -62,8 +62,14 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
-def shutdown() -> None:
+def shutdown(completed: bool = True) -> None:
+    """Leave the process group. After a ``completed`` command the ranks first wait for each other,
+    so that none tears its connections down while another still works (a rank that finished early
+    was seen to abort in Gloo's teardown once); after an error they leave at once (a barrier
+    could wait for a rank that is stuck in a collective)."""
     if dist.is_available() and dist.is_initialized():
+        if completed and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

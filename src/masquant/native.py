@@ -1,12 +1,14 @@
-"""A native CPU kernel for integer linears on a few tokens (decoding), built on first use.
+"""A native CPU kernel for integer linears on few tokens of small layers, built on first use.
 
-Decoding runs each linear on one token. There the eager integer path is a dozen PyTorch ops
+Decoding runs each linear on one token, and a short prompt through a small model (ref-vl: 37
+tokens, 256 wide) is not much more. There the eager integer path is a dozen PyTorch ops
 (per-token abs-max, rounding, ``torch._int_mm``, the epilogue) whose fixed costs, not the
-arithmetic, set the time: about 60 us for a 256 x 256 linear on a 2-core CPU, where the FP32
-``nn.Linear`` takes 8 us and ``torch._int_mm`` alone 12-20 us. ``int_linear`` (and ``Plan``,
-which binds a layer's tensors once) does the same arithmetic in one call of a small C++
-function: the per-token codes, the int8 dot products (unsigned x signed bytes, which compilers
-turn into VNNI instructions where the CPU has them) and the epilogue, single-threaded.
+arithmetic, set the time: about 35 us for one token through a 256 x 256 linear on a 2-core
+CPU, where the FP32 ``nn.Linear`` takes 8 us. ``int_linear`` (and ``Plan``, which binds a
+layer's tensors once) does the same arithmetic in one call of a small C++ function: each row's
+codes (after dividing it by its modality's smoothing vector), the int8 dot products (AVX-512
+VNNI on a weight packed for it, ``pack``; plain loops elsewhere) and the epilogue,
+single-threaded.
 
 The values are bit-identical to the eager kernels' (``kernels.quantize_tokens`` then
 ``kernels.int_linear``): the same float32 operations in the same order, compiled without
@@ -38,75 +40,196 @@ from .primitives import EPS
 
 log = logging.getLogger("masquant")
 
-# rows * in * out up to which the native kernel beats the eager one (2-core CPU). Not one row of any size:
-# in isolation (weights in cache) one row of a 2048 x 2048 layer takes 0.19 ms against the eager 0.33 ms, but
-# in a model a large layer's decode streams its weight from memory, which one thread does no faster than
-# oneDNN's two (3B-wide decode: the same time either way), and a machine with more cores would be slower.
-MAX_MACS = 1 << 21
+# Where the native kernel beats the eager one (2-core CPU): weights of at most MAX_WEIGHT bytes, which stay in a
+# core's cache, for at most MAX_MACS products (~40 us single-threaded: 37 tokens through 256 x 768, or 128 through
+# 256 x 256; beyond that oneDNN's multi-threaded int8 GEMM is faster). Not one row of any size: in isolation one row
+# of a 2048 x 2048 layer is faster natively (0.15 against 0.21 ms), but in a model a large layer's decode streams its
+# weight from memory, which one thread does no faster than oneDNN's two (3B-wide decode: the same time either way),
+# and a machine with more cores would be slower.
+MAX_WEIGHT = 1 << 21
+MAX_MACS = 1 << 23
+LANES = 16  # outputs per block of the packed weight (one 512-bit register of int32 sums)
 
 
 def small(rows: int, in_features: int, out_features: int) -> bool:
     """Whether ``rows`` rows through an ``in -> out`` linear are few enough for the native kernel."""
-    return rows * in_features * out_features <= MAX_MACS
+    weight = in_features * out_features
+    return weight <= MAX_WEIGHT and rows * weight <= MAX_MACS
 
 
 SOURCE = r"""
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(MASQUANT_PORTABLE)
+#include <immintrin.h>
+#define MASQUANT_VNNI 1
+#else
+#define MASQUANT_VNNI 0
+#endif
 
-// y[r] = ((float)(q[r] . w[o]) * t[r]) * ws[o] (+ bias[o]) with q[r] the per-token codes of x[r] (/ smooth)
-// at scale t[r]. The codes are stored shifted by 128 as uint8 so that the dot products are unsigned x signed
-// byte products (AVX-512 VNNI / AVX-VNNI dpbusd where the CPU has them), corrected by 128 * sum(w[o]) (wsum):
-// exact int32 arithmetic either way.
+// y[r] = ((float)(q[r] . w[o]) * t[r]) * ws[o] (+ bias[o]), with q[r] the per-token codes of x[r] / smooth[ids[r]]
+// at scale t[r]. The codes are stored shifted by 128 as uint8 so that the dot products are unsigned x signed byte
+// products (AVX-512 VNNI dpbusd), corrected by 128 * sum(w[o]) (wsum): exact int32 arithmetic either way (sums that
+// wrap around wrap back, as in two's complement).
+//
+// The weight is packed for dpbusd (pack in Python): blocks of 16 outputs, and in each block, for every 4 inputs,
+// the 4 bytes of each of the 16 outputs: wp[block][k4][16][4], inputs padded to k4 * 4 and outputs to a multiple of
+// 16 with zero weights. One dpbusd adds 4 products to each of 16 outputs of one row; a tile of up to ROWS rows x
+// BLOCKS blocks keeps its sums in registers while the inputs are read once.
 
 // A layer's arguments, bound once (Plan): the call passes one pointer to them.
 struct Layer {
-  int64_t k; const float* smooth; int64_t qmax; const int8_t* w; const int32_t* wsum; int64_t n;
-  const float* ws; int64_t ws_stride; const float* bias; double eps;
+  int64_t k; int64_t k4; const float* smooth; int64_t vectors; int64_t qmax; const int8_t* wp; const int32_t* wsum;
+  int64_t n; const float* ws; int64_t ws_stride; const float* bias; double eps;
 };
 
-extern "C" void masquant_layer(const Layer* l, const float* x, int64_t m, float* y) {
-  const int64_t k = l->k, n = l->n, ws_stride = l->ws_stride;
-  const int32_t qmax = (int32_t)l->qmax;
-  const float* smooth = l->smooth;
-  const int8_t* w = l->w;
-  const int32_t* wsum = l->wsum;
-  const float* ws = l->ws;
-  const float* bias = l->bias;
-  const float eps = (float)l->eps;
-  uint8_t* codes = new uint8_t[k];
-  float* xs = smooth ? new float[k] : nullptr;
-  const float lo = (float)(-qmax - 1), hi = (float)qmax;
-  for (int64_t r = 0; r < m; ++r) {
-    const float* xr = x + r * k;
-    if (smooth) {  // each input divided by its smoothing factor, as rows / smooth
-      for (int64_t j = 0; j < k; ++j) xs[j] = xr[j] / smooth[j];
-      xr = xs;
+constexpr int ROWS = 4, BLOCKS = 4, LANES = 16;
+
+extern "C" int masquant_vnni() { return MASQUANT_VNNI; }
+
+// Codes of one row (x / s when s is given) into codes[0:kp] (the padding is the code of 0), its scale into *t.
+// The same float32 operations as the eager kernels, element by element: a division by the smoothing factor, the
+// abs-max (exact in any order; NaN propagates), a division by the scale, rounding half to even and clamping.
+static void quantize_row(const Layer* l, const float* x, const float* s, float* xs, uint8_t* codes, float* t) {
+  const int64_t k = l->k;
+  const float qmax = (float)l->qmax, lo = -qmax - 1.0f;
+#if MASQUANT_VNNI
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t j = 0; j < k; j += 16) {
+    const __mmask16 in = k - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - j)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(in, x + j);
+    if (s) {
+      v = _mm512_mask_div_ps(v, in, v, _mm512_maskz_loadu_ps(in, s + j));
+      _mm512_mask_storeu_ps(xs + j, in, v);
     }
-    float amax = 0.0f;
-    for (int64_t j = 0; j < k; ++j) {
-      float a = std::fabs(xr[j]);
-      amax = (a > amax || a != a) ? a : amax;  // NaN propagates, as in amax
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+  }
+  if (s) x = xs;
+  float amax = nan ? NAN : _mm512_reduce_max_ps(vmax);
+#else
+  if (s) {  // each input divided by its smoothing factor, as rows / smooth
+    for (int64_t j = 0; j < k; ++j) xs[j] = x[j] / s[j];
+    x = xs;
+  }
+  float amax = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    float a = std::fabs(x[j]);
+    amax = (a > amax || a != a) ? a : amax;  // NaN propagates, as in amax
+  }
+#endif
+  float scale = (amax < (float)l->eps) ? (float)l->eps : amax;
+  scale = scale / qmax;
+#if MASQUANT_VNNI
+  const __m512 vscale = _mm512_set1_ps(scale), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(qmax);
+  const __m512i shift = _mm512_set1_epi32(128);
+  for (int64_t j = 0; j < k; j += 16) {
+    const __mmask16 in = k - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - j)) - 1);
+    __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(in, x + j), vscale),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);
+    _mm_mask_storeu_epi8(codes + j, in, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), shift)));
+  }
+#else
+  for (int64_t j = 0; j < k; ++j) {
+    float v = std::nearbyint(x[j] / scale);  // round half to even, as torch.round
+    v = v < lo ? lo : (v > qmax ? qmax : v);
+    codes[j] = (uint8_t)((int32_t)v + 128);
+  }
+#endif
+  for (int64_t j = k; j < 4 * l->k4; ++j) codes[j] = 128;
+  *t = scale;
+}
+
+// acc[r][b * 16 + i]: the byte dot products of R rows of codes (stride kp) with B blocks of packed weights.
+template <int R, int B>
+static void tile(const uint8_t* codes, int64_t kp, const int8_t* wp, int64_t k4, int32_t (*acc)[BLOCKS * LANES]) {
+#if MASQUANT_VNNI
+  __m512i sum[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) sum[r][b] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < k4; ++j) {
+    __m512i w[B];
+    for (int b = 0; b < B; ++b) w[b] = _mm512_loadu_si512((const void*)(wp + (b * k4 + j) * 4 * LANES));
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, codes + r * kp + 4 * j, 4);
+      const __m512i a = _mm512_set1_epi32(four);
+      for (int b = 0; b < B; ++b) sum[r][b] = _mm512_dpbusd_epi32(sum[r][b], a, w[b]);
     }
-    float t = (amax < eps) ? eps : amax;
-    t = t / (float)qmax;
-    for (int64_t j = 0; j < k; ++j) {
-      float v = std::nearbyint(xr[j] / t);  // round half to even, as torch.round
-      v = v < lo ? lo : (v > hi ? hi : v);
-      codes[j] = (uint8_t)((int32_t)v + 128);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) _mm512_storeu_si512((void*)(acc[r] + b * LANES), sum[r][b]);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < B * LANES; ++i) acc[r][i] = 0;
+  for (int b = 0; b < B; ++b)
+    for (int64_t j = 0; j < k4; ++j) {
+      const int8_t* w = wp + (b * k4 + j) * 4 * LANES;
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* q = codes + r * kp + 4 * j;
+        uint32_t* out = (uint32_t*)acc[r] + b * LANES;
+        for (int i = 0; i < LANES; ++i)
+          for (int c = 0; c < 4; ++c) out[i] += (uint32_t)((int32_t)q[c] * (int32_t)w[4 * i + c]);
+      }
     }
+#endif
+}
+
+// Rows r0 .. r0 + R of y for the outputs of blocks b0 .. b0 + nb.
+template <int R>
+static void rows_tile(const Layer* l, const uint8_t* codes, int64_t kp, const float* t, int64_t b0, int64_t nb,
+                      float* y) {
+  const int64_t n = l->n;
+  const int8_t* wp = l->wp + b0 * l->k4 * 4 * LANES;
+  int32_t acc[ROWS][BLOCKS * LANES];
+  switch (nb) {
+    case 4: tile<R, 4>(codes, kp, wp, l->k4, acc); break;
+    case 3: tile<R, 3>(codes, kp, wp, l->k4, acc); break;
+    case 2: tile<R, 2>(codes, kp, wp, l->k4, acc); break;
+    default: tile<R, 1>(codes, kp, wp, l->k4, acc); break;
+  }
+  const int64_t o0 = b0 * LANES, o1 = (o0 + nb * LANES < n) ? o0 + nb * LANES : n;
+  for (int r = 0; r < R; ++r) {
     float* yr = y + r * n;
-    for (int64_t o = 0; o < n; ++o) {
-      const int8_t* wo = w + o * k;
-      int32_t acc = 0;
-      for (int64_t j = 0; j < k; ++j) acc += (int32_t)codes[j] * (int32_t)wo[j];
-      acc -= 128 * wsum[o];
-      float v = ((float)acc * t) * ws[o * ws_stride];
-      yr[o] = bias ? v + bias[o] : v;
+    for (int64_t o = o0; o < o1; ++o) {
+      const int32_t dot = (int32_t)((uint32_t)acc[r][o - o0] - 128u * (uint32_t)l->wsum[o]);
+      const float v = ((float)dot * t[r]) * l->ws[o * l->ws_stride];
+      yr[o] = l->bias ? v + l->bias[o] : v;
+    }
+  }
+}
+
+// Returns 0, or 1 when an id is not a row of the smoothing table (nothing is written then).
+extern "C" int masquant_layer(const Layer* l, const float* x, const int64_t* ids, int64_t m, float* y) {
+  const int64_t k = l->k, kp = 4 * l->k4, n = l->n;
+  if (ids)
+    for (int64_t r = 0; r < m; ++r)
+      if (ids[r] < 0 || ids[r] >= l->vectors) return 1;
+  uint8_t* codes = new uint8_t[m * kp];
+  float* t = new float[m];
+  float* xs = l->smooth ? new float[k] : nullptr;
+  for (int64_t r = 0; r < m; ++r)
+    quantize_row(l, x + r * k, l->smooth ? l->smooth + (ids ? ids[r] : 0) * k : nullptr, xs, codes + r * kp, t + r);
+  // Output tiles outside, rows inside: each tile's weights are read from memory once and reused from cache.
+  const int64_t blocks = (n + LANES - 1) / LANES;
+  for (int64_t b0 = 0; b0 < blocks; b0 += BLOCKS) {
+    const int64_t nb = blocks - b0 < BLOCKS ? blocks - b0 : BLOCKS;
+    int64_t r = 0;
+    for (; r + ROWS <= m; r += ROWS) rows_tile<ROWS>(l, codes + r * kp, kp, t + r, b0, nb, y + r * n);
+    switch (m - r) {
+      case 3: rows_tile<3>(l, codes + r * kp, kp, t + r, b0, nb, y + r * n); break;
+      case 2: rows_tile<2>(l, codes + r * kp, kp, t + r, b0, nb, y + r * n); break;
+      case 1: rows_tile<1>(l, codes + r * kp, kp, t + r, b0, nb, y + r * n); break;
+      default: break;
     }
   }
   delete[] codes;
+  delete[] t;
   delete[] xs;
+  return 0;
 }
 """
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
@@ -125,59 +248,78 @@ def usable(rows: torch.Tensor, out_features: int) -> bool:
     return rows.device.type == "cpu" and small(*rows.shape, out_features) and enabled()
 
 
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """Signed int8 codes ``[n, k]`` in the kernel's layout (see ``SOURCE``): blocks of 16 outputs,
+    and in each block the 4 bytes of every output for each 4 inputs, zero-padded."""
+    n, k = codes.shape
+    n16, k4 = -(-n // LANES) * LANES, -(-k // 4)
+    padded = torch.nn.functional.pad(codes, (0, 4 * k4 - k, 0, n16 - n))
+    return padded.reshape(n16 // LANES, LANES, k4, 4).permute(0, 2, 1, 3).contiguous()
+
+
 def int_linear(rows: torch.Tensor, bits: int, weight: torch.Tensor, weight_scale: torch.Tensor,
-               bias: torch.Tensor | None, row_sums: torch.Tensor | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None, row_sums: torch.Tensor | None = None,
+               packed: torch.Tensor | None = None) -> torch.Tensor:
     """``kernels.int_linear(*kernels.quantize_tokens(rows, bits), weight, weight_scale, None, 0, bias)``
     in one native call: ``rows [m, k]`` (float32), ``weight [n, k]`` int8 (symmetric codes),
     ``weight_scale`` one per row or one for the tensor; float32 ``[m, n]``. ``row_sums`` (int32
-    ``weight.sum(1)``, ``IntWeight.row_sums``) is computed when not given."""
+    ``weight.sum(1)``) and ``packed`` (``pack(weight)``) are computed when not given
+    (``IntWeight.row_sums`` and ``IntWeight.native_codes`` cache them)."""
     w = weight.contiguous()
     wsum = w.sum(1, dtype=torch.int32) if row_sums is None else row_sums
     scale, b = weight_scale.float().reshape(-1, 1).contiguous(), None if bias is None else bias.float().contiguous()
-    return Plan(w, w, scale, b, None, bits, wsum)(rows.float().contiguous())
+    return Plan(w, w, scale, b, None, bits, wsum, packed)(rows.float().contiguous())
 
 
 class _Layer(ctypes.Structure):  # the C++ side's ``Layer``
-    _fields_ = [("k", ctypes.c_int64), ("smooth", ctypes.c_void_p), ("qmax", ctypes.c_int64),
-                ("w", ctypes.c_void_p), ("wsum", ctypes.c_void_p), ("n", ctypes.c_int64), ("ws", ctypes.c_void_p),
+    _fields_ = [("k", ctypes.c_int64), ("k4", ctypes.c_int64), ("smooth", ctypes.c_void_p),
+                ("vectors", ctypes.c_int64), ("qmax", ctypes.c_int64), ("wp", ctypes.c_void_p),
+                ("wsum", ctypes.c_void_p), ("n", ctypes.c_int64), ("ws", ctypes.c_void_p),
                 ("ws_stride", ctypes.c_int64), ("bias", ctypes.c_void_p), ("eps", ctypes.c_double)]
 
 
 class Plan:
-    """One float32 linear's native calls with its static arguments bound once: the int8 codes,
-    weight scales, bias and (optionally) a smoothing vector, held here so that the pointers stay
-    valid. ``current`` says whether the layer still holds these very tensors (a move with
-    ``.to()``, a reassigned buffer or repacked codes need a new plan)."""
+    """One float32 linear's native calls with its static arguments bound once: the packed int8
+    codes, weight scales, bias and (optionally) a table of smoothing vectors ``[vectors, k]``
+    (rows divided by row 0, or by the row each call's ``ids`` names), held here so that the
+    pointers stay valid. ``current`` says whether the layer still holds these very tensors (a
+    move with ``.to()``, a reassigned buffer or repacked codes need a new plan)."""
 
     __slots__ = ("_fn", "_layer", "_out", "_ref", "tensors", "version")
 
-    def __init__(self, codes: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
-                 bias: torch.Tensor | None, smooth: torch.Tensor | None, bits: int, row_sums: torch.Tensor):
+    def __init__(self, codes: torch.Tensor, stored: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None, smooth: torch.Tensor | None, bits: int, row_sums: torch.Tensor,
+                 packed: torch.Tensor | None = None, lib: ctypes.CDLL | None = None):
         devices = {t.device.type for t in (codes, weight_scale, bias, smooth, row_sums) if t is not None}
         if devices != {"cpu"}:
             raise ValueError(f"a CPU input reached a layer with tensors on {sorted(devices - {'cpu'})}: move the model "
                              "and its inputs to one device")
         n, k = codes.shape
-        wsum = row_sums.contiguous()
-        self.tensors = (packed, weight_scale, bias, smooth, codes, wsum)
-        self.version = packed._version
-        self._fn = library().masquant_layer
+        wsum, packed = row_sums.contiguous(), pack(codes) if packed is None else packed
+        table = None if smooth is None else smooth.reshape(-1, k)
+        self.tensors = (stored, weight_scale, bias, smooth, packed, wsum, table)
+        self.version = stored._version
+        self._fn = (lib or library()).masquant_layer
         self._out = n
-        self._layer = _Layer(k, None if smooth is None else smooth.data_ptr(), 2 ** (bits - 1) - 1, codes.data_ptr(),
+        self._layer = _Layer(k, -(-k // 4), None if table is None else table.data_ptr(),
+                             0 if table is None else table.shape[0], 2 ** (bits - 1) - 1, packed.data_ptr(),
                              wsum.data_ptr(), n, weight_scale.data_ptr(), 1 if weight_scale.numel() == n else 0,
                              None if bias is None else bias.data_ptr(), EPS)
         self._ref = ctypes.byref(self._layer)
 
-    def current(self, packed: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+    def current(self, stored: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                 smooth: torch.Tensor | None) -> bool:
         t = self.tensors
-        return t[0] is packed and self.version == packed._version and t[1] is weight_scale and t[2] is bias \
+        return t[0] is stored and self.version == stored._version and t[1] is weight_scale and t[2] is bias \
             and t[3] is smooth
 
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        """``rows [m, k]`` float32, contiguous, on the CPU -> ``[m, n]``."""
+    def __call__(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``rows [m, k]`` float32, contiguous, on the CPU -> ``[m, n]``; ``ids`` (int64 ``[m]``,
+        contiguous) picks each row's smoothing vector (row 0 of the table for all when None)."""
         y = torch.empty(rows.shape[0], self._out, dtype=torch.float32)
-        self._fn(self._ref, rows.data_ptr(), rows.shape[0], y.data_ptr())
+        if self._fn(self._ref, rows.data_ptr(), None if ids is None else ids.data_ptr(), rows.shape[0], y.data_ptr()):
+            raise ValueError(f"modality ids must index the layer's {self._layer.vectors} smoothing vectors, got "
+                             f"{sorted(set(ids.tolist()))}")
         return y
 
     def __reduce__(self):  # copies and pickles of a layer drop the plan (raw pointers); it is rebuilt on use
@@ -191,30 +333,41 @@ def _no_plan() -> None:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel (built or found in the cache), or None where it cannot be built."""
-    if platform.system() == "Windows":
-        return None
-    compiler = next((c for c in (os.environ.get("CXX"), "g++", "clang++") if c and shutil.which(c)), None)
+    compiler = find_compiler()
     if compiler is None:
         log.warning("no C++ compiler found: the integer runtime decodes with its eager kernels "
                     "(install g++ for the native one, or set MASQUANT_NATIVE=0 to skip this check)")
         return None
     try:
-        path = _build(compiler)
-        lib = ctypes.CDLL(str(path))
+        return load(compiler)
     except (OSError, subprocess.SubprocessError) as err:
-        log.warning("the native decoding kernel could not be built (%s: %s); running the eager kernels "
+        log.warning("the native integer kernel could not be built (%s: %s); running the eager kernels "
                     "(MASQUANT_NATIVE=0 skips the attempt)", type(err).__name__, str(err)[:300])
         return None
-    layer = lib.masquant_layer
+
+
+def find_compiler() -> str | None:
+    """The C++ compiler that ``torch.compile`` would use (``CXX``, ``g++`` or ``clang++``), or None."""
+    if platform.system() == "Windows":
+        return None
+    return next((c for c in (os.environ.get("CXX"), "g++", "clang++") if c and shutil.which(c)), None)
+
+
+def load(compiler: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build (or find in the cache) and load the kernel; ``defines`` are extra ``-D`` flags
+    (``MASQUANT_PORTABLE``: the plain C++ loops even where the CPU has VNNI, for tests)."""
+    lib = ctypes.CDLL(str(_build(compiler, tuple(f"-D{d}" for d in defines))))
     ptr = ctypes.c_void_p
-    layer.argtypes = [ptr, ptr, ctypes.c_int64, ptr]  # (Python ints convert to 64-bit pointers and sizes)
-    layer.restype = None
+    lib.masquant_layer.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ptr]  # (Python ints: 64-bit pointers and sizes)
+    lib.masquant_layer.restype = ctypes.c_int
+    lib.masquant_vnni.restype = ctypes.c_int
     return lib
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, extra: tuple[str, ...] = ()) -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "masquant"
-    key = hashlib.sha256("\n".join([SOURCE, *FLAGS, compiler, _cpu_flags()]).encode()).hexdigest()[:16]
+    flags = (*FLAGS, *extra)
+    key = hashlib.sha256("\n".join([SOURCE, *flags, compiler, _cpu_flags()]).encode()).hexdigest()[:16]
     path = cache / f"native-{key}.so"
     if path.exists():
         return path
@@ -222,12 +375,12 @@ def _build(compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         source, out = Path(tmp) / "kernel.cpp", Path(tmp) / "kernel.so"
         source.write_text(SOURCE)
-        done = subprocess.run([compiler, *FLAGS, "-o", str(out), str(source)], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, "-o", str(out), str(source)], capture_output=True, text=True,
                               timeout=120)
         if done.returncode:
             raise subprocess.SubprocessError(done.stderr.strip() or f"{compiler} exited with {done.returncode}")
         os.replace(out, path)  # atomic: a concurrent process finds the whole file or none
-    log.info("built the native decoding kernel (%s)", path.name)
+    log.info("built the native integer kernel (%s)", path.name)
     return path
 
 

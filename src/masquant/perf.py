@@ -159,8 +159,9 @@ norms in bf16, integer linears), the row to compare with "bf16" when serving in 
 "decoder linears free (bound)" is the FP32 model with every decoder linear that quantization
 replaces swapped for a stand-in that only allocates its (zero) output: the time no linear
 kernel can remove, so FP32 over it bounds any quantized variant's speed-up (Amdahl); the
-goals quote that bound. Few-row calls of float32 integer linears (decoding) run the native
-kernel (`masquant.native`), large ones the `torch.compile`d fused kernels.
+goals quote that bound. Float32 integer linears on few rows of small layers (decoding, and
+the reference model's prefill) run the native kernel (`masquant.native`), large ones the
+`torch.compile`d fused kernels.
 
 """
 

@@ -48,8 +48,7 @@ class IntWeight(nn.Module):
         self.register_buffer("codes", torch.zeros(shape, dtype=torch.uint8 if self.packed else torch.int8))
         self.register_buffer("scale", torch.ones(rows, 1))
         self.register_buffer("zero", torch.zeros(rows, 1))
-        self._cache: tuple[tuple, torch.Tensor] | None = None
-        self._sums: tuple[tuple, torch.Tensor] | None = None
+        self._derived: dict[str, tuple[tuple, torch.Tensor]] = {}  # what ``_cached`` keeps
 
     @property
     def offset(self) -> int:
@@ -62,22 +61,28 @@ class IntWeight(nn.Module):
         self.scale.copy_(qw.scale)
         self.zero.copy_(qw.zero - self.offset)
 
+    def _cached(self, name: str, make) -> torch.Tensor:
+        """``make()``, computed once and kept until the codes change (moved, reloaded, repacked)."""
+        key = (self.codes.data_ptr(), self.codes._version, self.codes.device)
+        hit = self._derived.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._derived[name] = (key, make())
+        return hit[1]
+
     def int8(self) -> torch.Tensor:
         """Signed int8 codes ``[out, in]`` (unpacked and cached when stored packed)."""
         if not self.packed:
             return self.codes
-        key = (self.codes.data_ptr(), self.codes._version, self.codes.device)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, unpack_int4(self.codes, self.in_features))
-        return self._cache[1]
+        return self._cached("int8", lambda: unpack_int4(self.codes, self.in_features))
 
     def row_sums(self) -> torch.Tensor:
         """Each row's sum of signed codes (int32 ``[out]``, for the native kernel), cached like ``int8()``:
         summing int8 codes costs ~25 ms for an 11008 x 2048 weight, more than a decoding step's GEMV."""
-        key = (self.codes.data_ptr(), self.codes._version, self.codes.device)
-        if self._sums is None or self._sums[0] != key:
-            self._sums = (key, self.int8().sum(1, dtype=torch.int32))
-        return self._sums[1]
+        return self._cached("sums", lambda: self.int8().sum(1, dtype=torch.int32))
+
+    def native_codes(self) -> torch.Tensor:
+        """The codes in the native kernel's layout (``native.pack``), cached like ``int8()``."""
+        return self._cached("native", lambda: native.pack(self.int8()))
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         codes = self.int8()
@@ -142,7 +147,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("smooth", torch.ones(NUM_MODALITIES, in_features))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.uniform, self.unsmoothed = True, True
-        # the native decoding call (``_native_decode``): possible for this layer's format, and its bound arguments
+        # the native call (``_native_forward``): possible for this layer's format, and its bound arguments
         self._native_ok = (self.grid.symmetric and self.w_group_size in (0, -1) and self.a_bits < 16
                            and dtype == torch.float32)
         self._plan: native.Plan | None = None
@@ -220,7 +225,7 @@ class QuantLinear(nn.Module):
         return xs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._native_decode(x)
+        y = self._native_forward(x)
         if y is not None:
             return y
         rows = x.reshape(-1, self.in_features)
@@ -232,6 +237,11 @@ class QuantLinear(nn.Module):
                                       self._weight(Modality(modality)))
         else:
             y = self._matmul(rows, self.smooth, ids, by_modality, self.qweight)
+        self._add_patches(y, rows, by_modality)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _add_patches(self, y: torch.Tensor, rows: torch.Tensor, by_modality: dict[int, torch.Tensor | slice]) -> None:
+        """Each patch's product added to the rows of its modality (no work for the others)."""
         for name, patch in self.patches.items():
             modality = _MODALITY_INDEX[name]
             idx = by_modality.get(modality)
@@ -240,33 +250,42 @@ class QuantLinear(nn.Module):
                               patch.factors(rows.dtype, self.smooth[modality])[1].to(y.dtype))
             elif idx is not None:
                 y.index_add_(0, idx, patch(rows.index_select(0, idx), self.smooth[modality]).to(y.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def _native_decode(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The whole linear as one native call (``native.Plan``), or None for the general path: a
-        float32 layer in the integer runtime with symmetric per-row (or per-tensor) weight codes,
-        a few contiguous float32 rows on the CPU (decoding), all of them text (or a layer without
-        routing). Bit-identical to the general path (tested); its point is the fixed cost per call."""
+    def _native_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The integer linear as one native call (``native.Plan``; the patches, if any, added as on
+        the general path), or None for the general path: a float32 layer in the integer runtime with
+        symmetric per-row (or per-tensor) weight codes and one weight for all modalities, few
+        enough contiguous float32 rows on the CPU (``native.small``) that the eager kernels would
+        run them (not the fused ones). Bit-identical to the general path (tested); its point is the
+        fixed cost of a dozen eager ops per call, which sets the time of small layers."""
         if not (self._native_ok and self.runtime == "int" and x.dtype == torch.float32 and x.device.type == "cpu"):
             return None
-        if not (native.small(x.numel() // self.in_features, self.in_features, self.out_features) and x.is_contiguous()
-                and native.enabled()):
+        n = x.numel()
+        if not (native.small(n // self.in_features, self.in_features, self.out_features) and x.is_contiguous()
+                and native.enabled()) or (n >= kernels.FUSE_MIN_ELEMENTS and kernels.use_fusion(x)):
             return None
         modules, buffers = self._modules, self._buffers  # (direct: nn.Module's __getattr__ costs a few us here)
         if modules["modality_qweights"]:
             return None
-        if (modules["patches"] or not self.uniform) and any(m != TEXT for m in self.router.runs(x)[1]):
-            return None  # rows of another modality: their own vector and patch (general path)
+        patches, ids, by_modality = modules["patches"], None, None
+        if patches or not self.uniform:
+            ids, by_modality = self.router.runs(x)
+            if self.uniform or (len(by_modality) == 1 and TEXT in by_modality):
+                ids = None  # one smoothing vector for every row: the text one
         weight = modules["qweight"]
         codes, scale = weight._buffers["codes"], weight._buffers["scale"]
-        smooth = None if self.unsmoothed else buffers["smooth"]  # (text rows: its row 0)
+        smooth = None if self.unsmoothed else buffers["smooth"]
         plan = self._plan
         if plan is None or not plan.current(codes, scale, buffers["bias"], smooth):
             if codes.device.type != "cpu":  # (a layer on another device than its input: the general path says so)
                 return None
             plan = self._plan = native.Plan(weight.int8(), codes, scale, buffers["bias"], smooth, self.a_bits,
-                                            weight.row_sums())
-        return plan(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+                                            weight.row_sums(), weight.native_codes())
+        rows = x.reshape(-1, self.in_features)
+        y = plan(rows, ids)
+        if patches and by_modality:
+            self._add_patches(y, rows, by_modality)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _smoothed(self, rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None,
                   by_modality: dict[int, torch.Tensor | slice]) -> torch.Tensor:
@@ -287,7 +306,7 @@ class QuantLinear(nn.Module):
             xs = self._smoothed(rows.float(), smooth, ids, by_modality)
             if fusable and native.usable(xs, self.out_features):  # a few tokens (decoding): one native call
                 return native.int_linear(xs, self.a_bits, weight.int8(), weight.scale, self.bias,
-                                         weight.row_sums()).to(self.compute_dtype)
+                                         weight.row_sums(), weight.native_codes()).to(self.compute_dtype)
             codes, scale = quantize_tokens(xs, self.a_bits)
             zero = None if self.grid.symmetric else weight.zero
             return int_linear(codes, scale, weight.int8(), weight.scale, zero, self.w_group_size,
