@@ -10,16 +10,16 @@ from masquant.kernels import int_linear, quantize_tokens
 needs_native = pytest.mark.skipif(masquant.native.library() is None, reason="no C++ compiler on this machine")
 
 
-@pytest.fixture(scope="module", params=["default", "portable"])
+@pytest.fixture(scope="module", params=["default", "MASQUANT_NO_VNNI", "MASQUANT_PORTABLE"])
 def kernel_library(request):
-    """The kernel as built for this CPU, and its plain C++ loops (``MASQUANT_PORTABLE``, what a CPU
-    without AVX-512 VNNI runs), built into a separate cached library."""
+    """The kernel as built for this CPU, and the lower instruction sets' code (AVX2 where the CPU
+    has it, plain C++ loops), each built into a separate cached library."""
     from masquant import native
 
-    if request.param == "default":
+    if request.param == "default" or native.library() is None:
         return native.library()
-    lib = native.load(native.find_compiler(), ("MASQUANT_PORTABLE",))
-    assert lib.masquant_vnni() == 0
+    lib = native.load(native.find_compiler(), (request.param,))
+    assert lib.isa == (0 if request.param == "MASQUANT_PORTABLE" else min(native.library().isa, 1))
     return lib
 
 
@@ -127,6 +127,7 @@ def test_a_failing_native_build_falls_back_to_the_eager_kernels(monkeypatch, tmp
         with caplog.at_level("WARNING", logger="masquant"), torch.no_grad():
             y = layer(x)
         assert native.library() is None and not native.usable(x, 16)
+        assert native.describe() == "unavailable (eager kernels)"
         assert "native integer kernel could not be built" in caplog.text
         assert "simulated compiler failure" in caplog.text
         assert torch.equal(y, int_linear(*quantize_tokens(x, 8), layer.qweight.int8(), layer.qweight.scale, None, 0,
@@ -176,8 +177,11 @@ def test_small_layers_take_the_native_call_and_large_ones_the_eager_kernels(monk
     for one row. Values identical either way."""
     from masquant import native, speed
 
-    assert native.small(128, 256, 256) and native.small(1, 2048, 1024) and native.small(37, 256, 768)
-    assert not native.small(129, 256, 256) and not native.small(1, 2048, 2048) and not native.small(1, 4096, 4096)
+    assert native.describe() == native.ISAS[native.library().isa]
+    max_weight, max_macs = native.LIMITS[native.library().isa]
+    assert native.small(max_macs // max_weight, 1, max_weight) and native.small(1, 1024, max_weight // 1024)
+    assert not native.small(1, 2048, max_weight // 1024) and not native.small(max_macs // 256 + 1, 16, 16)
+    assert not native.small(1, 4096, 4096)
     torch.manual_seed(0)
     small, large = speed.quant_linear(torch.nn.Linear(256, 512), 8), speed.quant_linear(torch.nn.Linear(2048, 2048), 8)
     inputs = [torch.randn(1, 1, layer.in_features) for layer in (small, large)]
@@ -185,6 +189,7 @@ def test_small_layers_take_the_native_call_and_large_ones_the_eager_kernels(monk
         outputs = [layer(x) for layer, x in zip((small, large), inputs, strict=True)]
         assert isinstance(small._plan, native.Plan) and large._plan is None
         monkeypatch.setenv("MASQUANT_NATIVE", "0")
+        assert native.describe() == "off (MASQUANT_NATIVE=0)"
         for layer, x, y in zip((small, large), inputs, outputs, strict=True):
             assert torch.equal(layer(x), y)
 

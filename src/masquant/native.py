@@ -40,43 +40,56 @@ from .primitives import EPS
 
 log = logging.getLogger("masquant")
 
-# Where the native kernel beats the eager one (2-core CPU): weights of at most MAX_WEIGHT bytes, which stay in a
-# core's cache, for at most MAX_MACS products (~40 us single-threaded: 37 tokens through 256 x 768, or 128 through
-# 256 x 256; beyond that oneDNN's multi-threaded int8 GEMM is faster). Not one row of any size: in isolation one row
-# of a 2048 x 2048 layer is faster natively (0.15 against 0.21 ms), but in a model a large layer's decode streams its
-# weight from memory, which one thread does no faster than oneDNN's two (3B-wide decode: the same time either way),
-# and a machine with more cores would be slower.
-MAX_WEIGHT = 1 << 21
-MAX_MACS = 1 << 23
+# Where the native kernel beats the eager one (2-core CPU), per instruction set of its dot products (``ISAS``):
+# weights of at most MAX_WEIGHT entries, which stay in a core's cache, and at most MAX_MACS products per call
+# (AVX-512 VNNI: ~40 us single-threaded, 37 tokens through 256 x 768 or 128 through 256 x 256; beyond that oneDNN's
+# multi-threaded int8 GEMM is faster). Not one row of any size: in isolation one row of a 2048 x 2048 layer is
+# faster natively (0.15 against 0.21 ms), but in a model a large layer's decode streams its weight from memory,
+# which one thread does no faster than oneDNN's two (3B-wide decode: the same time either way), and a machine with
+# more cores would be slower. The AVX2 and plain limits were measured here with those builds (MASQUANT_NO_VNNI,
+# MASQUANT_PORTABLE) against the eager kernels.
+ISAS = {2: "AVX-512 VNNI", 1: "AVX2", 0: "plain C++"}
+LIMITS = {2: (1 << 21, 1 << 23), 1: (1 << 21, 1 << 21), 0: (1 << 17, 1 << 17)}  # (MAX_WEIGHT, MAX_MACS)
+MAX_WEIGHT, MAX_MACS = LIMITS[2]
 LANES = 16  # outputs per block of the packed weight (one 512-bit register of int32 sums)
 
 
 def small(rows: int, in_features: int, out_features: int) -> bool:
     """Whether ``rows`` rows through an ``in -> out`` linear are few enough for the native kernel."""
+    lib = library()
+    if lib is None:
+        return False
+    max_weight, max_macs = LIMITS[lib.isa]
     weight = in_features * out_features
-    return weight <= MAX_WEIGHT and rows * weight <= MAX_MACS
+    return weight <= max_weight and rows * weight <= max_macs
 
 
 SOURCE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(MASQUANT_PORTABLE)
-#include <immintrin.h>
-#define MASQUANT_VNNI 1
+// The instruction set the dot products use: 2 = AVX-512 VNNI (dpbusd), 1 = AVX2 (16-bit products, vpmaddwd), 0 = plain
+// C++ loops. MASQUANT_NO_VNNI and MASQUANT_PORTABLE force the lower ones (tests build all three where the CPU can).
+#if !defined(MASQUANT_PORTABLE) && !defined(MASQUANT_NO_VNNI) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define MASQUANT_ISA 2
+#elif !defined(MASQUANT_PORTABLE) && defined(__AVX2__)
+#define MASQUANT_ISA 1
 #else
-#define MASQUANT_VNNI 0
+#define MASQUANT_ISA 0
+#endif
+#if MASQUANT_ISA
+#include <immintrin.h>
 #endif
 
 // y[r] = ((float)(q[r] . w[o]) * t[r]) * ws[o] (+ bias[o]), with q[r] the per-token codes of x[r] / smooth[ids[r]]
 // at scale t[r]. The codes are stored shifted by 128 as uint8 so that the dot products are unsigned x signed byte
-// products (AVX-512 VNNI dpbusd), corrected by 128 * sum(w[o]) (wsum): exact int32 arithmetic either way (sums that
-// wrap around wrap back, as in two's complement).
+// products (dpbusd), corrected by 128 * sum(w[o]) (wsum): exact int32 arithmetic on every path (sums that wrap
+// around wrap back, as in two's complement).
 //
-// The weight is packed for dpbusd (pack in Python): blocks of 16 outputs, and in each block, for every 4 inputs,
-// the 4 bytes of each of the 16 outputs: wp[block][k4][16][4], inputs padded to k4 * 4 and outputs to a multiple of
-// 16 with zero weights. One dpbusd adds 4 products to each of 16 outputs of one row; a tile of up to ROWS rows x
-// BLOCKS blocks keeps its sums in registers while the inputs are read once.
+// The weight is packed (pack in Python): blocks of 16 outputs, and in each block, for every 4 inputs, the 4 bytes
+// of each of the 16 outputs: wp[block][k4][16][4], inputs padded to k4 * 4 and outputs to a multiple of 16 with
+// zero weights. One dpbusd adds 4 products to each of 16 outputs of one row; a tile of up to ROWS rows x BLOCKS
+// blocks keeps its sums in registers while its weights are read once.
 
 // A layer's arguments, bound once (Plan): the call passes one pointer to them.
 struct Layer {
@@ -84,9 +97,16 @@ struct Layer {
   int64_t n; const float* ws; int64_t ws_stride; const float* bias; double eps;
 };
 
-constexpr int ROWS = 4, BLOCKS = 4, LANES = 16;
+#if MASQUANT_ISA == 2
+constexpr int ROWS = 4, BLOCKS = 4;  // 16 zmm sums
+#elif MASQUANT_ISA == 1
+constexpr int ROWS = 2, BLOCKS = 1;  // 8 ymm sums (4 per block and row)
+#else
+constexpr int ROWS = 1, BLOCKS = 1;
+#endif
+constexpr int LANES = 16;
 
-extern "C" int masquant_vnni() { return MASQUANT_VNNI; }
+extern "C" int masquant_isa() { return MASQUANT_ISA; }
 
 // Codes of one row (x / s when s is given) into codes[0:kp] (the padding is the code of 0), its scale into *t.
 // The same float32 operations as the eager kernels, element by element: a division by the smoothing factor, the
@@ -94,7 +114,7 @@ extern "C" int masquant_vnni() { return MASQUANT_VNNI; }
 static void quantize_row(const Layer* l, const float* x, const float* s, float* xs, uint8_t* codes, float* t) {
   const int64_t k = l->k;
   const float qmax = (float)l->qmax, lo = -qmax - 1.0f;
-#if MASQUANT_VNNI
+#if MASQUANT_ISA == 2
   __m512 vmax = _mm512_setzero_ps();
   __mmask16 nan = 0;
   for (int64_t j = 0; j < k; j += 16) {
@@ -114,15 +134,27 @@ static void quantize_row(const Layer* l, const float* x, const float* s, float* 
     for (int64_t j = 0; j < k; ++j) xs[j] = x[j] / s[j];
     x = xs;
   }
-  float amax = 0.0f;
-  for (int64_t j = 0; j < k; ++j) {
-    float a = std::fabs(x[j]);
-    amax = (a > amax || a != a) ? a : amax;  // NaN propagates, as in amax
+  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // (8 running maxima: vectorisable)
+  int nan = 0;
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8)
+    for (int i = 0; i < 8; ++i) {
+      const float a = std::fabs(x[j + i]);
+      nan |= a != a;
+      part[i] = a > part[i] ? a : part[i];
+    }
+  for (; j < k; ++j) {
+    const float a = std::fabs(x[j]);
+    nan |= a != a;
+    part[0] = a > part[0] ? a : part[0];
   }
+  float amax = part[0];
+  for (int i = 1; i < 8; ++i) amax = part[i] > amax ? part[i] : amax;
+  if (nan) amax = NAN;  // NaN propagates, as in amax
 #endif
   float scale = (amax < (float)l->eps) ? (float)l->eps : amax;
   scale = scale / qmax;
-#if MASQUANT_VNNI
+#if MASQUANT_ISA == 2
   const __m512 vscale = _mm512_set1_ps(scale), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(qmax);
   const __m512i shift = _mm512_set1_epi32(128);
   for (int64_t j = 0; j < k; j += 16) {
@@ -146,7 +178,7 @@ static void quantize_row(const Layer* l, const float* x, const float* s, float* 
 // acc[r][b * 16 + i]: the byte dot products of R rows of codes (stride kp) with B blocks of packed weights.
 template <int R, int B>
 static void tile(const uint8_t* codes, int64_t kp, const int8_t* wp, int64_t k4, int32_t (*acc)[BLOCKS * LANES]) {
-#if MASQUANT_VNNI
+#if MASQUANT_ISA == 2
   __m512i sum[R][B];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < B; ++b) sum[r][b] = _mm512_setzero_si512();
@@ -162,6 +194,33 @@ static void tile(const uint8_t* codes, int64_t kp, const int8_t* wp, int64_t k4,
   }
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < B; ++b) _mm512_storeu_si512((void*)(acc[r] + b * LANES), sum[r][b]);
+#elif MASQUANT_ISA == 1
+  // Codes and weights widened to 16 bits; vpmaddwd adds pairs of products exactly (|q * w| <= 255 * 128), so each
+  // int32 lane holds half of an output's sum: quarter c of a block (outputs 4c .. 4c + 3) as pairs of lanes.
+  __m256i sum[R][B][4];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b)
+      for (int c = 0; c < 4; ++c) sum[r][b][c] = _mm256_setzero_si256();
+  for (int64_t j = 0; j < k4; ++j) {
+    __m256i w[B][4];
+    for (int b = 0; b < B; ++b)
+      for (int c = 0; c < 4; ++c)
+        w[b][c] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wp + (b * k4 + j) * 4 * LANES + 16 * c)));
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, codes + r * kp + 4 * j, 4);
+      const __m256i a = _mm256_cvtepu8_epi16(_mm_set1_epi32(four));  // q0 q1 q2 q3, four times, as int16
+      for (int b = 0; b < B; ++b)
+        for (int c = 0; c < 4; ++c) sum[r][b][c] = _mm256_add_epi32(sum[r][b][c], _mm256_madd_epi16(w[b][c], a));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b)
+      for (int c = 0; c < 4; ++c) {
+        uint32_t pairs[8];
+        _mm256_storeu_si256((__m256i*)pairs, sum[r][b][c]);
+        for (int i = 0; i < 4; ++i) acc[r][b * LANES + 4 * c + i] = (int32_t)(pairs[2 * i] + pairs[2 * i + 1]);
+      }
 #else
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < B * LANES; ++i) acc[r][i] = 0;
@@ -178,6 +237,16 @@ static void tile(const uint8_t* codes, int64_t kp, const int8_t* wp, int64_t k4,
 #endif
 }
 
+// tile<R, nb> for nb <= B (only the block counts this instruction set uses are instantiated).
+template <int R, int B = BLOCKS>
+static void tile_blocks(int64_t nb, const uint8_t* codes, int64_t kp, const int8_t* wp, int64_t k4,
+                        int32_t (*acc)[BLOCKS * LANES]) {
+  if constexpr (B > 1) {
+    if (nb < B) return tile_blocks<R, B - 1>(nb, codes, kp, wp, k4, acc);
+  }
+  tile<R, B>(codes, kp, wp, k4, acc);
+}
+
 // Rows r0 .. r0 + R of y for the outputs of blocks b0 .. b0 + nb.
 template <int R>
 static void rows_tile(const Layer* l, const uint8_t* codes, int64_t kp, const float* t, int64_t b0, int64_t nb,
@@ -185,12 +254,7 @@ static void rows_tile(const Layer* l, const uint8_t* codes, int64_t kp, const fl
   const int64_t n = l->n;
   const int8_t* wp = l->wp + b0 * l->k4 * 4 * LANES;
   int32_t acc[ROWS][BLOCKS * LANES];
-  switch (nb) {
-    case 4: tile<R, 4>(codes, kp, wp, l->k4, acc); break;
-    case 3: tile<R, 3>(codes, kp, wp, l->k4, acc); break;
-    case 2: tile<R, 2>(codes, kp, wp, l->k4, acc); break;
-    default: tile<R, 1>(codes, kp, wp, l->k4, acc); break;
-  }
+  tile_blocks<R>(nb, codes, kp, wp, l->k4, acc);
   const int64_t o0 = b0 * LANES, o1 = (o0 + nb * LANES < n) ? o0 + nb * LANES : n;
   for (int r = 0; r < R; ++r) {
     float* yr = y + r * n;
@@ -200,6 +264,16 @@ static void rows_tile(const Layer* l, const uint8_t* codes, int64_t kp, const fl
       yr[o] = l->bias ? v + l->bias[o] : v;
     }
   }
+}
+
+// rows_tile<left> for the last left < ROWS rows.
+template <int R = ROWS - 1>
+static void rows_left(int64_t left, const Layer* l, const uint8_t* codes, int64_t kp, const float* t, int64_t b0,
+                      int64_t nb, float* y) {
+  if constexpr (R > 1) {
+    if (left < R) return rows_left<R - 1>(left, l, codes, kp, t, b0, nb, y);
+  }
+  if constexpr (R >= 1) rows_tile<R>(l, codes, kp, t, b0, nb, y);
 }
 
 // Returns 0, or 1 when an id is not a row of the smoothing table (nothing is written then).
@@ -219,12 +293,7 @@ extern "C" int masquant_layer(const Layer* l, const float* x, const int64_t* ids
     const int64_t nb = blocks - b0 < BLOCKS ? blocks - b0 : BLOCKS;
     int64_t r = 0;
     for (; r + ROWS <= m; r += ROWS) rows_tile<ROWS>(l, codes + r * kp, kp, t + r, b0, nb, y + r * n);
-    switch (m - r) {
-      case 3: rows_tile<3>(l, codes + r * kp, kp, t + r, b0, nb, y + r * n); break;
-      case 2: rows_tile<2>(l, codes + r * kp, kp, t + r, b0, nb, y + r * n); break;
-      case 1: rows_tile<1>(l, codes + r * kp, kp, t + r, b0, nb, y + r * n); break;
-      default: break;
-    }
+    if (r < m) rows_left(m - r, l, codes + r * kp, kp, t + r, b0, nb, y + r * n);
   }
   delete[] codes;
   delete[] t;
@@ -233,6 +302,14 @@ extern "C" int masquant_layer(const Layer* l, const float* x, const int64_t* ids
 }
 """
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+
+
+def describe() -> str:
+    """What runs the native calls here, in words (for logs and benchmark pages)."""
+    if os.environ.get("MASQUANT_NATIVE", "auto") == "0":
+        return "off (MASQUANT_NATIVE=0)"
+    lib = library()
+    return "unavailable (eager kernels)" if lib is None else ISAS[lib.isa]
 
 
 def enabled() -> bool:
@@ -355,12 +432,14 @@ def find_compiler() -> str | None:
 
 def load(compiler: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build (or find in the cache) and load the kernel; ``defines`` are extra ``-D`` flags
-    (``MASQUANT_PORTABLE``: the plain C++ loops even where the CPU has VNNI, for tests)."""
+    (``MASQUANT_NO_VNNI``: the AVX2 code even where the CPU has AVX-512 VNNI; ``MASQUANT_PORTABLE``:
+    the plain C++ loops; for tests)."""
     lib = ctypes.CDLL(str(_build(compiler, tuple(f"-D{d}" for d in defines))))
     ptr = ctypes.c_void_p
     lib.masquant_layer.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ptr]  # (Python ints: 64-bit pointers and sizes)
     lib.masquant_layer.restype = ctypes.c_int
-    lib.masquant_vnni.restype = ctypes.c_int
+    lib.masquant_isa.restype = ctypes.c_int
+    lib.isa = lib.masquant_isa()
     return lib
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import speed
+from . import native, speed
 from .report import write_page
 
 log = logging.getLogger("masquant")
@@ -22,7 +22,8 @@ def run_speed(quick: bool = False, device: str = "cpu") -> dict:
 
     On CUDA: the linear rows and the wide random model (calibration cost and RSS are CPU rows)."""
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "quick": quick, "device": device}
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "quick": quick, "device": device,
+              "native": native.describe()}
     if device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name(device)
     result["linear"] = speed.linear_rows(QUICK_SHAPES if quick else speed.LINEAR_SHAPES,
@@ -103,7 +104,8 @@ def _bound(fp: dict, free: dict | None, phase: str) -> str:
 def markdown(result: dict) -> str:
     where = f" on {result['gpu']}" if result.get("gpu") else ""
     lines = [f"Machine: {result['machine']}, {result['threads']} threads, torch {result['torch']} "
-             f"({result['cpu_capability']}){where}.", "", "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
+             f"({result['cpu_capability']}){where}; native kernel: {result.get('native', 'not recorded')}.", "",
+             "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g} | {m} | {'yes' if ok else 'no'} |" for g, m, ok in goals(result)]
     labels = list(result["linear"][0]["ms"]) if result["linear"] else []
     lines += ["", "## Linear layers", "", "Speed-up over FP32 `nn.Linear` (FP32 in milliseconds).", "",
