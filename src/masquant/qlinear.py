@@ -116,11 +116,21 @@ class LowRankPatch(nn.Module):
 
     def down(self, x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
         """``(x / s) @ l1``: the rank-r projection, ``[rows, r]`` (fp16 inputs: computed in float32)."""
-        l1 = self.factors(x.dtype, smooth)[0]
-        return (x.to(l1.dtype) @ l1).to(x.dtype)
+        return _project(x, self.factors(x.dtype, smooth)[0])
 
     def forward(self, x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
-        return self.down(x, smooth) @ self.factors(x.dtype, smooth)[1]
+        l1, l2 = self.factors(x.dtype, smooth)
+        return _project(x, l1) @ l2
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, smooth: torch.Tensor) -> None:
+        """``y += forward(x, smooth)`` in place (``y``: the output rows of ``x``, e.g. a view), the
+        second product accumulated into ``y`` by the GEMM itself."""
+        l1, l2 = self.factors(x.dtype, smooth)
+        y.addmm_(_project(x, l1).to(y.dtype), l2.to(y.dtype))
+
+
+def _project(x: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
+    return (x.to(l1.dtype) @ l1).to(x.dtype)
 
 
 _MODALITY_INDEX = {m.name.lower(): int(m) for m in Modality}  # a patch's key -> its row of the table
@@ -246,8 +256,7 @@ class QuantLinear(nn.Module):
             modality = _MODALITY_INDEX[name]
             idx = by_modality.get(modality)
             if isinstance(idx, slice):  # one run of rows: views, the product added in place
-                y[idx].addmm_(patch.down(rows[idx], self.smooth[modality]).to(y.dtype),
-                              patch.factors(rows.dtype, self.smooth[modality])[1].to(y.dtype))
+                patch.add_to(y[idx], rows[idx], self.smooth[modality])
             elif idx is not None:
                 y.index_add_(0, idx, patch(rows.index_select(0, idx), self.smooth[modality]).to(y.dtype))
 
