@@ -391,10 +391,12 @@ class Plan:
             and t[3] is smooth
 
     def __call__(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``rows [m, k]`` float32, contiguous, on the CPU -> ``[m, n]``; ``ids`` (int64 ``[m]``,
-        contiguous) picks each row's smoothing vector (row 0 of the table for all when None)."""
-        y = torch.empty(rows.shape[0], self._out, dtype=torch.float32)
-        if self._fn(self._ref, rows.data_ptr(), None if ids is None else ids.data_ptr(), rows.shape[0], y.data_ptr()):
+        """``rows [..., k]`` float32, contiguous, on the CPU -> ``[..., n]``; ``ids`` (int64, one per
+        row, contiguous) picks each row's smoothing vector (row 0 of the table for all when None)."""
+        shape = rows.shape
+        y = torch.empty(*shape[:-1], self._out, dtype=torch.float32)
+        m = rows.numel() // shape[-1] if shape[-1] else 0
+        if self._fn(self._ref, rows.data_ptr(), None if ids is None else ids.data_ptr(), m, y.data_ptr()):
             raise ValueError(f"modality ids must index the layer's {self._layer.vectors} smoothing vectors, got "
                              f"{sorted(set(ids.tolist()))}")
         return y

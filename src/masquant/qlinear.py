@@ -267,7 +267,7 @@ class QuantLinear(nn.Module):
         enough contiguous float32 rows on the CPU (``native.small``) that the eager kernels would
         run them (not the fused ones). Bit-identical to the general path (tested); its point is the
         fixed cost of a dozen eager ops per call, which sets the time of small layers."""
-        if not (self._native_ok and self.runtime == "int" and x.dtype == torch.float32 and x.device.type == "cpu"):
+        if not (self._native_ok and self.runtime == "int" and x.dtype == torch.float32 and x.is_cpu):
             return None
         n = x.numel()
         if not (native.small(n // self.in_features, self.in_features, self.out_features) and x.is_contiguous()
@@ -290,11 +290,10 @@ class QuantLinear(nn.Module):
                 return None
             plan = self._plan = native.Plan(weight.int8(), codes, scale, buffers["bias"], smooth, self.a_bits,
                                             weight.row_sums(), weight.native_codes())
-        rows = x.reshape(-1, self.in_features)
-        y = plan(rows, ids)
+        y = plan(x, ids)  # (any leading shape: the rows are contiguous)
         if patches and by_modality:
-            self._add_patches(y, rows, by_modality)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            self._add_patches(y.view(-1, self.out_features), x.view(-1, self.in_features), by_modality)
+        return y
 
     def _smoothed(self, rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None,
                   by_modality: dict[int, torch.Tensor | slice]) -> torch.Tensor:
