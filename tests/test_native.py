@@ -163,6 +163,11 @@ def test_the_native_call_follows_state_dict_loads_copies_and_the_runtime(w_bits)
         copied = twin(x)
         a.runtime = "fake"
         fake = a(x)
+    old = a.qweight.__getstate__()  # an IntWeight pickled before its derived-tensor cache existed
+    del old["_derived"]
+    revived = type(a.qweight).__new__(type(a.qweight))
+    revived.__setstate__(dict(old))
+    assert torch.equal(revived.native_codes(), native.pack(a.qweight.int8()))
     general = int_linear(*quantize_tokens(x, 8), b.qweight.int8(), b.qweight.scale, None, 0, b.bias)
     sums = a.qweight.row_sums()  # cached (a full pass over the weight), and follows the load
     assert sums is a.qweight.row_sums() and torch.equal(sums, b.qweight.int8().sum(1, dtype=torch.int32))

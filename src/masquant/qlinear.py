@@ -61,6 +61,10 @@ class IntWeight(nn.Module):
         self.scale.copy_(qw.scale)
         self.zero.copy_(qw.zero - self.offset)
 
+    def __setstate__(self, state: dict) -> None:  # (modules pickled before ``_derived`` existed)
+        state.setdefault("_derived", {})
+        super().__setstate__(state)
+
     def _cached(self, name: str, make) -> torch.Tensor:
         """``make()``, computed once and kept until the codes change (moved, reloaded, repacked)."""
         key = (self.codes.data_ptr(), self.codes._version, self.codes.device)
