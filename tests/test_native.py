@@ -233,3 +233,31 @@ def test_the_native_kernel_refuses_tensors_off_the_cpu():
         with pytest.raises(ValueError, match="one device"):  # the plan is not reused: the general path says so
             layer(torch.randn(1, 8))
     assert layer._plan is None or layer._plan.tensors[0].device.type == "cpu"
+
+
+@needs_native
+def test_torch_compile_of_a_quantized_model_traces_the_eager_kernels(monkeypatch, recwarn):
+    """Inside ``torch.compile`` the native call steps aside (dynamo cannot trace a ctypes call, and
+    would trace the library's cached build instead): the compiled model runs the eager integer
+    kernels, with the eager model's logits up to float rounding."""
+    from masquant import native, speed, tiny
+
+    calls = []
+    real = native.Plan.__call__
+
+    def spy(plan, rows, ids=None):
+        calls.append(1)
+        return real(plan, rows, ids)
+
+    monkeypatch.setattr(native.Plan, "__call__", spy)
+    torch.manual_seed(0)
+    model = speed.synthetic_quantize(tiny.tiny_qwen2_5_vl(hidden=64, layers=2), 8, rank=4)
+    sample = tiny.tiny_sample(0, "vl")
+    with torch.no_grad():
+        eager = model(**sample).logits
+        assert calls
+        calls.clear()
+        compiled = torch.compile(model)(**sample).logits
+    assert not calls
+    assert not [w for w in recwarn if "lru_cache" in str(w.message)]  # (dynamo never reached native.library)
+    assert float((compiled - eager).abs().max()) < 1e-4 * float(eager.abs().max())

@@ -321,8 +321,10 @@ def enabled() -> bool:
 
 def usable(rows: torch.Tensor, out_features: int) -> bool:
     """Whether ``int_linear`` should run these rows (``[m, k]``) through a linear with
-    ``out_features`` outputs: on the CPU, and small enough to beat the eager kernels."""
-    return rows.device.type == "cpu" and small(*rows.shape, out_features) and enabled()
+    ``out_features`` outputs: on the CPU, small enough to beat the eager kernels, and not inside
+    ``torch.compile`` (which traces the eager kernels; it cannot trace a ctypes call)."""
+    return (rows.device.type == "cpu" and not torch.compiler.is_compiling() and small(*rows.shape, out_features)
+            and enabled())
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:

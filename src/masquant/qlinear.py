@@ -269,9 +269,11 @@ class QuantLinear(nn.Module):
         the general path), or None for the general path: a float32 layer in the integer runtime with
         symmetric per-row (or per-tensor) weight codes and one weight for all modalities, few
         enough contiguous float32 rows on the CPU (``native.small``) that the eager kernels would
-        run them (not the fused ones). Bit-identical to the general path (tested); its point is the
-        fixed cost of a dozen eager ops per call, which sets the time of small layers."""
-        if not (self._native_ok and self.runtime == "int" and x.dtype == torch.float32 and x.is_cpu):
+        run them (not the fused ones), and not inside ``torch.compile``. Bit-identical to the general
+        path (tested); its point is the fixed cost of a dozen eager ops per call, which sets the time
+        of small layers."""
+        if not (self._native_ok and self.runtime == "int" and x.dtype == torch.float32 and x.is_cpu) \
+                or torch.compiler.is_compiling():  # (torch.compile traces the eager kernels; ctypes it cannot)
             return None
         n = x.numel()
         if not (native.small(n // self.in_features, self.in_features, self.out_features) and x.is_contiguous()
