@@ -70,7 +70,8 @@ SOURCE = r"""
 #include <cstring>
 // The instruction set the dot products use: 2 = AVX-512 VNNI (dpbusd), 1 = AVX2 (16-bit products, vpmaddwd), 0 = plain
 // C++ loops. MASQUANT_NO_VNNI and MASQUANT_PORTABLE force the lower ones (tests build all three where the CPU can).
-#if !defined(MASQUANT_PORTABLE) && !defined(MASQUANT_NO_VNNI) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if !defined(MASQUANT_PORTABLE) && !defined(MASQUANT_NO_VNNI) && defined(__AVX512VNNI__) && defined(__AVX512BW__) \
+    && defined(__AVX512VL__)
 #define MASQUANT_ISA 2
 #elif !defined(MASQUANT_PORTABLE) && defined(__AVX2__)
 #define MASQUANT_ISA 1
@@ -301,7 +302,7 @@ extern "C" int masquant_layer(const Layer* l, const float* x, const int64_t* ids
   return 0;
 }
 """
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
 
 
 def describe() -> str:
