@@ -261,3 +261,63 @@ def test_torch_compile_of_a_quantized_model_traces_the_eager_kernels(monkeypatch
     assert not calls
     assert not [w for w in recwarn if "lru_cache" in str(w.message)]  # (dynamo never reached native.library)
     assert float((compiled - eager).abs().max()) < 1e-4 * float(eager.abs().max())
+
+
+@needs_native
+def test_infinite_rows_and_any_ids_give_what_the_eager_kernels_give(kernel_library):
+    """A row with an infinite entry (its scale is inf, so inf / inf codes are NaN: code 0 in torch)
+    gives the eager kernels' NaN row on every instruction set; ids of any integer dtype or a
+    strided view are read as int64 (never past their buffer)."""
+    from masquant import native
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 20, generator=g)
+    x[1, 3], x[3, 0] = float("inf"), float("-inf")
+    weight = torch.randint(-128, 128, (24, 20), generator=g, dtype=torch.int8)
+    scale, sums = torch.rand(24, 1, generator=g) + 0.1, weight.sum(1, dtype=torch.int32)
+    expected = int_linear(*quantize_tokens(x, 8), weight, scale, None, 0, None)
+    got = native.Plan(weight, weight, scale, None, None, 8, sums, lib=kernel_library)(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    assert got[1].isnan().all() and got[0].isfinite().all()
+
+    table = torch.rand(3, 20, generator=g) + 0.5
+    plan = native.Plan(weight, weight, scale, None, table, 8, sums, lib=kernel_library)
+    ids = torch.tensor([0, 2, 1, 2, 0, 9, 9, 9, 9, 9])[:5]
+    reference = plan(x[[0, 2, 4]], ids[[0, 2, 4]])
+    for variant in (ids.int(), ids.to(torch.uint8), torch.stack([ids, ids], 1)[:, 0]):
+        torch.testing.assert_close(plan(x, variant)[[0, 2, 4]], reference, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="4 modality ids for 5 rows"):
+        plan(x, ids[:4])
+
+
+@needs_native
+def test_inputs_of_the_wrong_width_or_layout_are_errors_not_reads():
+    """The kernel reads raw memory: a row of another width, a strided or a float64 input is a clear
+    error (from the layer too, which never reshapes rows of the wrong width into the right one)."""
+    from masquant import native, speed
+
+    weight = torch.ones(4, 8, dtype=torch.int8)
+    plan = native.Plan(weight, weight, torch.ones(4, 1), None, None, 8, weight.sum(1, dtype=torch.int32))
+    for bad in (torch.randn(4, 4), torch.randn(8, 4).T, torch.randn(2, 8, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="contiguous float32 rows of 8 features"):
+            plan(bad)
+    with pytest.raises(ValueError, match="reads weight_scale as contiguous float32"):
+        native.Plan(weight, weight, torch.ones(4, 2)[:, :1], None, None, 8, weight.sum(1, dtype=torch.int32))
+    layer = speed.quant_linear(torch.nn.Linear(8, 4), 8)
+    with torch.no_grad(), pytest.raises(ValueError, match="takes 8 input features, got input of shape"):
+        layer(torch.randn(4, 4))
+
+
+@needs_native
+def test_a_plan_follows_storage_moved_under_the_same_tensor():
+    """``share_memory_()`` moves a buffer's storage without replacing the tensor: the layer binds a
+    new plan instead of reading the freed address."""
+    from masquant import speed
+
+    layer = speed.quant_linear(torch.nn.Linear(32, 16), 8)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        before, plan = layer(x), layer._plan
+        layer.qweight.scale.share_memory_()
+        after = layer(x)
+    assert layer._plan is not plan and torch.equal(before, after)

@@ -162,13 +162,14 @@ static void quantize_row(const Layer* l, const float* x, const float* s, float* 
     const __mmask16 in = k - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - j)) - 1);
     __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(in, x + j), vscale),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    v = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);
+    v = _mm512_min_ps(vhi, _mm512_max_ps(vlo, v));  // (operands in this order: a NaN passes, as in torch.clamp)
     _mm_mask_storeu_epi8(codes + j, in, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), shift)));
   }
 #else
   for (int64_t j = 0; j < k; ++j) {
     float v = std::nearbyint(x[j] / scale);  // round half to even, as torch.round
     v = v < lo ? lo : (v > qmax ? qmax : v);
+    if (v != v) v = 0.0f;  // NaN (an infinite row: inf / inf): code 0, as torch's conversion to int8 gives
     codes[j] = (uint8_t)((int32_t)v + 128);
   }
 #endif
@@ -365,7 +366,7 @@ class Plan:
     pointers stay valid. ``current`` says whether the layer still holds these very tensors (a
     move with ``.to()``, a reassigned buffer or repacked codes need a new plan)."""
 
-    __slots__ = ("_fn", "_layer", "_out", "_ref", "tensors", "version")
+    __slots__ = ("_fn", "_layer", "_out", "_ptrs", "_ref", "tensors", "version")
 
     def __init__(self, codes: torch.Tensor, stored: torch.Tensor, weight_scale: torch.Tensor,
                  bias: torch.Tensor | None, smooth: torch.Tensor | None, bits: int, row_sums: torch.Tensor,
@@ -375,10 +376,14 @@ class Plan:
             raise ValueError(f"a CPU input reached a layer with tensors on {sorted(devices - {'cpu'})}: move the model "
                              "and its inputs to one device")
         n, k = codes.shape
+        for name, t in (("weight_scale", weight_scale), ("bias", bias), ("smooth", smooth)):
+            if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
+                raise ValueError(f"the native kernel reads {name} as contiguous float32, got {t.dtype}")
         wsum, packed = row_sums.contiguous(), pack(codes) if packed is None else packed
         table = None if smooth is None else smooth.reshape(-1, k)
         self.tensors = (stored, weight_scale, bias, smooth, packed, wsum, table)
         self.version = stored._version
+        self._ptrs = _pointers(stored, weight_scale, bias, smooth)
         self._fn = (lib or library()).masquant_layer
         self._out = n
         self._layer = _Layer(k, -(-k // 4), None if table is None else table.data_ptr(),
@@ -389,16 +394,23 @@ class Plan:
 
     def current(self, stored: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                 smooth: torch.Tensor | None) -> bool:
-        t = self.tensors
+        t = self.tensors  # (the same tensors, unchanged, at the same addresses: share_memory_() moves storage)
         return t[0] is stored and self.version == stored._version and t[1] is weight_scale and t[2] is bias \
-            and t[3] is smooth
+            and t[3] is smooth and self._ptrs == _pointers(stored, weight_scale, bias, smooth)
 
     def __call__(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """``rows [..., k]`` float32, contiguous, on the CPU -> ``[..., n]``; ``ids`` (int64, one per
         row, contiguous) picks each row's smoothing vector (row 0 of the table for all when None)."""
         shape = rows.shape
+        if shape[-1] != self._layer.k or not rows.is_contiguous() or rows.dtype != torch.float32:
+            raise ValueError(f"the native kernel takes contiguous float32 rows of {self._layer.k} features, got "
+                             f"{rows.dtype} {tuple(shape)}{'' if rows.is_contiguous() else ' (not contiguous)'}")
         y = torch.empty(*shape[:-1], self._out, dtype=torch.float32)
         m = rows.numel() // shape[-1] if shape[-1] else 0
+        if ids is not None:
+            if ids.numel() != m:
+                raise ValueError(f"{ids.numel()} modality ids for {m} rows")
+            ids = ids.to(torch.int64).contiguous()  # (no copy when it already is)
         if self._fn(self._ref, rows.data_ptr(), None if ids is None else ids.data_ptr(), m, y.data_ptr()):
             raise ValueError(f"modality ids must index the layer's {self._layer.vectors} smoothing vectors, got "
                              f"{sorted(set(ids.tolist()))}")
@@ -406,6 +418,10 @@ class Plan:
 
     def __reduce__(self):  # copies and pickles of a layer drop the plan (raw pointers); it is rebuilt on use
         return _no_plan, ()
+
+
+def _pointers(*tensors: torch.Tensor | None) -> tuple[int, ...]:
+    return tuple(0 if t is None else t.data_ptr() for t in tensors)
 
 
 def _no_plan() -> None:

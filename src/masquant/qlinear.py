@@ -239,6 +239,9 @@ class QuantLinear(nn.Module):
         return xs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} takes {self.in_features} input features, got input of shape "
+                             f"{tuple(x.shape)}")
         y = self._native_forward(x)
         if y is not None:
             return y
