@@ -29,8 +29,9 @@ def test_packing_refuses_codes_that_do_not_fit():
         pack_int4(torch.tensor([[9]], dtype=torch.int8))
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 7, 5), (16, 64, 24), (33, 300, 17)])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 7, 5), (16, 64, 24), (33, 300, 17), (3, 1, 4), (17, 1, 33)])
 def test_int_matmul_is_exact(m, k, n):
+    """Exact int32 products, a single input too (torch's CPU ``_int_mm`` returns garbage there)."""
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
     b = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     assert torch.equal(int_matmul(a, b).long(), a.long() @ b.long().T)

@@ -72,7 +72,8 @@ def quantize_tokens(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact ``a @ b.T`` for int8 ``a [m, k]`` and ``b [n, k]``, as int32.
 
-    ``torch._int_mm`` on CPU takes any shape; on CUDA it needs more than 16 rows and widths
+    ``torch._int_mm`` on CPU takes any shape (but is wrong for a single input, done in int32
+    instead); on CUDA it needs more than 16 rows and widths
     that are multiples of 8, so small batches are padded and odd widths fall back to float64
     (exact for these magnitudes).
     """
@@ -82,6 +83,8 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return (a.double() @ b.double().T).to(torch.int32)
         if m <= 16:
             return torch._int_mm(torch.nn.functional.pad(a, (0, 0, 0, 32 - m)), b.T)[:m]
+    if a.shape[1] == 1:  # (torch 2.13's CPU _int_mm returns uninitialised memory for one input and n > 1)
+        return a.to(torch.int32) @ b.to(torch.int32).T
     return torch._int_mm(a, b.T)
 
 
