@@ -78,13 +78,10 @@ def test_ids_outside_the_smoothing_table_are_an_error():
             plan(torch.randn(3, 8), torch.tensor([0, bad, 1]))
 
 
-@needs_native
-@pytest.mark.parametrize("w_bits", [8, 4])
-def test_the_native_kernel_gives_the_eager_model(w_bits, monkeypatch):
-    """A quantized model with patches and routing prefills (text and image rows: routed smoothing,
-    patches added to the image rows) and decodes (one text token at a time) through the native
-    kernel to exactly the logits it gives with MASQUANT_NATIVE=0."""
-    from masquant import native, speed
+@pytest.fixture
+def native_calls(monkeypatch):
+    """The ids argument of every ``native.Plan`` call, in order (None: row 0 of the table for all)."""
+    from masquant import native
 
     calls = []
     real = native.Plan.__call__
@@ -94,6 +91,18 @@ def test_the_native_kernel_gives_the_eager_model(w_bits, monkeypatch):
         return real(plan, rows, ids)
 
     monkeypatch.setattr(native.Plan, "__call__", spy)
+    return calls
+
+
+@needs_native
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_the_native_kernel_gives_the_eager_model(w_bits, monkeypatch, native_calls):
+    """A quantized model with patches and routing prefills (text and image rows: routed smoothing,
+    patches added to the image rows) and decodes (one text token at a time) through the native
+    kernel to exactly the logits it gives with MASQUANT_NATIVE=0."""
+    from masquant import speed
+
+    calls = native_calls
     model = speed.synthetic_quantize(masquant.tiny.tiny_qwen2_5_vl(hidden=64, layers=2), w_bits, rank=4)
     sample = masquant.tiny.tiny_sample(0, "vl")
     with torch.no_grad():
@@ -236,20 +245,13 @@ def test_the_native_kernel_refuses_tensors_off_the_cpu():
 
 
 @needs_native
-def test_torch_compile_of_a_quantized_model_traces_the_eager_kernels(monkeypatch, recwarn):
+def test_torch_compile_of_a_quantized_model_traces_the_eager_kernels(native_calls, recwarn):
     """Inside ``torch.compile`` the native call steps aside (dynamo cannot trace a ctypes call, and
     would trace the library's cached build instead): the compiled model runs the eager integer
     kernels, with the eager model's logits up to float rounding."""
-    from masquant import native, speed, tiny
+    from masquant import speed, tiny
 
-    calls = []
-    real = native.Plan.__call__
-
-    def spy(plan, rows, ids=None):
-        calls.append(1)
-        return real(plan, rows, ids)
-
-    monkeypatch.setattr(native.Plan, "__call__", spy)
+    calls = native_calls
     torch.manual_seed(0)
     model = speed.synthetic_quantize(tiny.tiny_qwen2_5_vl(hidden=64, layers=2), 8, rank=4)
     sample = tiny.tiny_sample(0, "vl")

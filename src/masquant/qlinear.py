@@ -275,12 +275,9 @@ class QuantLinear(nn.Module):
         run them (not the fused ones), and not inside ``torch.compile``. Bit-identical to the general
         path (tested); its point is the fixed cost of a dozen eager ops per call, which sets the time
         of small layers."""
-        if not (self._native_ok and self.runtime == "int" and x.dtype == torch.float32 and x.is_cpu) \
-                or torch.compiler.is_compiling():  # (torch.compile traces the eager kernels; ctypes it cannot)
-            return None
-        n = x.numel()
-        if not (native.small(n // self.in_features, self.in_features, self.out_features) and x.is_contiguous()
-                and native.enabled()) or (n >= kernels.FUSE_MIN_ELEMENTS and kernels.use_fusion(x)):
+        if not (self._native_ok and self.runtime == "int" and x.dtype == torch.float32 and x.is_contiguous()
+                and native.usable(x, self.out_features)) \
+                or (x.numel() >= kernels.FUSE_MIN_ELEMENTS and kernels.use_fusion(x)):
             return None
         modules, buffers = self._modules, self._buffers  # (direct: nn.Module's __getattr__ costs a few us here)
         if modules["modality_qweights"]:

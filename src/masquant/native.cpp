@@ -1,0 +1,238 @@
+// masquant's native integer kernel (masquant/native.py builds it on first use and calls masquant_layer).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+// The instruction set the dot products use: 2 = AVX-512 VNNI (dpbusd), 1 = AVX2 (16-bit products, vpmaddwd), 0 = plain
+// C++ loops. MASQUANT_NO_VNNI and MASQUANT_PORTABLE force the lower ones (tests build all three where the CPU can).
+#if !defined(MASQUANT_PORTABLE) && !defined(MASQUANT_NO_VNNI) && defined(__AVX512VNNI__) && defined(__AVX512BW__) \
+    && defined(__AVX512VL__)
+#define MASQUANT_ISA 2
+#elif !defined(MASQUANT_PORTABLE) && defined(__AVX2__)
+#define MASQUANT_ISA 1
+#else
+#define MASQUANT_ISA 0
+#endif
+#if MASQUANT_ISA
+#include <immintrin.h>
+#endif
+
+// y[r] = ((float)(q[r] . w[o]) * t[r]) * ws[o] (+ bias[o]), with q[r] the per-token codes of x[r] / smooth[ids[r]]
+// at scale t[r]. The codes are stored shifted by 128 as uint8 so that the dot products are unsigned x signed byte
+// products (dpbusd), corrected by 128 * sum(w[o]) (wsum): exact int32 arithmetic on every path (sums that wrap
+// around wrap back, as in two's complement).
+//
+// The weight is packed (pack in Python): blocks of 16 outputs, and in each block, for every 4 inputs, the 4 bytes
+// of each of the 16 outputs: wp[block][k4][16][4], inputs padded to k4 * 4 and outputs to a multiple of 16 with
+// zero weights. One dpbusd adds 4 products to each of 16 outputs of one row; a tile of up to ROWS rows x BLOCKS
+// blocks keeps its sums in registers while its weights are read once.
+
+// A layer's arguments, bound once (Plan): the call passes one pointer to them.
+struct Layer {
+  int64_t k; int64_t k4; const float* smooth; int64_t vectors; int64_t qmax; const int8_t* wp; const int32_t* wsum;
+  int64_t n; const float* ws; int64_t ws_stride; const float* bias; double eps;
+};
+
+#if MASQUANT_ISA == 2
+constexpr int ROWS = 4, BLOCKS = 4;  // 16 zmm sums
+#elif MASQUANT_ISA == 1
+constexpr int ROWS = 2, BLOCKS = 1;  // 8 ymm sums (4 per block and row)
+#else
+constexpr int ROWS = 1, BLOCKS = 1;
+#endif
+constexpr int LANES = 16;
+
+extern "C" int masquant_isa() { return MASQUANT_ISA; }
+
+// Codes of one row (x / s when s is given) into codes[0:kp] (the padding is the code of 0), its scale into *t.
+// The same float32 operations as the eager kernels, element by element: a division by the smoothing factor, the
+// abs-max (exact in any order; NaN propagates), a division by the scale, rounding half to even and clamping.
+static void quantize_row(const Layer* l, const float* x, const float* s, float* xs, uint8_t* codes, float* t) {
+  const int64_t k = l->k;
+  const float qmax = (float)l->qmax, lo = -qmax - 1.0f;
+#if MASQUANT_ISA == 2
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t j = 0; j < k; j += 16) {
+    const __mmask16 in = k - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - j)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(in, x + j);
+    if (s) {
+      v = _mm512_mask_div_ps(v, in, v, _mm512_maskz_loadu_ps(in, s + j));
+      _mm512_mask_storeu_ps(xs + j, in, v);
+    }
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+  }
+  if (s) x = xs;
+  float amax = nan ? NAN : _mm512_reduce_max_ps(vmax);
+#else
+  if (s) {  // each input divided by its smoothing factor, as rows / smooth
+    for (int64_t j = 0; j < k; ++j) xs[j] = x[j] / s[j];
+    x = xs;
+  }
+  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // (8 running maxima: vectorisable)
+  int nan = 0;
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8)
+    for (int i = 0; i < 8; ++i) {
+      const float a = std::fabs(x[j + i]);
+      nan |= a != a;
+      part[i] = a > part[i] ? a : part[i];
+    }
+  for (; j < k; ++j) {
+    const float a = std::fabs(x[j]);
+    nan |= a != a;
+    part[0] = a > part[0] ? a : part[0];
+  }
+  float amax = part[0];
+  for (int i = 1; i < 8; ++i) amax = part[i] > amax ? part[i] : amax;
+  if (nan) amax = NAN;  // NaN propagates, as in amax
+#endif
+  float scale = (amax < (float)l->eps) ? (float)l->eps : amax;
+  scale = scale / qmax;
+#if MASQUANT_ISA == 2
+  const __m512 vscale = _mm512_set1_ps(scale), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(qmax);
+  const __m512i shift = _mm512_set1_epi32(128);
+  for (int64_t j = 0; j < k; j += 16) {
+    const __mmask16 in = k - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - j)) - 1);
+    __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(in, x + j), vscale),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(vhi, _mm512_max_ps(vlo, v));  // (operands in this order: a NaN passes, as in torch.clamp)
+    _mm_mask_storeu_epi8(codes + j, in, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), shift)));
+  }
+#else
+  for (int64_t j = 0; j < k; ++j) {
+    float v = std::nearbyint(x[j] / scale);  // round half to even, as torch.round
+    v = v < lo ? lo : (v > qmax ? qmax : v);
+    if (v != v) v = 0.0f;  // NaN (an infinite row: inf / inf): code 0, as torch's conversion to int8 gives
+    codes[j] = (uint8_t)((int32_t)v + 128);
+  }
+#endif
+  for (int64_t j = k; j < 4 * l->k4; ++j) codes[j] = 128;
+  *t = scale;
+}
+
+// acc[r][b * 16 + i]: the byte dot products of R rows of codes (stride kp) with B blocks of packed weights.
+template <int R, int B>
+static void tile(const uint8_t* codes, int64_t kp, const int8_t* wp, int64_t k4, int32_t (*acc)[BLOCKS * LANES]) {
+#if MASQUANT_ISA == 2
+  __m512i sum[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) sum[r][b] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < k4; ++j) {
+    __m512i w[B];
+    for (int b = 0; b < B; ++b) w[b] = _mm512_loadu_si512((const void*)(wp + (b * k4 + j) * 4 * LANES));
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, codes + r * kp + 4 * j, 4);
+      const __m512i a = _mm512_set1_epi32(four);
+      for (int b = 0; b < B; ++b) sum[r][b] = _mm512_dpbusd_epi32(sum[r][b], a, w[b]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) _mm512_storeu_si512((void*)(acc[r] + b * LANES), sum[r][b]);
+#elif MASQUANT_ISA == 1
+  // Codes and weights widened to 16 bits; vpmaddwd adds pairs of products exactly (|q * w| <= 255 * 128), so each
+  // int32 lane holds half of an output's sum: quarter c of a block (outputs 4c .. 4c + 3) as pairs of lanes.
+  __m256i sum[R][B][4];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b)
+      for (int c = 0; c < 4; ++c) sum[r][b][c] = _mm256_setzero_si256();
+  for (int64_t j = 0; j < k4; ++j) {
+    __m256i w[B][4];
+    for (int b = 0; b < B; ++b)
+      for (int c = 0; c < 4; ++c)
+        w[b][c] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wp + (b * k4 + j) * 4 * LANES + 16 * c)));
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, codes + r * kp + 4 * j, 4);
+      const __m256i a = _mm256_cvtepu8_epi16(_mm_set1_epi32(four));  // q0 q1 q2 q3, four times, as int16
+      for (int b = 0; b < B; ++b)
+        for (int c = 0; c < 4; ++c) sum[r][b][c] = _mm256_add_epi32(sum[r][b][c], _mm256_madd_epi16(w[b][c], a));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b)
+      for (int c = 0; c < 4; ++c) {
+        uint32_t pairs[8];
+        _mm256_storeu_si256((__m256i*)pairs, sum[r][b][c]);
+        for (int i = 0; i < 4; ++i) acc[r][b * LANES + 4 * c + i] = (int32_t)(pairs[2 * i] + pairs[2 * i + 1]);
+      }
+#else
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < B * LANES; ++i) acc[r][i] = 0;
+  for (int b = 0; b < B; ++b)
+    for (int64_t j = 0; j < k4; ++j) {
+      const int8_t* w = wp + (b * k4 + j) * 4 * LANES;
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* q = codes + r * kp + 4 * j;
+        uint32_t* out = (uint32_t*)acc[r] + b * LANES;
+        for (int i = 0; i < LANES; ++i)
+          for (int c = 0; c < 4; ++c) out[i] += (uint32_t)((int32_t)q[c] * (int32_t)w[4 * i + c]);
+      }
+    }
+#endif
+}
+
+// tile<R, nb> for nb <= B (only the block counts this instruction set uses are instantiated).
+template <int R, int B = BLOCKS>
+static void tile_blocks(int64_t nb, const uint8_t* codes, int64_t kp, const int8_t* wp, int64_t k4,
+                        int32_t (*acc)[BLOCKS * LANES]) {
+  if constexpr (B > 1) {
+    if (nb < B) return tile_blocks<R, B - 1>(nb, codes, kp, wp, k4, acc);
+  }
+  tile<R, B>(codes, kp, wp, k4, acc);
+}
+
+// Rows r0 .. r0 + R of y for the outputs of blocks b0 .. b0 + nb.
+template <int R>
+static void rows_tile(const Layer* l, const uint8_t* codes, int64_t kp, const float* t, int64_t b0, int64_t nb,
+                      float* y) {
+  const int64_t n = l->n;
+  const int8_t* wp = l->wp + b0 * l->k4 * 4 * LANES;
+  int32_t acc[ROWS][BLOCKS * LANES];
+  tile_blocks<R>(nb, codes, kp, wp, l->k4, acc);
+  const int64_t o0 = b0 * LANES, o1 = (o0 + nb * LANES < n) ? o0 + nb * LANES : n;
+  for (int r = 0; r < R; ++r) {
+    float* yr = y + r * n;
+    for (int64_t o = o0; o < o1; ++o) {
+      const int32_t dot = (int32_t)((uint32_t)acc[r][o - o0] - 128u * (uint32_t)l->wsum[o]);
+      const float v = ((float)dot * t[r]) * l->ws[o * l->ws_stride];
+      yr[o] = l->bias ? v + l->bias[o] : v;
+    }
+  }
+}
+
+// rows_tile<left> for the last left < ROWS rows.
+template <int R = ROWS - 1>
+static void rows_left(int64_t left, const Layer* l, const uint8_t* codes, int64_t kp, const float* t, int64_t b0,
+                      int64_t nb, float* y) {
+  if constexpr (R > 1) {
+    if (left < R) return rows_left<R - 1>(left, l, codes, kp, t, b0, nb, y);
+  }
+  if constexpr (R >= 1) rows_tile<R>(l, codes, kp, t, b0, nb, y);
+}
+
+// Returns 0, or 1 when an id is not a row of the smoothing table (nothing is written then).
+extern "C" int masquant_layer(const Layer* l, const float* x, const int64_t* ids, int64_t m, float* y) {
+  const int64_t k = l->k, kp = 4 * l->k4, n = l->n;
+  if (ids)
+    for (int64_t r = 0; r < m; ++r)
+      if (ids[r] < 0 || ids[r] >= l->vectors) return 1;
+  uint8_t* codes = new uint8_t[m * kp];
+  float* t = new float[m];
+  float* xs = l->smooth ? new float[k] : nullptr;
+  for (int64_t r = 0; r < m; ++r)
+    quantize_row(l, x + r * k, l->smooth ? l->smooth + (ids ? ids[r] : 0) * k : nullptr, xs, codes + r * kp, t + r);
+  // Output tiles outside, rows inside: each tile's weights are read from memory once and reused from cache.
+  const int64_t blocks = (n + LANES - 1) / LANES;
+  for (int64_t b0 = 0; b0 < blocks; b0 += BLOCKS) {
+    const int64_t nb = blocks - b0 < BLOCKS ? blocks - b0 : BLOCKS;
+    int64_t r = 0;
+    for (; r + ROWS <= m; r += ROWS) rows_tile<ROWS>(l, codes + r * kp, kp, t + r, b0, nb, y + r * n);
+    if (r < m) rows_left(m - r, l, codes + r * kp, kp, t + r, b0, nb, y + r * n);
+  }
+  delete[] codes;
+  delete[] t;
+  delete[] xs;
+  return 0;
+}
