@@ -67,6 +67,49 @@ def test_native_kernel_is_bit_identical_to_the_eager_kernels(m, k, n, bits, per_
 
 
 @needs_native
+@pytest.mark.parametrize(("m", "k", "n", "rank"), [(1, 1, 1, 1), (5, 7, 70, 5), (9, 64, 33, 16), (13, 256, 130, 33),
+                                                   (37, 40, 256, 70)])
+def test_native_patches_are_the_low_rank_products_of_their_rows(m, k, n, rank, kernel_library):
+    """Patches in the native call: each row whose id has a patch gets ``(x @ down) @ up`` added (x
+    unsmoothed: the smoothing is folded into ``down``), equal to the products in float64 to float32
+    rounding, on every instruction set (row tails, masked rank and output chunks, runs of ids);
+    rows of other ids, and every row of a call without ids, are the integer linear alone, bit for
+    bit. The same rows give the same values whichever call they are in (fixed summation order)."""
+    from masquant import native
+
+    g = torch.Generator().manual_seed(m + k + n + rank)
+    x = torch.randn(m, k, generator=g)
+    weight = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    scale, sums = torch.rand(n, 1, generator=g) + 0.1, weight.sum(1, dtype=torch.int32)
+    bias = torch.randn(n, generator=g)
+    table = torch.rand(3, k, generator=g) + 0.25
+    factors = {row: (torch.randn(k, rank, generator=g), torch.randn(rank, n, generator=g)) for row in (1, 2)}
+    ids = torch.randint(0, 3, (m,), generator=g)
+    if m > 3:
+        ids[1:4] = 1  # a run of one modality's rows
+    unpatched = native.Plan(weight, weight, scale, bias, table, 8, sums, lib=kernel_library)(x, ids)
+    plan = native.Plan(weight, weight, scale, bias, table, 8, sums, lib=kernel_library, patches=factors)
+    got = plan(x, ids)
+    expected = unpatched.double()
+    for row, (down, up) in factors.items():
+        rows = ids == row
+        expected[rows] += (x[rows].double() @ down.double()) @ up.double()
+    text = ids == 0
+    assert torch.equal(got[text], unpatched[text])
+    tol = 1e-5 * float(expected.abs().max()) * max(k, rank) ** 0.5
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=tol)
+    if (~text).any():
+        assert float((got - unpatched).abs().max()) > 100 * tol  # (the patches are there)
+    assert torch.equal(plan(x), native.Plan(weight, weight, scale, bias, table, 8, sums, lib=kernel_library)(x))
+    for r in range(m):  # one row at a time: the same values
+        assert torch.equal(plan(x[r:r + 1].contiguous(), ids[r:r + 1]), got[r:r + 1])
+    with pytest.raises(ValueError, match="patch factors must be float32"):
+        native.Plan(weight, weight, scale, bias, table, 8, sums, patches={1: (factors[1][0].double(), factors[1][1])})
+    with pytest.raises(ValueError, match="smoothing table has 0 rows"):
+        native.Plan(weight, weight, scale, bias, None, 8, sums, patches=factors)
+
+
+@needs_native
 def test_ids_outside_the_smoothing_table_are_an_error():
     """An id that names no smoothing vector is refused before anything is read (no read past the table)."""
     from masquant import native
@@ -96,14 +139,22 @@ def native_calls(monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize("w_bits", [8, 4])
-def test_the_native_kernel_gives_the_eager_model(w_bits, monkeypatch, native_calls):
-    """A quantized model with patches and routing prefills (text and image rows: routed smoothing,
+@pytest.mark.parametrize("patched", [False, True])
+def test_the_native_kernel_gives_the_eager_model(w_bits, patched, monkeypatch, native_calls):
+    """A quantized model with routing (and patches) prefills (text and image rows: routed smoothing,
     patches added to the image rows) and decodes (one text token at a time) through the native
-    kernel to exactly the logits it gives with MASQUANT_NATIVE=0."""
+    kernel to the logits it gives with MASQUANT_NATIVE=0: exactly without patches, to float32
+    rounding with them (the native patch products sum in another order than MKL's)."""
     from masquant import speed
 
     calls = native_calls
     model = speed.synthetic_quantize(masquant.tiny.tiny_qwen2_5_vl(hidden=64, layers=2), w_bits, rank=4)
+    patched_layers = [layer for layer in model.modules() if getattr(layer, "patches", None)]
+    for layer in patched_layers:
+        for patch in layer.patches.values():
+            patch.l1.mul_(30)  # (patches large enough to matter: synthetic ones are small)
+        if not patched:
+            layer.patches.clear()  # (routed smoothing alone)
     sample = masquant.tiny.tiny_sample(0, "vl")
     with torch.no_grad():
         fast = model.generate(**sample, max_new_tokens=3, do_sample=False, output_logits=True,
@@ -115,9 +166,19 @@ def test_the_native_kernel_gives_the_eager_model(w_bits, monkeypatch, native_cal
         eager = model.generate(**sample, max_new_tokens=3, do_sample=False, output_logits=True,
                                return_dict_in_generate=True)
         assert not calls
+        if patched:
+            with_patches = model(**sample).logits
     assert torch.equal(fast.sequences, eager.sequences)
     for a, b in zip(fast.logits, eager.logits, strict=True):
-        assert torch.equal(a, b)
+        if patched:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+        else:
+            assert torch.equal(a, b)
+    if patched:  # (the patches moved the logits far more than the tolerance)
+        for layer in patched_layers:
+            layer.patches.clear()
+        with torch.no_grad():
+            assert float((model(**sample).logits - with_patches).abs().max()) > 1e-3 * float(with_patches.abs().max())
 
 
 def test_a_failing_native_build_falls_back_to_the_eager_kernels(monkeypatch, tmp_path, caplog):
@@ -323,3 +384,39 @@ def test_a_plan_follows_storage_moved_under_the_same_tensor():
         layer.qweight.scale.share_memory_()
         after = layer(x)
     assert layer._plan is not plan and torch.equal(before, after)
+
+
+@needs_native
+def test_a_plan_follows_its_layers_patches_and_smoothing(monkeypatch):
+    """A plan folds the patches with the smoothing table once: a patch changed in place, a new
+    patch or a new smoothing table (set_smoothing) binds a new plan, with the general path's values."""
+    from masquant import native, speed, tiny
+    from masquant.modality import Modality
+
+    torch.manual_seed(0)
+    model = speed.synthetic_quantize(tiny.tiny_qwen2_5_vl(hidden=64, layers=1), 8, rank=4)
+    layer = next(m for m in model.modules() if getattr(m, "patches", None))
+    sample = tiny.tiny_sample(0, "vl")
+
+    def both():
+        with torch.no_grad():
+            fast = model(**sample).logits
+            monkeypatch.setenv("MASQUANT_NATIVE", "0")
+            eager = model(**sample).logits
+            monkeypatch.delenv("MASQUANT_NATIVE")
+        torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
+        return fast
+
+    before, plan = both(), layer._plan
+    assert isinstance(plan, native.Plan) and plan.tensors[-1] is not None
+    layer.patches["vision"].l1.mul_(50)
+    changed = both()
+    assert layer._plan is not plan and not torch.equal(before, changed)
+    layer.add_patch(Modality.VISION, torch.randn(64, 2), torch.randn(2, layer.out_features))
+    assert not torch.equal(both(), changed)
+    smooth = layer.smooth.clone()
+    smooth[int(Modality.VISION)] *= 2
+    plan = layer._plan
+    layer.set_smoothing(smooth)
+    both()
+    assert layer._plan is not plan

@@ -2,6 +2,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 // The instruction set the dot products use: 2 = AVX-512 VNNI (dpbusd), 1 = AVX2 (16-bit products, vpmaddwd), 0 = plain
 // C++ loops. MASQUANT_NO_VNNI and MASQUANT_PORTABLE force the lower ones (tests build all three where the CPU can).
 #if !defined(MASQUANT_PORTABLE) && !defined(MASQUANT_NO_VNNI) && defined(__AVX512VNNI__) && defined(__AVX512BW__) \
@@ -26,10 +27,15 @@
 // zero weights. One dpbusd adds 4 products to each of 16 outputs of one row; a tile of up to ROWS rows x BLOCKS
 // blocks keeps its sums in registers while its weights are read once.
 
-// A layer's arguments, bound once (Plan): the call passes one pointer to them.
+// One modality's low-rank patch (MASQuant's compensation): y[r] += (x[r] . down) . up for the rows whose id names it,
+// x the unsmoothed rows (the modality's smoothing vector is folded into down), down [k, rank], up [rank, n] float32.
+struct Patch { const float* down; const float* up; int64_t rank; };
+
+// A layer's arguments, bound once (Plan): the call passes one pointer to them. patches (or null) has one entry per
+// row of the smoothing table (rank 0: no patch).
 struct Layer {
   int64_t k; int64_t k4; const float* smooth; int64_t vectors; int64_t qmax; const int8_t* wp; const int32_t* wsum;
-  int64_t n; const float* ws; int64_t ws_stride; const float* bias; double eps;
+  int64_t n; const float* ws; int64_t ws_stride; const float* bias; double eps; const Patch* patches;
 };
 
 #if MASQUANT_ISA == 2
@@ -128,7 +134,9 @@ static void tile(const uint8_t* codes, int64_t kp, const int8_t* wp, int64_t k4,
       for (int b = 0; b < B; ++b) sum[r][b] = _mm512_dpbusd_epi32(sum[r][b], a, w[b]);
     }
   }
+#pragma GCC unroll 4  // (unrolled, so that the sums stay in registers)
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
     for (int b = 0; b < B; ++b) _mm512_storeu_si512((void*)(acc[r] + b * LANES), sum[r][b]);
 #elif MASQUANT_ISA == 1
   // Codes and weights widened to 16 bits; vpmaddwd adds pairs of products exactly (|q * w| <= 255 * 128), so each
@@ -212,7 +220,100 @@ static void rows_left(int64_t left, const Layer* l, const uint8_t* codes, int64_
   if constexpr (R >= 1) rows_tile<R>(l, codes, kp, t, b0, nb, y);
 }
 
-// Returns 0, or 1 when an id is not a row of the smoothing table (nothing is written then).
+// out[r][c] = (add ? out[r][c] : 0) + sum_j a[r][j] * b[j][c], for rows x w outputs, b [kk, w] row-major: each sum
+// over j in ascending order from 0 (fused multiply-adds on AVX-512, a product then an addition elsewhere), so a patch
+// gives the same values whatever the number of rows, and on every call.
+#if MASQUANT_ISA == 2
+template <int R, int C>
+static void fgemm_tile(const float* a, int64_t lda, const float* b, int64_t kk, int64_t w, int64_t c0, float* out,
+                       int64_t ldo, bool add) {
+  __m512 acc[R][C];
+  __mmask16 mask[C];
+  for (int c = 0; c < C; ++c) {
+    const int64_t left = w - c0 - 16 * c;
+    mask[c] = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    for (int r = 0; r < R; ++r) acc[r][c] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < kk; ++j) {
+    __m512 bv[C];
+    for (int c = 0; c < C; ++c) bv[c] = _mm512_maskz_loadu_ps(mask[c], b + j * w + c0 + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + j]);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(av, bv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 4  // (unrolled, so that the sums stay in registers: not stored to the stack at every step)
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      float* o = out + r * ldo + c0 + 16 * c;
+      const __m512 v = add ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask[c], o), acc[r][c]) : acc[r][c];
+      _mm512_mask_storeu_ps(o, mask[c], v);
+    }
+}
+
+// fgemm_tile<R, chunks> for chunks <= C and R rows.
+template <int R, int C = 4>
+static void fgemm_chunks(int64_t chunks, const float* a, int64_t lda, const float* b, int64_t kk, int64_t w,
+                         int64_t c0, float* out, int64_t ldo, bool add) {
+  if constexpr (C > 1) {
+    if (chunks < C) return fgemm_chunks<R, C - 1>(chunks, a, lda, b, kk, w, c0, out, ldo, add);
+  }
+  fgemm_tile<R, C>(a, lda, b, kk, w, c0, out, ldo, add);
+}
+
+// ... for rows <= R rows.
+template <int R = 4>
+static void fgemm_rows(int64_t rows, int64_t chunks, const float* a, int64_t lda, const float* b, int64_t kk,
+                       int64_t w, int64_t c0, float* out, int64_t ldo, bool add) {
+  if constexpr (R > 1) {
+    if (rows < R) return fgemm_rows<R - 1>(rows, chunks, a, lda, b, kk, w, c0, out, ldo, add);
+  }
+  fgemm_chunks<R>(chunks, a, lda, b, kk, w, c0, out, ldo, add);
+}
+
+static void fgemm(const float* a, int64_t lda, int64_t rows, const float* b, int64_t kk, int64_t w, float* out,
+                  int64_t ldo, bool add) {
+  for (int64_t c0 = 0; c0 < w; c0 += 64) {  // 4 x 16 outputs, 4 rows at a time: 16 zmm sums
+    const int64_t chunks = ((w - c0 < 64 ? w - c0 : 64) + 15) / 16;
+    for (int64_t r0 = 0; r0 < rows; r0 += 4)
+      fgemm_rows(rows - r0 < 4 ? rows - r0 : 4, chunks, a + r0 * lda, lda, b, kk, w, c0, out + r0 * ldo, ldo, add);
+  }
+}
+#else
+static void fgemm(const float* a, int64_t lda, int64_t rows, const float* b, int64_t kk, int64_t w, float* out,
+                  int64_t ldo, bool add) {
+  for (int64_t c0 = 0; c0 < w; c0 += 64) {
+    const int64_t cw = w - c0 < 64 ? w - c0 : 64;
+    for (int64_t r = 0; r < rows; ++r) {
+      float acc[64] = {0.0f};
+      for (int64_t j = 0; j < kk; ++j) {
+        const float av = a[r * lda + j];
+        const float* bj = b + j * w + c0;
+        for (int64_t c = 0; c < cw; ++c) acc[c] += av * bj[c];
+      }
+      float* o = out + r * ldo + c0;
+      for (int64_t c = 0; c < cw; ++c) o[c] = add ? o[c] + acc[c] : acc[c];
+    }
+  }
+}
+#endif
+
+// Adds each run of consecutive rows' patch (the rows of one modality, in order) to y.
+static void add_patches(const Layer* l, const float* x, const int64_t* ids, int64_t m, float* y) {
+  std::vector<float> u;
+  for (int64_t r = 0, e; r < m; r = e) {
+    for (e = r + 1; e < m && ids[e] == ids[r];) ++e;
+    const Patch& p = l->patches[ids[r]];
+    if (p.rank <= 0) continue;
+    u.resize((e - r) * p.rank);
+    fgemm(x + r * l->k, l->k, e - r, p.down, l->k, p.rank, u.data(), p.rank, false);  // [rows, rank]
+    fgemm(u.data(), p.rank, e - r, p.up, p.rank, l->n, y + r * l->n, l->n, true);
+  }
+}
+
+// y = the rows' integer linear, plus each row's patch when ids are given and the layer has patches. Returns 0, or 1
+// when an id is not a row of the smoothing table (nothing is written then).
 extern "C" int masquant_layer(const Layer* l, const float* x, const int64_t* ids, int64_t m, float* y) {
   const int64_t k = l->k, kp = 4 * l->k4, n = l->n;
   if (ids)
@@ -231,6 +332,7 @@ extern "C" int masquant_layer(const Layer* l, const float* x, const int64_t* ids
     for (; r + ROWS <= m; r += ROWS) rows_tile<ROWS>(l, codes + r * kp, kp, t + r, b0, nb, y + r * n);
     if (r < m) rows_left(m - r, l, codes + r * kp, kp, t + r, b0, nb, y + r * n);
   }
+  if (ids && l->patches) add_patches(l, x, ids, m, y);
   delete[] codes;
   delete[] t;
   delete[] xs;

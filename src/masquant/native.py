@@ -7,12 +7,15 @@ arithmetic, set the time: about 35 us for one token through a 256 x 256 linear o
 CPU, where the FP32 ``nn.Linear`` takes 8 us. ``int_linear`` (and ``Plan``, which binds a
 layer's tensors once) does the same arithmetic in one call of a small C++ function: each row's
 codes (after dividing it by its modality's smoothing vector), the int8 dot products (AVX-512
-VNNI on a weight packed for it, ``pack``; plain loops elsewhere) and the epilogue,
+VNNI on a weight packed for it, ``pack``; plain loops elsewhere), the epilogue and the patches,
 single-threaded.
 
 The values are bit-identical to the eager kernels' (``kernels.quantize_tokens`` then
 ``kernels.int_linear``): the same float32 operations in the same order, compiled without
-contracting multiplies and adds into FMAs; the integer sums are exact either way.
+contracting multiplies and adds into FMAs; the integer sums are exact either way. A layer's
+low-rank patches (MASQuant) are added in the same call, to the rows of their modality: two small
+float32 products in a fixed order, which differ from the eager path's MKL products in the last
+bits (about 1e-7 relative) but not between calls or row counts.
 
 The library is compiled once per machine with the C++ compiler that ``torch.compile`` uses
 (``CXX``, ``g++`` or ``clang++``), for this CPU (``-march=native``), and cached under
@@ -115,25 +118,38 @@ def int_linear(rows: torch.Tensor, bits: int, weight: torch.Tensor, weight_scale
     return Plan(w, w, scale, b, None, bits, wsum, packed)(rows.float().contiguous())
 
 
+class _Patch(ctypes.Structure):  # the C++ side's ``Patch``
+    _fields_ = [("down", ctypes.c_void_p), ("up", ctypes.c_void_p), ("rank", ctypes.c_int64)]
+
+
 class _Layer(ctypes.Structure):  # the C++ side's ``Layer``
     _fields_ = [("k", ctypes.c_int64), ("k4", ctypes.c_int64), ("smooth", ctypes.c_void_p),
                 ("vectors", ctypes.c_int64), ("qmax", ctypes.c_int64), ("wp", ctypes.c_void_p),
                 ("wsum", ctypes.c_void_p), ("n", ctypes.c_int64), ("ws", ctypes.c_void_p),
-                ("ws_stride", ctypes.c_int64), ("bias", ctypes.c_void_p), ("eps", ctypes.c_double)]
+                ("ws_stride", ctypes.c_int64), ("bias", ctypes.c_void_p), ("eps", ctypes.c_double),
+                ("patches", ctypes.c_void_p)]
 
 
 class Plan:
     """One float32 linear's native calls with its static arguments bound once: the packed int8
-    codes, weight scales, bias and (optionally) a table of smoothing vectors ``[vectors, k]``
-    (rows divided by row 0, or by the row each call's ``ids`` names), held here so that the
-    pointers stay valid. ``current`` says whether the layer still holds these very tensors (a
-    move with ``.to()``, a reassigned buffer or repacked codes need a new plan)."""
+    codes, weight scales, bias, (optionally) a table of smoothing vectors ``[vectors, k]`` (rows
+    divided by row 0, or by the row each call's ``ids`` names) and low-rank patches by table row
+    (``{row: (down [k, r], up [r, n])}``, float32, the smoothing folded into ``down``: each call
+    with ``ids`` adds ``(x @ down) @ up`` to the rows of that id), held here so that the pointers
+    stay valid. ``current`` says whether the layer still holds these very tensors (a move with
+    ``.to()``, a reassigned buffer or repacked codes need a new plan; ``key`` is whatever else the
+    caller wants compared, e.g. the patches' versions).
 
-    __slots__ = ("_fn", "_layer", "_out", "_ptrs", "_ref", "tensors", "version")
+    The patch products are float32 sums in a fixed order (ascending inputs, then ascending rank;
+    fused multiply-adds on AVX-512), not MKL's: a patched row differs from the eager path's in the
+    last bits. Everything else is bit-identical to the eager kernels."""
+
+    __slots__ = ("_fn", "_layer", "_out", "_ptrs", "_ref", "key", "tensors", "version")
 
     def __init__(self, codes: torch.Tensor, stored: torch.Tensor, weight_scale: torch.Tensor,
                  bias: torch.Tensor | None, smooth: torch.Tensor | None, bits: int, row_sums: torch.Tensor,
-                 packed: torch.Tensor | None = None, lib: ctypes.CDLL | None = None):
+                 packed: torch.Tensor | None = None, lib: ctypes.CDLL | None = None,
+                 patches: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, key: object = None):
         devices = {t.device.type for t in (codes, weight_scale, bias, smooth, row_sums) if t is not None}
         if devices != {"cpu"}:
             raise ValueError(f"a CPU input reached a layer with tensors on {sorted(devices - {'cpu'})}: move the model "
@@ -144,26 +160,30 @@ class Plan:
                 raise ValueError(f"the native kernel reads {name} as contiguous float32, got {t.dtype}")
         wsum, packed = row_sums.contiguous(), pack(codes) if packed is None else packed
         table = None if smooth is None else smooth.reshape(-1, k)
-        self.tensors = (stored, weight_scale, bias, smooth, packed, wsum, table)
+        patch_table = _patch_table(patches or {}, 0 if table is None else table.shape[0], k, n)
+        self.tensors = (stored, weight_scale, bias, smooth, packed, wsum, table, patch_table)
         self.version = stored._version
+        self.key = key
         self._ptrs = _pointers(stored, weight_scale, bias, smooth)
         self._fn = (lib or library()).masquant_layer
         self._out = n
         self._layer = _Layer(k, -(-k // 4), None if table is None else table.data_ptr(),
                              0 if table is None else table.shape[0], 2 ** (bits - 1) - 1, packed.data_ptr(),
                              wsum.data_ptr(), n, weight_scale.data_ptr(), 1 if weight_scale.numel() == n else 0,
-                             None if bias is None else bias.data_ptr(), EPS)
+                             None if bias is None else bias.data_ptr(), EPS,
+                             None if patch_table is None else ctypes.addressof(patch_table[0]))
         self._ref = ctypes.byref(self._layer)
 
     def current(self, stored: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                smooth: torch.Tensor | None) -> bool:
+                smooth: torch.Tensor | None, key: object = None) -> bool:
         t = self.tensors  # (the same tensors, unchanged, at the same addresses: share_memory_() moves storage)
         return t[0] is stored and self.version == stored._version and t[1] is weight_scale and t[2] is bias \
-            and t[3] is smooth and self._ptrs == _pointers(stored, weight_scale, bias, smooth)
+            and t[3] is smooth and self.key == key and self._ptrs == _pointers(stored, weight_scale, bias, smooth)
 
     def __call__(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``rows [..., k]`` float32, contiguous, on the CPU -> ``[..., n]``; ``ids`` (int64, one per
-        row, contiguous) picks each row's smoothing vector (row 0 of the table for all when None)."""
+        """``rows [..., k]`` float32, contiguous, on the CPU -> ``[..., n]``; ``ids`` (one per row)
+        picks each row's smoothing vector and patch (row 0 of the table for all, and no patch, when
+        None)."""
         shape = rows.shape
         if shape[-1] != self._layer.k or not rows.is_contiguous() or rows.dtype != torch.float32:
             raise ValueError(f"the native kernel takes contiguous float32 rows of {self._layer.k} features, got "
@@ -181,6 +201,27 @@ class Plan:
 
     def __reduce__(self):  # copies and pickles of a layer drop the plan (raw pointers); it is rebuilt on use
         return _no_plan, ()
+
+
+def _patch_table(patches: dict[int, tuple[torch.Tensor, torch.Tensor]], vectors: int, k: int, n: int):
+    """The C++ ``Patch`` entries, one per row of the smoothing table (rank 0 where no patch), and
+    the contiguous float32 factors they point to (kept alive with them); None without patches."""
+    if not patches:
+        return None
+    entries, held = (_Patch * vectors)(), []
+    for row, (down, up) in patches.items():
+        if not 0 <= row < vectors:
+            raise ValueError(f"a patch for table row {row}, but the smoothing table has {vectors} rows (a patched "
+                             "layer needs its table: patches are picked by the same ids)")
+        rank = down.shape[-1]
+        if down.shape != (k, rank) or up.shape != (rank, n) or {down.dtype, up.dtype} != {torch.float32} \
+                or not (down.is_cpu and up.is_cpu):
+            raise ValueError(f"patch factors must be float32 CPU tensors [{k}, r] and [r, {n}], got {down.dtype} "
+                             f"{tuple(down.shape)} and {up.dtype} {tuple(up.shape)}")
+        down, up = down.contiguous(), up.contiguous()
+        held += [down, up]
+        entries[row] = _Patch(down.data_ptr(), up.data_ptr(), rank)
+    return entries, held
 
 
 def _pointers(*tensors: torch.Tensor | None) -> tuple[int, ...]:

@@ -138,6 +138,17 @@ def _project(x: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
 
 
 _MODALITY_INDEX = {m.name.lower(): int(m) for m in Modality}  # a patch's key -> its row of the table
+
+
+def _patch_key(patches: nn.ModuleDict, smooth: torch.Tensor) -> list:
+    """What a native plan's folded patch factors depend on: the patches and their factors (which
+    tensors, at which versions) and the smoothing table's version (read directly: a few us per
+    call through nn.Module's attribute lookup)."""
+    key = [smooth._version]
+    for name, patch in patches._modules.items():
+        l1, l2 = patch._buffers["l1"], patch._buffers["l2"]
+        key += (name, id(patch), id(l1), l1._version, id(l2), l2._version)
+    return key
 TEXT = int(Modality.TEXT)
 
 
@@ -268,13 +279,13 @@ class QuantLinear(nn.Module):
                 y.index_add_(0, idx, patch(rows.index_select(0, idx), self.smooth[modality]).to(y.dtype))
 
     def _native_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The integer linear as one native call (``native.Plan``; the patches, if any, added as on
-        the general path), or None for the general path: a float32 layer in the integer runtime with
-        symmetric per-row (or per-tensor) weight codes and one weight for all modalities, few
-        enough contiguous float32 rows on the CPU (``native.small``) that the eager kernels would
-        run them (not the fused ones), and not inside ``torch.compile``. Bit-identical to the general
-        path (tested); its point is the fixed cost of a dozen eager ops per call, which sets the time
-        of small layers."""
+        """The integer linear and its patches as one native call (``native.Plan``), or None for the
+        general path: a float32 layer in the integer runtime with symmetric per-row (or per-tensor)
+        weight codes and one weight for all modalities, few enough contiguous float32 rows on the CPU
+        (``native.small``) that the eager kernels would run them (not the fused ones), and not inside
+        ``torch.compile``. Bit-identical to the general path without patches; with them, equal to
+        float32 rounding (the patch products' order; tested). Its point is the fixed cost of a dozen
+        eager ops (and two tiny GEMMs per patch) per call, which sets the time of small layers."""
         if not (self._native_ok and self.runtime == "int" and x.dtype == torch.float32 and x.is_contiguous()
                 and native.usable(x, self.out_features)) \
                 or (x.numel() >= kernels.FUSE_MIN_ELEMENTS and kernels.use_fusion(x)):
@@ -282,24 +293,24 @@ class QuantLinear(nn.Module):
         modules, buffers = self._modules, self._buffers  # (direct: nn.Module's __getattr__ costs a few us here)
         if modules["modality_qweights"]:
             return None
-        patches, ids, by_modality = modules["patches"], None, None
+        patches, ids = modules["patches"], None
         if patches or not self.uniform:
             ids, by_modality = self.router.runs(x)
-            if self.uniform or (len(by_modality) == 1 and TEXT in by_modality):
-                ids = None  # one smoothing vector for every row: the text one
+            if (self.uniform and not patches) or (len(by_modality) == 1 and TEXT in by_modality):
+                ids = None  # one smoothing vector for every row (the text one), and no patch
         weight = modules["qweight"]
         codes, scale = weight._buffers["codes"], weight._buffers["scale"]
-        smooth = None if self.unsmoothed else buffers["smooth"]
+        smooth = None if self.unsmoothed and not patches else buffers["smooth"]  # (patches are picked by table row)
+        key = _patch_key(patches, smooth) if patches else None
         plan = self._plan
-        if plan is None or not plan.current(codes, scale, buffers["bias"], smooth):
+        if plan is None or not plan.current(codes, scale, buffers["bias"], smooth, key):
             if codes.device.type != "cpu":  # (a layer on another device than its input: the general path says so)
                 return None
+            folded = {_MODALITY_INDEX[name]: patch.factors(torch.float32, smooth[_MODALITY_INDEX[name]])
+                      for name, patch in patches.items()}
             plan = self._plan = native.Plan(weight.int8(), codes, scale, buffers["bias"], smooth, self.a_bits,
-                                            weight.row_sums(), weight.native_codes())
-        y = plan(x, ids)  # (any leading shape: the rows are contiguous)
-        if patches and by_modality:
-            self._add_patches(y.view(-1, self.out_features), x.view(-1, self.in_features), by_modality)
-        return y
+                                            weight.row_sums(), weight.native_codes(), patches=folded, key=key)
+        return plan(x, ids)  # (any leading shape: the rows are contiguous)
 
     def _smoothed(self, rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None,
                   by_modality: dict[int, torch.Tensor | slice]) -> torch.Tensor:
