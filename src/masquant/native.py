@@ -138,7 +138,8 @@ class Plan:
     with ``ids`` adds ``(x @ down) @ up`` to the rows of that id), held here so that the pointers
     stay valid. ``current`` says whether the layer still holds these very tensors (a move with
     ``.to()``, a reassigned buffer or repacked codes need a new plan; ``key`` is whatever else the
-    caller wants compared, e.g. the patches' versions).
+    caller wants compared, e.g. the patches' versions, or None not to compare it: a call without
+    ids reads no patch).
 
     The patch products are float32 sums in a fixed order (ascending inputs, then ascending rank;
     fused multiply-adds on AVX-512), not MKL's: a patched row differs from the eager path's in the
@@ -178,7 +179,8 @@ class Plan:
                 smooth: torch.Tensor | None, key: object = None) -> bool:
         t = self.tensors  # (the same tensors, unchanged, at the same addresses: share_memory_() moves storage)
         return t[0] is stored and self.version == stored._version and t[1] is weight_scale and t[2] is bias \
-            and t[3] is smooth and self.key == key and self._ptrs == _pointers(stored, weight_scale, bias, smooth)
+            and t[3] is smooth and (key is None or self.key == key) \
+            and self._ptrs == _pointers(stored, weight_scale, bias, smooth)
 
     def __call__(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """``rows [..., k]`` float32, contiguous, on the CPU -> ``[..., n]``; ``ids`` (one per row)

@@ -301,7 +301,7 @@ class QuantLinear(nn.Module):
         weight = modules["qweight"]
         codes, scale = weight._buffers["codes"], weight._buffers["scale"]
         smooth = None if self.unsmoothed and not patches else buffers["smooth"]  # (patches are picked by table row)
-        key = _patch_key(patches, smooth) if patches else None
+        key = _patch_key(patches, smooth) if patches and ids is not None else None  # (only calls with ids read them)
         plan = self._plan
         if plan is None or not plan.current(codes, scale, buffers["bias"], smooth, key):
             if codes.device.type != "cpu":  # (a layer on another device than its input: the general path says so)
@@ -309,7 +309,8 @@ class QuantLinear(nn.Module):
             folded = {_MODALITY_INDEX[name]: patch.factors(torch.float32, smooth[_MODALITY_INDEX[name]])
                       for name, patch in patches.items()}
             plan = self._plan = native.Plan(weight.int8(), codes, scale, buffers["bias"], smooth, self.a_bits,
-                                            weight.row_sums(), weight.native_codes(), patches=folded, key=key)
+                                            weight.row_sums(), weight.native_codes(), patches=folded,
+                                            key=_patch_key(patches, smooth) if patches else None)
         return plan(x, ids)  # (any leading shape: the rows are contiguous)
 
     def _smoothed(self, rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None,
