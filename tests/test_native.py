@@ -408,7 +408,7 @@ def test_a_plan_follows_its_layers_patches_and_smoothing(monkeypatch):
         return fast
 
     before, plan = both(), layer._plan
-    assert isinstance(plan, native.Plan) and plan.tensors[-1] is not None
+    assert isinstance(plan, native.Plan) and plan._layer.patches
     layer.patches["vision"].l1.mul_(50)
     changed = both()
     assert layer._plan is not plan and not torch.equal(before, changed)
@@ -420,3 +420,95 @@ def test_a_plan_follows_its_layers_patches_and_smoothing(monkeypatch):
     layer.set_smoothing(smooth)
     both()
     assert layer._plan is not plan
+
+
+def _routed_layer(patch_dtype="float16", smooth=None):
+    from masquant.config import QuantConfig
+    from masquant.modality import ModalityRouter
+    from masquant.qlinear import QuantLinear
+
+    router = ModalityRouter({})
+    smooth = torch.rand(3, 64) + 0.5 if smooth is None else smooth
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 48), smooth, QuantConfig(w_bits=8, patch_dtype=patch_dtype),
+                                    router)
+    return layer, router
+
+
+def _native_and_eager(layer, router, monkeypatch, x, ids):
+    with torch.no_grad(), router.scope(ids):
+        fast = layer(x)
+        monkeypatch.setenv("MASQUANT_NATIVE", "0")
+        eager = layer(x)
+        monkeypatch.delenv("MASQUANT_NATIVE")
+    return fast, eager
+
+
+@needs_native
+@pytest.mark.parametrize("change", ["clear", "delete", "re-add", "swap data", "share memory (float32)"])
+def test_a_plan_never_applies_a_patch_the_layer_no_longer_has(change, monkeypatch):
+    """Patches removed, re-added (new tensors, possibly at the old addresses), their storage
+    swapped (``.data``) or moved (``share_memory_`` of float32 factors, which the plan must not
+    read in place): the native call gives the general path's values, never the old patch's."""
+    from masquant.modality import Modality
+
+    torch.manual_seed(0)
+    layer, router = _routed_layer("float32" if change.startswith("share") else "float16")
+    x, ids = torch.randn(1, 6, 64), torch.tensor([[0, 1, 1, 1, 0, 0]])
+    rounds = 50 if change == "re-add" else 1
+    for i in range(rounds):
+        layer.add_patch(Modality.VISION, torch.randn(64, 4) * (i + 1), torch.randn(4, 48))
+        _native_and_eager(layer, router, monkeypatch, x, ids)
+        patch = layer.patches["vision"]
+        if change == "clear":
+            layer.patches.clear()
+        elif change in ("delete", "re-add"):
+            del layer.patches["vision"]
+        elif change == "swap data":
+            patch.l1.data = torch.randn(64, 4, dtype=patch.l1.dtype) * 100
+        else:
+            plan = layer._plan
+            patch.l2.share_memory_()  # (new storage, same tensor, same version: the old one is freed)
+        fast, eager = _native_and_eager(layer, router, monkeypatch, x, ids)
+        torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
+        if change.startswith("share"):
+            storage = patch.l2.untyped_storage().data_ptr()
+            assert layer._plan is not plan
+            assert all(t.untyped_storage().data_ptr() != storage for t in layer._plan.tensors[7][1])
+
+
+@needs_native
+@pytest.mark.parametrize("start", ["ones", "uniform", "routed"])
+def test_a_smoothing_table_edited_in_place_is_read_alike_by_both_paths(start, monkeypatch):
+    """The flags derived from the table (uniform, unsmoothed) follow an in-place edit made without
+    ``set_smoothing`` on the next forward, so the native and general paths agree."""
+    from masquant.modality import Modality
+
+    torch.manual_seed(0)
+    table = {"ones": torch.ones(3, 64), "uniform": (torch.rand(1, 64) + 0.5).repeat(3, 1),
+             "routed": torch.rand(3, 64) + 0.5}[start]
+    layer, router = _routed_layer(smooth=table)
+    layer.add_patch(Modality.VISION, torch.randn(64, 4), torch.randn(4, 48))
+    x, ids = torch.randn(1, 6, 64), torch.tensor([[0, 1, 1, 1, 0, 0]])
+    before, _ = _native_and_eager(layer, router, monkeypatch, x, ids)
+    with torch.no_grad():
+        layer.smooth[int(Modality.VISION)] *= 4
+    fast, eager = _native_and_eager(layer, router, monkeypatch, x, ids)
+    assert not layer.uniform and not torch.equal(fast, before)
+    torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
+
+
+def test_a_text_patch_is_refused_on_every_path():
+    """Text tokens use the stored weight: a layout (checkpoint) or a module dict holding a patch
+    for 'text' is an error, not a patch one path applies and the other skips."""
+    from masquant.config import QuantConfig
+    from masquant.qlinear import LowRankPatch, QuantLinear
+
+    layout = {"in_features": 8, "out_features": 4, "bias": False, "dtype": "float32", "patches": {"text": 2},
+              "modality_weights": []}
+    with pytest.raises(ValueError, match="patches are for the non-text modalities"):
+        QuantLinear.from_layout(layout, QuantConfig(w_bits=8), None)
+    layer, router = _routed_layer()
+    layer.patches["text"] = LowRankPatch(torch.randn(64, 2), torch.randn(2, 48))
+    with torch.no_grad(), router.scope(torch.tensor([[0, 1]])), \
+            pytest.raises(ValueError, match="patches are for the non-text modalities"):
+        layer(torch.randn(1, 2, 64))

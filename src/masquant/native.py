@@ -139,7 +139,7 @@ class Plan:
     stay valid. ``current`` says whether the layer still holds these very tensors (a move with
     ``.to()``, a reassigned buffer or repacked codes need a new plan; ``key`` is whatever else the
     caller wants compared, e.g. the patches' versions, or None not to compare it: a call without
-    ids reads no patch).
+    ids reads no patch; ``hold``: objects the key names, kept alive with the plan).
 
     The patch products are float32 sums in a fixed order (ascending inputs, then ascending rank;
     fused multiply-adds on AVX-512), not MKL's: a patched row differs from the eager path's in the
@@ -150,7 +150,8 @@ class Plan:
     def __init__(self, codes: torch.Tensor, stored: torch.Tensor, weight_scale: torch.Tensor,
                  bias: torch.Tensor | None, smooth: torch.Tensor | None, bits: int, row_sums: torch.Tensor,
                  packed: torch.Tensor | None = None, lib: ctypes.CDLL | None = None,
-                 patches: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, key: object = None):
+                 patches: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, key: object = None,
+                 hold: object = None):
         devices = {t.device.type for t in (codes, weight_scale, bias, smooth, row_sums) if t is not None}
         if devices != {"cpu"}:
             raise ValueError(f"a CPU input reached a layer with tensors on {sorted(devices - {'cpu'})}: move the model "
@@ -162,7 +163,7 @@ class Plan:
         wsum, packed = row_sums.contiguous(), pack(codes) if packed is None else packed
         table = None if smooth is None else smooth.reshape(-1, k)
         patch_table = _patch_table(patches or {}, 0 if table is None else table.shape[0], k, n)
-        self.tensors = (stored, weight_scale, bias, smooth, packed, wsum, table, patch_table)
+        self.tensors = (stored, weight_scale, bias, smooth, packed, wsum, table, patch_table, hold)
         self.version = stored._version
         self.key = key
         self._ptrs = _pointers(stored, weight_scale, bias, smooth)
@@ -220,7 +221,8 @@ def _patch_table(patches: dict[int, tuple[torch.Tensor, torch.Tensor]], vectors:
                 or not (down.is_cpu and up.is_cpu):
             raise ValueError(f"patch factors must be float32 CPU tensors [{k}, r] and [r, {n}], got {down.dtype} "
                              f"{tuple(down.shape)} and {up.dtype} {tuple(up.shape)}")
-        down, up = down.contiguous(), up.contiguous()
+        # (copies: float32 factors can be the layer's own buffers, whose storage may move or change)
+        down, up = (t.clone(memory_format=torch.contiguous_format) for t in (down, up))
         held += [down, up]
         entries[row] = _Patch(down.data_ptr(), up.data_ptr(), rank)
     return entries, held

@@ -140,15 +140,29 @@ def _project(x: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
 _MODALITY_INDEX = {m.name.lower(): int(m) for m in Modality}  # a patch's key -> its row of the table
 
 
-def _patch_key(patches: nn.ModuleDict, smooth: torch.Tensor) -> list:
-    """What a native plan's folded patch factors depend on: the patches and their factors (which
-    tensors, at which versions) and the smoothing table's version (read directly: a few us per
-    call through nn.Module's attribute lookup)."""
-    key = [smooth._version]
+def _patch_row(name: str) -> int:
+    """The table row of the patch named ``name`` (a non-text modality)."""
+    row = _MODALITY_INDEX.get(name)
+    if row is None or row == int(Modality.TEXT):
+        raise ValueError(f"a patch named {name!r}: patches are for the non-text modalities "
+                         f"({', '.join(n for n in _MODALITY_INDEX if n != 'text')}); text tokens use the stored weight")
+    return row
+
+
+def _patch_key(patches: nn.ModuleDict, smooth: torch.Tensor | None) -> tuple:
+    """What a native plan's folded patch factors depend on: which patches (none is a key too), which
+    factor tensors, at which versions and storage addresses, and the smoothing table's version
+    (read directly: nn.Module's attribute lookup costs a few us per call). The plan holds the
+    objects named by id (``_patch_objects``), so no id can be reused while it lives."""
+    key = [-1 if smooth is None else smooth._version]
     for name, patch in patches._modules.items():
         l1, l2 = patch._buffers["l1"], patch._buffers["l2"]
-        key += (name, id(patch), id(l1), l1._version, id(l2), l2._version)
-    return key
+        key += (name, id(patch), id(l1), l1._version, l1.data_ptr(), id(l2), l2._version, l2.data_ptr())
+    return tuple(key)
+
+
+def _patch_objects(patches: nn.ModuleDict) -> list:
+    return [obj for patch in patches.values() for obj in (patch, patch.l1, patch.l2)]
 TEXT = int(Modality.TEXT)
 
 
@@ -172,6 +186,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("smooth", torch.ones(NUM_MODALITIES, in_features))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.uniform, self.unsmoothed = True, True
+        self._flags_of: tuple[torch.Tensor, int] = (self.smooth, self.smooth._version)  # (what the flags describe)
         # the native call (``_native_forward``): possible for this layer's format, and its bound arguments
         self._native_ok = (self.grid.symmetric and self.w_group_size in (0, -1) and self.a_bits < 16
                            and dtype == torch.float32)
@@ -210,9 +225,18 @@ class QuantLinear(nn.Module):
         self._refresh()
 
     def _refresh(self) -> None:
-        """Flags derived from the smoothing table (after ``set_smoothing`` or a state-dict load)."""
+        """Flags derived from the smoothing table (after ``set_smoothing``, a state-dict load, or, on
+        the next forward, any other change of the table: ``_sync_flags``)."""
         self.uniform = bool((self.smooth == self.smooth[:1]).all())
         self.unsmoothed = self.uniform and bool((self.smooth == 1).all())
+        self._flags_of = (self.smooth, self.smooth._version)
+
+    def _sync_flags(self) -> None:
+        """Recompute the flags if the table changed since (edited in place, replaced, moved):
+        both runtime paths read them, and must not read stale ones."""
+        smooth, seen = self._buffers["smooth"], getattr(self, "_flags_of", None)
+        if (seen is None or seen[0] is not smooth or seen[1] != smooth._version) and not smooth.is_meta:
+            self._refresh()  # (a meta table has no values: the forward's device check reports it)
 
     def add_patch(self, modality: Modality, l1: torch.Tensor, l2: torch.Tensor) -> None:
         if modality == Modality.TEXT:
@@ -253,6 +277,7 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} takes {self.in_features} input features, got input of shape "
                              f"{tuple(x.shape)}")
+        self._sync_flags()
         y = self._native_forward(x)
         if y is not None:
             return y
@@ -271,7 +296,7 @@ class QuantLinear(nn.Module):
     def _add_patches(self, y: torch.Tensor, rows: torch.Tensor, by_modality: dict[int, torch.Tensor | slice]) -> None:
         """Each patch's product added to the rows of its modality (no work for the others)."""
         for name, patch in self.patches.items():
-            modality = _MODALITY_INDEX[name]
+            modality = _patch_row(name)
             idx = by_modality.get(modality)
             if isinstance(idx, slice):  # one run of rows: views, the product added in place
                 patch.add_to(y[idx], rows[idx], self.smooth[modality])
@@ -301,16 +326,16 @@ class QuantLinear(nn.Module):
         weight = modules["qweight"]
         codes, scale = weight._buffers["codes"], weight._buffers["scale"]
         smooth = None if self.unsmoothed and not patches else buffers["smooth"]  # (patches are picked by table row)
-        key = _patch_key(patches, smooth) if patches and ids is not None else None  # (only calls with ids read them)
+        key = _patch_key(patches, smooth) if ids is not None else None  # (only calls with ids read patches)
         plan = self._plan
         if plan is None or not plan.current(codes, scale, buffers["bias"], smooth, key):
             if codes.device.type != "cpu":  # (a layer on another device than its input: the general path says so)
                 return None
-            folded = {_MODALITY_INDEX[name]: patch.factors(torch.float32, smooth[_MODALITY_INDEX[name]])
+            folded = {_patch_row(name): patch.factors(torch.float32, smooth[_patch_row(name)])
                       for name, patch in patches.items()}
             plan = self._plan = native.Plan(weight.int8(), codes, scale, buffers["bias"], smooth, self.a_bits,
                                             weight.row_sums(), weight.native_codes(), patches=folded,
-                                            key=_patch_key(patches, smooth) if patches else None)
+                                            key=_patch_key(patches, smooth), hold=_patch_objects(patches))
         return plan(x, ids)  # (any leading shape: the rows are contiguous)
 
     def _smoothed(self, rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None,
@@ -357,6 +382,7 @@ class QuantLinear(nn.Module):
             layer.modality_qweights[name] = IntWeight(layer.out_features, layer.in_features, layer.grid,
                                                       layer.w_group_size)
         for name, rank in layout["patches"].items():
+            _patch_row(name)  # (a layout with a text patch, or an unknown modality, is refused)
             layer.patches[name] = LowRankPatch(torch.zeros(layer.in_features, rank, dtype=layer.patch_dtype),
                                                torch.zeros(rank, layer.out_features, dtype=layer.patch_dtype))
         return layer
