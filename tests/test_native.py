@@ -512,3 +512,17 @@ def test_a_text_patch_is_refused_on_every_path():
     with torch.no_grad(), router.scope(torch.tensor([[0, 1]])), \
             pytest.raises(ValueError, match="patches are for the non-text modalities"):
         layer(torch.randn(1, 2, 64))
+
+
+def test_the_smoothing_flags_check_does_not_break_a_compiled_graph():
+    """``_sync_flags`` reads the table's version counter, on which dynamo cannot guard: inside
+    ``torch.compile`` it steps aside, so a quantized linear still traces as one graph."""
+    import torch._dynamo as dynamo
+
+    from masquant import speed
+
+    torch.manual_seed(0)
+    layer = speed.quant_linear(torch.nn.Linear(64, 32), 8)
+    with torch.no_grad():
+        explained = dynamo.explain(layer)(torch.randn(3, 64))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

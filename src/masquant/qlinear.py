@@ -233,7 +233,10 @@ class QuantLinear(nn.Module):
 
     def _sync_flags(self) -> None:
         """Recompute the flags if the table changed since (edited in place, replaced, moved):
-        both runtime paths read them, and must not read stale ones."""
+        both runtime paths read them, and must not read stale ones. Not inside ``torch.compile``
+        (dynamo cannot guard on a version counter and would break the graph at every linear)."""
+        if torch.compiler.is_compiling():
+            return
         smooth, seen = self._buffers["smooth"], getattr(self, "_flags_of", None)
         if (seen is None or seen[0] is not smooth or seen[1] != smooth._version) and not smooth.is_meta:
             self._refresh()  # (a meta table has no values: the forward's device check reports it)
