@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import masquant
 from masquant import tiny
 
 
@@ -88,3 +89,19 @@ def interrupted_at(method: str, layer: int):
         yield
     finally:
         METHODS[method] = original
+
+
+needs_native = pytest.mark.skipif(masquant.native.library() is None, reason="no C++ compiler on this machine")
+
+
+@pytest.fixture(scope="module", params=["default", "MASQUANT_NO_VNNI", "MASQUANT_PORTABLE"])
+def kernel_library(request):
+    """The kernel as built for this CPU, and the lower instruction sets' code (AVX2 where the CPU
+    has it, plain C++ loops), each built into a separate cached library."""
+    from masquant import native
+
+    if request.param == "default" or native.library() is None:
+        return native.library()
+    lib = native.load(native.find_compiler(), (request.param,))
+    assert lib.isa == (0 if request.param == "MASQUANT_PORTABLE" else min(native.library().isa, 1))
+    return lib

@@ -137,21 +137,20 @@ class Plan:
     (``{row: (down [k, r], up [r, n])}``, float32, the smoothing folded into ``down``: each call
     with ``ids`` adds ``(x @ down) @ up`` to the rows of that id), held here so that the pointers
     stay valid. ``current`` says whether the layer still holds these very tensors (a move with
-    ``.to()``, a reassigned buffer or repacked codes need a new plan; ``key`` is whatever else the
-    caller wants compared, e.g. the patches' versions, or None not to compare it: a call without
-    ids reads no patch; ``hold``: objects the key names, kept alive with the plan).
+    ``.to()``, a reassigned buffer or repacked codes need a new plan), and the same patch factor
+    pairs (the very objects: a caller's cache hands out a new pair when a patch changes; None:
+    not compared, for calls without ids, which read no patch).
 
     The patch products are float32 sums in a fixed order (ascending inputs, then ascending rank;
     fused multiply-adds on AVX-512), not MKL's: a patched row differs from the eager path's in the
     last bits. Everything else is bit-identical to the eager kernels."""
 
-    __slots__ = ("_fn", "_layer", "_out", "_ptrs", "_ref", "key", "tensors", "version")
+    __slots__ = ("_fn", "_layer", "_out", "_ptrs", "_ref", "patches", "tensors", "version")
 
     def __init__(self, codes: torch.Tensor, stored: torch.Tensor, weight_scale: torch.Tensor,
                  bias: torch.Tensor | None, smooth: torch.Tensor | None, bits: int, row_sums: torch.Tensor,
                  packed: torch.Tensor | None = None, lib: ctypes.CDLL | None = None,
-                 patches: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, key: object = None,
-                 hold: object = None):
+                 patches: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
         devices = {t.device.type for t in (codes, weight_scale, bias, smooth, row_sums) if t is not None}
         if devices != {"cpu"}:
             raise ValueError(f"a CPU input reached a layer with tensors on {sorted(devices - {'cpu'})}: move the model "
@@ -163,9 +162,9 @@ class Plan:
         wsum, packed = row_sums.contiguous(), pack(codes) if packed is None else packed
         table = None if smooth is None else smooth.reshape(-1, k)
         patch_table = _patch_table(patches or {}, 0 if table is None else table.shape[0], k, n)
-        self.tensors = (stored, weight_scale, bias, smooth, packed, wsum, table, patch_table, hold)
+        self.tensors = (stored, weight_scale, bias, smooth, packed, wsum, table, patch_table)
         self.version = stored._version
-        self.key = key
+        self.patches = dict(patches or {})  # (the pairs given, held: compared by identity in ``current``)
         self._ptrs = _pointers(stored, weight_scale, bias, smooth)
         self._fn = (lib or library()).masquant_layer
         self._out = n
@@ -177,10 +176,10 @@ class Plan:
         self._ref = ctypes.byref(self._layer)
 
     def current(self, stored: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                smooth: torch.Tensor | None, key: object = None) -> bool:
+                smooth: torch.Tensor | None, patches: dict[int, tuple] | None = None) -> bool:
         t = self.tensors  # (the same tensors, unchanged, at the same addresses: share_memory_() moves storage)
         return t[0] is stored and self.version == stored._version and t[1] is weight_scale and t[2] is bias \
-            and t[3] is smooth and (key is None or self.key == key) \
+            and t[3] is smooth and (patches is None or _same_pairs(self.patches, patches)) \
             and self._ptrs == _pointers(stored, weight_scale, bias, smooth)
 
     def __call__(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,6 +225,10 @@ def _patch_table(patches: dict[int, tuple[torch.Tensor, torch.Tensor]], vectors:
         held += [down, up]
         entries[row] = _Patch(down.data_ptr(), up.data_ptr(), rank)
     return entries, held
+
+
+def _same_pairs(held: dict[int, tuple], given: dict[int, tuple]) -> bool:
+    return held.keys() == given.keys() and all(held[row] is pair for row, pair in given.items())
 
 
 def _pointers(*tensors: torch.Tensor | None) -> tuple[int, ...]:

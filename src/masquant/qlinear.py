@@ -25,117 +25,10 @@ from torch import nn
 
 from . import kernels, native
 from .config import QuantConfig
-from .kernels import int_linear, pack_int4, quantize_tokens, unpack_int4
+from .kernels import int_linear, quantize_tokens
 from .modality import NUM_MODALITIES, Modality, ModalityRouter
-from .primitives import IntGrid, QuantizedWeight, fake_quantize_per_token, group_rows, quantize_weight
-
-
-class IntWeight(nn.Module):
-    """A weight ``[out, in]`` as signed integer codes with scales and zero points:
-    ``W = scale * (codes - zero)`` per row of ``group_rows`` (zero is 0 on symmetric grids).
-
-    Codes of 4 bits or fewer are packed two per byte (``codes`` is then uint8
-    ``[out, ceil(in / 2)]``, see ``kernels.pack_int4``); wider codes are int8. The integer
-    runtime works on the unpacked int8 codes, unpacked once and cached (``int8()``).
-    """
-
-    def __init__(self, out_features: int, in_features: int, grid: IntGrid, group_size: int):
-        super().__init__()
-        self.group_size, self.grid, self.in_features = group_size, grid, in_features
-        self.packed = grid.bits <= 4
-        shape = (out_features, (in_features + 1) // 2) if self.packed else (out_features, in_features)
-        rows = _scale_rows(out_features, in_features, group_size)
-        self.register_buffer("codes", torch.zeros(shape, dtype=torch.uint8 if self.packed else torch.int8))
-        self.register_buffer("scale", torch.ones(rows, 1))
-        self.register_buffer("zero", torch.zeros(rows, 1))
-        self._derived: dict[str, tuple[tuple, torch.Tensor]] = {}  # what ``_cached`` keeps
-
-    @property
-    def offset(self) -> int:
-        """What is subtracted from the grid's codes to make them signed (asymmetric grids)."""
-        return 0 if self.grid.symmetric else 2 ** (self.grid.bits - 1)
-
-    def set(self, qw: QuantizedWeight) -> None:
-        signed = (qw.codes.to(torch.int16) - self.offset).to(torch.int8)
-        self.codes.copy_(pack_int4(signed) if self.packed else signed)
-        self.scale.copy_(qw.scale)
-        self.zero.copy_(qw.zero - self.offset)
-
-    def __setstate__(self, state: dict) -> None:  # (modules pickled before ``_derived`` existed)
-        state.setdefault("_derived", {})
-        super().__setstate__(state)
-
-    def _cached(self, name: str, make) -> torch.Tensor:
-        """``make()``, computed once and kept until the codes change (moved, reloaded, repacked)."""
-        key = (self.codes.data_ptr(), self.codes._version, self.codes.device)
-        hit = self._derived.get(name)
-        if hit is None or hit[0] != key:
-            hit = self._derived[name] = (key, make())
-        return hit[1]
-
-    def int8(self) -> torch.Tensor:
-        """Signed int8 codes ``[out, in]`` (unpacked and cached when stored packed)."""
-        if not self.packed:
-            return self.codes
-        return self._cached("int8", lambda: unpack_int4(self.codes, self.in_features))
-
-    def row_sums(self) -> torch.Tensor:
-        """Each row's sum of signed codes (int32 ``[out]``, for the native kernel), cached like ``int8()``:
-        summing int8 codes costs ~25 ms for an 11008 x 2048 weight, more than a decoding step's GEMV."""
-        return self._cached("sums", lambda: self.int8().sum(1, dtype=torch.int32))
-
-    def native_codes(self) -> torch.Tensor:
-        """The codes in the native kernel's layout (``native.pack``), cached like ``int8()``."""
-        return self._cached("native", lambda: native.pack(self.int8()))
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        codes = self.int8()
-        rows = group_rows(codes.float(), self.group_size)
-        return ((rows - self.zero) * self.scale).reshape(codes.shape).to(dtype)
-
-    def storage_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
-
-
-class LowRankPatch(nn.Module):
-    """``(x / s) @ l1 @ l2`` with ``l1: [in, r]``, ``l2: [r, out]`` (stored in any float dtype,
-    applied in the dtype of ``x``). The smoothing vector ``s`` is folded into ``l1``
-    (``x @ (l1 / s)``), so the patch reads the unsmoothed rows and needs no smoothing pass."""
-
-    def __init__(self, l1: torch.Tensor, l2: torch.Tensor):
-        super().__init__()
-        self.register_buffer("l1", l1)
-        self.register_buffer("l2", l2)
-        self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def factors(self, dtype: torch.dtype, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(l1 / s, l2)`` for inputs of ``dtype``, folded and cast once and cached until a tensor
-        changes (moved, reloaded). ``l1 / s`` is float32 for fp16 inputs: it can exceed fp16's
-        range when ``s`` is small."""
-        key = (dtype, *((t.data_ptr(), t._version, t.device) for t in (self.l1, self.l2, smooth)))
-        if self._cache is None or self._cache[0] != key:
-            work = torch.float32 if dtype == torch.float16 else dtype
-            self._cache = (key, (self.l1.to(work) / smooth.to(work)[:, None], self.l2.to(dtype)))
-        return self._cache[1]
-
-    def down(self, x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
-        """``(x / s) @ l1``: the rank-r projection, ``[rows, r]`` (fp16 inputs: computed in float32)."""
-        return _project(x, self.factors(x.dtype, smooth)[0])
-
-    def forward(self, x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
-        l1, l2 = self.factors(x.dtype, smooth)
-        return _project(x, l1) @ l2
-
-    def add_to(self, y: torch.Tensor, x: torch.Tensor, smooth: torch.Tensor) -> None:
-        """``y += forward(x, smooth)`` in place (``y``: the output rows of ``x``, e.g. a view), the
-        second product accumulated into ``y`` by the GEMM itself."""
-        l1, l2 = self.factors(x.dtype, smooth)
-        y.addmm_(_project(x, l1).to(y.dtype), l2.to(y.dtype))
-
-
-def _project(x: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
-    return (x.to(l1.dtype) @ l1).to(x.dtype)
-
+from .primitives import IntGrid, QuantizedWeight, fake_quantize_per_token, quantize_weight
+from .stored import IntWeight, LowRankPatch  # (also importable from here: pickles made before the split name it)
 
 _MODALITY_INDEX = {m.name.lower(): int(m) for m in Modality}  # a patch's key -> its row of the table
 
@@ -149,20 +42,6 @@ def _patch_row(name: str) -> int:
     return row
 
 
-def _patch_key(patches: nn.ModuleDict, smooth: torch.Tensor | None) -> tuple:
-    """What a native plan's folded patch factors depend on: which patches (none is a key too), which
-    factor tensors, at which versions and storage addresses, and the smoothing table's version
-    (read directly: nn.Module's attribute lookup costs a few us per call). The plan holds the
-    objects named by id (``_patch_objects``), so no id can be reused while it lives."""
-    key = [-1 if smooth is None else smooth._version]
-    for name, patch in patches._modules.items():
-        l1, l2 = patch._buffers["l1"], patch._buffers["l2"]
-        key += (name, id(patch), id(l1), l1._version, l1.data_ptr(), id(l2), l2._version, l2.data_ptr())
-    return tuple(key)
-
-
-def _patch_objects(patches: nn.ModuleDict) -> list:
-    return [obj for patch in patches.values() for obj in (patch, patch.l1, patch.l2)]
 TEXT = int(Modality.TEXT)
 
 
@@ -329,17 +208,23 @@ class QuantLinear(nn.Module):
         weight = modules["qweight"]
         codes, scale = weight._buffers["codes"], weight._buffers["scale"]
         smooth = None if self.unsmoothed and not patches else buffers["smooth"]  # (patches are picked by table row)
-        key = _patch_key(patches, smooth) if ids is not None else None  # (only calls with ids read patches)
+        folded = self._folded_patches(smooth) if ids is not None else None  # (only calls with ids read patches)
         plan = self._plan
-        if plan is None or not plan.current(codes, scale, buffers["bias"], smooth, key):
+        if plan is None or not plan.current(codes, scale, buffers["bias"], smooth, folded):
             if codes.device.type != "cpu":  # (a layer on another device than its input: the general path says so)
                 return None
-            folded = {_patch_row(name): patch.factors(torch.float32, smooth[_patch_row(name)])
-                      for name, patch in patches.items()}
             plan = self._plan = native.Plan(weight.int8(), codes, scale, buffers["bias"], smooth, self.a_bits,
-                                            weight.row_sums(), weight.native_codes(), patches=folded,
-                                            key=_patch_key(patches, smooth), hold=_patch_objects(patches))
+                                            weight.row_sums(), weight.native_codes(),
+                                            patches=self._folded_patches(smooth) if folded is None else folded)
         return plan(x, ids)  # (any leading shape: the rows are contiguous)
+
+    def _folded_patches(self, smooth: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Each patch's float32 ``(l1 / s_m, l2)`` by table row (``LowRankPatch.factors``, cached)."""
+        folded = {}
+        for name, patch in self._modules["patches"]._modules.items():
+            row = _patch_row(name)
+            folded[row] = patch.factors(torch.float32, smooth[row])
+        return folded
 
     def _smoothed(self, rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor | None,
                   by_modality: dict[int, torch.Tensor | slice]) -> torch.Tensor:
@@ -407,16 +292,6 @@ class QuantLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, w{self.grid.bits}"
                 f"{'sym' if self.grid.symmetric else 'asym'}/{group}, a{self.a_bits}, "
                 f"per_modality={not self.uniform}{extras}")
-
-
-def _scale_rows(out_features: int, in_features: int, group_size: int) -> int:
-    if group_size == 0:
-        return out_features
-    if group_size == -1:
-        return 1
-    if in_features % group_size:
-        raise ValueError(f"group size {group_size} does not divide in_features={in_features}")
-    return out_features * (in_features // group_size)
 
 
 def replace_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
