@@ -40,6 +40,36 @@ def test_whitening_factorises_the_covariance():
     assert torch.allclose(t @ t_inv, torch.eye(24, dtype=torch.float64), atol=1e-8)
 
 
+
+@pytest.mark.parametrize("scipy_present", [True, False])
+@pytest.mark.parametrize("out_features", [1600, 600, 200])  # wide (Gram shortcut), square-ish, tall
+def test_large_patches_match_the_svd_optimum(out_features, scipy_present, monkeypatch):
+    """At FAST_MIN input channels and up the patch comes from the leading eigenpairs alone, and
+    a residual more than twice as wide as tall takes its Gram matrix as T (dW^T dW) T^T: both must
+    give the Eckart-Young optimum of the full SVD, its singular values and its energy kept (with
+    or without SciPy, which only changes the eigensolver)."""
+    from masquant import compensation
+
+    if not scipy_present:
+        monkeypatch.setattr(compensation, "_scipy_linalg", lambda: None)
+    features, rank = compensation.FAST_MIN, 24
+    x = anisotropic_activations(tokens=3 * features, features=features, seed=2)
+    delta_w = torch.randn(out_features, features, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    s = torch.rand(features, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) + 0.5
+    patch = low_rank_patch(delta_w, rank, whitener=whitening(x.T @ x, smooth=s))
+    sigma = torch.linalg.svdvals((x / s) @ delta_w.T)  # = singular values of T dW^T
+    optimum = float(sigma[rank:].pow(2).sum().sqrt())
+    assert output_error(x / s, delta_w, patch) == pytest.approx(optimum, rel=1e-9)
+    keep = min(compensation.SPECTRUM_KEEP, out_features)
+    assert torch.allclose(torch.tensor(patch.spectrum, dtype=torch.float64), sigma[:keep], rtol=1e-9)
+    assert patch.energy_kept == pytest.approx(float(sigma[:rank].pow(2).sum() / sigma.pow(2).sum()), rel=1e-9)
+    plain = low_rank_patch(delta_w, rank)  # and the plain-SVD ablation, against torch's SVD
+    u, sv, vh = torch.linalg.svd(delta_w.T, full_matrices=False)
+    assert torch.allclose(plain.l1 @ plain.l2, (u[:, :rank] * sv[:rank]) @ vh[:rank], rtol=0, atol=1e-9 * float(sv[0]))
+    values, kept = compensation.spectrum(delta_w, rank)
+    assert torch.allclose(torch.tensor(values, dtype=torch.float64), sv[:keep], rtol=1e-9)
+    assert kept == pytest.approx(float(sv[:rank].pow(2).sum() / sv.pow(2).sum()), rel=1e-9)
+
 @pytest.mark.reliability(
     case='singular activation covariance without ridge',
     expect='ValueError saying to raise `ridge` or add samples')

@@ -96,6 +96,23 @@ def test_calibration_scaling_rows_time_both_methods_and_feed_the_goals():
     assert "Calibration time by model width and number of samples" in page
 
 
+
+def test_cmc_rows_time_both_eigensolvers_and_restore_the_default(monkeypatch):
+    """The CMC table times the default patch and the full-eigendecomposition one (by lifting
+    ``FAST_MIN`` for that call only), and the page shows their ratio."""
+    from masquant import compensation
+
+    sizes = []
+    real = compensation._top_eigh
+    monkeypatch.setattr(compensation, "_top_eigh", lambda g, c: sizes.append(compensation.FAST_MIN) or real(g, c))
+    rows = speed.cmc_rows({"t": (48, 160)}, rank=4, repeats=1)
+    assert compensation.FAST_MIN == 512 and sizes == [512, float("inf")]  # default, then full, then restored
+    assert rows[0]["in"] == 48 and set(rows[0]["seconds"]) == {"patch", "patch, small-matrix path",
+                                                              "whitening basis", "plain spectrum"}
+    result = {"linear": [], "models": [], "calibration": [], "memory": [], "cmc": rows}
+    page = perf.markdown({**result, "machine": "x", "threads": 1, "torch": "t", "cpu_capability": "c"})
+    assert "| t | " in page and "CMC's float64 linear algebra" in page
+
 def test_a_gpu_page_has_no_empty_calibration_tables():
     """``bench --speed --device cuda`` measures no calibration rows (they are CPU rows): its page
     leaves those sections out rather than printing empty tables."""

@@ -36,6 +36,7 @@ def run_speed(quick: bool = False, device: str = "cpu") -> dict:
         result["calibration_scaling"] = speed.calibration_scaling_rows(((128, 8), (256, 8)) if quick else
                                                                        ((256, 16), (1024, 16), (1024, 64), (1024, 128)))
         result["memory"] = speed.calibration_memory("masquant", (2, 4) if quick else (4, 8))
+        result["cmc"] = speed.cmc_rows({"512>2048": (512, 2048)} if quick else speed.CMC_SHAPES)
     return result
 
 
@@ -121,7 +122,7 @@ def markdown(result: dict) -> str:
                 if "linear_vs_fp16" in r else "- | - | -")
         lines.append(f"| {r['model']} | {r['variant']} | {r['prompt_tokens']} | {r['prefill_ms']:.1f} | "
                      f"{r['decode_ms']:.2f} | {size} |")
-    if result["calibration"] or result["memory"] or result.get("calibration_scaling"):  # CPU rows, not on cuda
+    if any(result.get(k) for k in ("calibration", "memory", "calibration_scaling", "cmc")):  # CPU rows, not cuda
         lines += _calibration_markdown(result)
     return "\n".join(lines)
 
@@ -140,6 +141,18 @@ def _calibration_markdown(result: dict) -> list[str]:
                   "| width | layers | samples | SmoothQuant s | MASQuant s | ratio |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['width']} | {r['layers']} | {r['samples']} | {r['seconds']['smoothquant']:.1f} | "
                   f"{r['seconds']['masquant']:.1f} | {r['ratio']:.1f}x |" for r in result["calibration_scaling"]]
+    if result.get("cmc"):
+        lines += ["", "CMC's float64 linear algebra for one linear (seconds, fastest of two; random residual, "
+                  "rank 32): the whitened patch as computed (leading eigenpairs only, Gram shortcut) and by the path "
+                  "small matrices take (whitened residual formed, full eigendecomposition), the covariance's "
+                  "eigendecomposition (once per group input and modality), and the report's plain-SVD spectrum:", "",
+                  "| shape | patch s | small-matrix path s | speed-up | whitening basis s | "
+                  "plain spectrum s |", "|---|---|---|---|---|---|"]
+        for r in result["cmc"]:
+            sec = r["seconds"]
+            lines.append(f"| {r['shape']} | {sec['patch']:.2f} | {sec['patch, small-matrix path']:.2f} | "
+                         f"{sec['patch, small-matrix path'] / sec['patch']:.2f}x | "
+                         f"{sec['whitening basis']:.2f} | {sec['plain spectrum']:.2f} |")
     lines += ["", "| method | layers | RSS after loading MB | peak RSS MB | calibration on top MB |",
               "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['layers']} | {r['loaded_mb']:.0f} | {r['peak_mb']:.0f} | "

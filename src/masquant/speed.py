@@ -336,6 +336,53 @@ def calibration_scaling_rows(sizes: tuple[tuple[int, int], ...] = ((256, 16), (1
     return rows
 
 
+CMC_SHAPES = {"3B attn 2048>2048": (2048, 2048), "3B up 2048>11008": (2048, 11008), "7B attn 3584>3584": (3584, 3584)}
+
+
+def cmc_rows(shapes: dict[str, tuple[int, int]] = CMC_SHAPES, rank: int = 32, repeats: int = 2) -> list[dict]:
+    """Seconds of CMC's float64 linear algebra for one linear of each shape: a whitened rank-``rank``
+    patch as computed (leading eigenpairs only, Gram shortcut) and by the path matrices under
+    ``compensation.FAST_MIN`` rows take (``A`` formed, full eigendecomposition), the unsmoothed
+    covariance's eigendecomposition (``whitening_basis``, one per group input and modality) and
+    the report's spectrum of the plain variant. Random
+    residual and activations (the cost does not depend on the values); fastest of ``repeats``
+    interleaved runs."""
+    rows = []
+    for name, (k, n) in shapes.items():
+        seconds = _cmc_seconds(k, n, rank, repeats)
+        rows.append({"shape": name, "in": k, "out": n, "rank": rank, "seconds": seconds})
+        log.info("CMC linear algebra, %s: %s", name, {key: f"{v:.2f}s" for key, v in seconds.items()})
+    return rows
+
+
+def _cmc_seconds(k: int, n: int, rank: int, repeats: int) -> dict[str, float]:
+    from . import compensation
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * k, k, generator=g, dtype=torch.float64)
+    cov, delta = x.T @ x, torch.randn(n, k, generator=g) * 1e-2
+    whitener = compensation.whitening(cov, smooth=torch.rand(k, generator=g) + 0.5)
+
+    def full_patch() -> None:
+        saved, compensation.FAST_MIN = compensation.FAST_MIN, math.inf
+        try:
+            compensation.low_rank_patch(delta, rank, whitener=whitener)
+        finally:
+            compensation.FAST_MIN = saved
+
+    jobs = {"patch": lambda: compensation.low_rank_patch(delta, rank, whitener=whitener),
+            "patch, small-matrix path": full_patch,
+            "whitening basis": lambda: compensation.whitening_basis(cov),
+            "plain spectrum": lambda: compensation.spectrum(delta, rank)}
+    seconds = {label: math.inf for label in jobs}
+    for _ in range(repeats):
+        for label, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            seconds[label] = min(seconds[label], time.perf_counter() - start)
+    return seconds
+
+
 RSS_PROBE = """
 import json, sys, torch
 from masquant import QuantConfig, quantize, tiny
