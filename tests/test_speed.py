@@ -110,8 +110,11 @@ def test_cmc_rows_time_both_eigensolvers_and_restore_the_default(monkeypatch):
     assert rows[0]["in"] == 48 and set(rows[0]["seconds"]) == {"patch", "patch, small-matrix path",
                                                               "whitening basis", "plain spectrum"}
     result = {"linear": [], "models": [], "calibration": [], "memory": [], "cmc": rows}
-    page = perf.markdown({**result, "machine": "x", "threads": 1, "torch": "t", "cpu_capability": "c"})
+    page = perf.markdown({**result, "machine": "x", "threads": 1, "torch": "t", "cpu_capability": "c",
+                          "cpu": "Some CPU, without AMX"})
     assert "| t | " in page and "CMC's float64 linear algebra" in page
+    assert page.startswith("Machine: Some CPU, without AMX (x), 1 threads")
+    assert perf.cpu_name().endswith("AMX") or "Linux" not in __import__("platform").system()
 
 def test_a_gpu_page_has_no_empty_calibration_tables():
     """``bench --speed --device cuda`` measures no calibration rows (they are CPU rows): its page

@@ -23,7 +23,7 @@ def run_speed(quick: bool = False, device: str = "cpu") -> dict:
     On CUDA: the linear rows and the wide random model (calibration cost and RSS are CPU rows)."""
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "quick": quick, "device": device,
-              "native": native.describe()}
+              "native": native.describe(), "cpu": cpu_name()}
     if device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name(device)
     result["linear"] = speed.linear_rows(QUICK_SHAPES if quick else speed.LINEAR_SHAPES,
@@ -38,6 +38,24 @@ def run_speed(quick: bool = False, device: str = "cpu") -> dict:
         result["memory"] = speed.calibration_memory("masquant", (2, 4) if quick else (4, 8))
         result["cmc"] = speed.cmc_rows({"512>2048": (512, 2048)} if quick else speed.CMC_SHAPES)
     return result
+
+
+def cpu_name() -> str:
+    """The CPU's model name, and whether it has AMX (int8 / bf16 tile units: what oneDNN's int8
+    GEMM uses on Intel Xeons from Sapphire Rapids on; without it, AVX-512 VNNI or AVX2)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux
+        return name
+    return f"{name}, {'with' if 'amx_int8' in flags else 'without'} AMX"
 
 
 def _find(rows: list[dict], **match) -> dict | None:
@@ -104,7 +122,8 @@ def _bound(fp: dict, free: dict | None, phase: str) -> str:
 
 def markdown(result: dict) -> str:
     where = f" on {result['gpu']}" if result.get("gpu") else ""
-    lines = [f"Machine: {result['machine']}, {result['threads']} threads, torch {result['torch']} "
+    cpu = f"{result['cpu']} ({result['machine']})" if result.get("cpu") else result["machine"]
+    lines = [f"Machine: {cpu}, {result['threads']} threads, torch {result['torch']} "
              f"({result['cpu_capability']}){where}; native kernel: {result.get('native', 'not recorded')}.", "",
              "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g} | {m} | {'yes' if ok else 'no'} |" for g, m, ok in goals(result)]
