@@ -73,12 +73,21 @@ def test_large_patches_match_the_svd_optimum(out_features, scipy_present, monkey
 @pytest.mark.reliability(
     case='singular activation covariance without ridge',
     expect='ValueError saying to raise `ridge` or add samples')
-def test_singular_covariance_needs_a_ridge():
-    x = anisotropic_activations(tokens=5)  # 5 tokens, 24 channels: rank 5
+@pytest.mark.parametrize("features", [24, 512])  # eigendecomposition; Cholesky (FAST_MIN channels and up)
+def test_singular_covariance_needs_a_ridge(features):
+    x = anisotropic_activations(tokens=features // 4, features=features)  # fewer tokens than channels
     with pytest.raises(ValueError, match="raise `ridge`"):
         whitening(x.T @ x)
-    t, _ = whitening(x.T @ x, ridge=1e-4)
-    assert torch.isfinite(t).all()
+    dead = anisotropic_activations(tokens=4 * features, features=features)
+    dead[:, 3] = 0  # a dead channel
+    with pytest.raises(ValueError, match="raise `ridge`"):
+        whitening(dead.T @ dead)
+    t, t_inv = whitening(x.T @ x, ridge=1e-4)
+    assert torch.isfinite(t).all() and torch.isfinite(t_inv).all()
+    cov = dead.T @ dead + 1e-4 * float((dead.T @ dead).diagonal().mean()) * torch.eye(features, dtype=torch.float64)
+    t, t_inv = whitening(dead.T @ dead, ridge=1e-4)
+    assert torch.allclose(t.T @ t, cov, rtol=1e-8, atol=1e-8 * float(cov.abs().max()))
+    assert torch.allclose(t @ t_inv, torch.eye(features, dtype=torch.float64), atol=1e-6)
 
 
 def test_whitening_of_smoothed_activations_from_the_unsmoothed_covariance():

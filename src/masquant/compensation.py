@@ -54,28 +54,39 @@ def whitening(cov: torch.Tensor, ridge: float = 0.0, smooth: torch.Tensor | None
 
 
 def whitening_basis(cov: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Square roots of the eigenvalues and the eigenvectors of ``cov + ridge * mean(diag(cov)) * I``
-    (float64); raises ``ValueError`` when that matrix is singular."""
+    """``T0`` and ``T0^-1`` with ``T0^T T0 = C = cov + ridge * mean(diag(cov)) * I`` (float64);
+    raises ``ValueError`` when ``C`` is singular (its smallest eigenvalue at most
+    ``eps * max eigenvalue * n``).
+
+    Below ``FAST_MIN`` channels ``T0 = Lambda^1/2 U^T`` (``C = U Lambda U^T``). From ``FAST_MIN`` up
+    ``T0 = L^T`` (Cholesky, ``C = L L^T``) and its triangular inverse, with the eigenvalues alone
+    for the check: the same truncations (any ``T`` with ``T^T T = C`` gives them), about 2x
+    faster at 3584 channels than the full eigendecomposition."""
     cov = cov.double()
     n = cov.shape[0]
     damp = ridge * float(cov.diagonal().mean()) if ridge > 0 else 0.0
     cov = cov + damp * torch.eye(n, dtype=cov.dtype, device=cov.device)
-    eigvals, eigvecs = torch.linalg.eigh(cov)
+    fast = n >= FAST_MIN
+    eigvals, eigvecs = (torch.linalg.eigvalsh(cov), None) if fast else torch.linalg.eigh(cov)
     floor = torch.finfo(torch.float64).eps * max(float(eigvals.max()), 1e-300) * n
-    if float(eigvals.min()) <= floor:
+    lower, info = torch.linalg.cholesky_ex(cov) if fast else (None, 0)
+    if float(eigvals.min()) <= floor or int(info):
         raise ValueError(
             "activation covariance is singular (too few calibration tokens for this modality, or dead "
             "channels); raise `ridge` (e.g. 1e-4) or add calibration samples")
-    return eigvals.sqrt(), eigvecs
+    if fast:
+        eye = torch.eye(n, dtype=cov.dtype, device=cov.device)
+        return lower.T, torch.linalg.solve_triangular(lower, eye, upper=False).T
+    root = eigvals.sqrt()
+    return root[:, None] * eigvecs.T, eigvecs / root[None, :]
 
 
 def scaled_whitening(basis: tuple[torch.Tensor, torch.Tensor], smooth: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``T = Lambda^1/2 U^T diag(1/s)`` and ``T^-1 = diag(s) U Lambda^-1/2``: any ``T`` with
-    ``T^T T = C`` gives the same optimal truncation, so one eigendecomposition of the
+    """``T = T0 diag(1/s)`` and ``T^-1 = diag(s) T0^-1`` from ``whitening_basis``'s ``(T0, T0^-1)``:
+    any ``T`` with ``T^T T = C`` gives the same optimal truncation, so one factorisation of the
     unsmoothed covariance serves every smoothing vector tried."""
-    root, eigvecs = basis
-    t, t_inv = root[:, None] * eigvecs.T, eigvecs / root[None, :]
+    t, t_inv = basis
     if smooth is None:
         return t, t_inv
     s = smooth.to(device=t.device, dtype=torch.float64)
@@ -123,7 +134,7 @@ def _gram(target: torch.Tensor, t: torch.Tensor | None) -> tuple[torch.Tensor, t
     return (a @ a.T if rows <= cols else a.T @ a), a
 
 
-FAST_MIN = 512  # Gram matrices from this many rows: leading eigenpairs only (SciPy), and the shortcut of `_gram`
+FAST_MIN = 512  # from this many input channels: Cholesky whitening, the Gram shortcut, leading eigenpairs only
 
 
 def _top_eigh(gram: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -340,13 +340,13 @@ CMC_SHAPES = {"3B attn 2048>2048": (2048, 2048), "3B up 2048>11008": (2048, 1100
 
 
 def cmc_rows(shapes: dict[str, tuple[int, int]] = CMC_SHAPES, rank: int = 32, repeats: int = 2) -> list[dict]:
-    """Seconds of CMC's float64 linear algebra for one linear of each shape: a whitened rank-``rank``
-    patch as computed (leading eigenpairs only, Gram shortcut) and by the path matrices under
-    ``compensation.FAST_MIN`` rows take (``A`` formed, full eigendecomposition), the unsmoothed
-    covariance's eigendecomposition (``whitening_basis``, one per group input and modality) and
-    the report's spectrum of the plain variant. Random
-    residual and activations (the cost does not depend on the values); fastest of ``repeats``
-    interleaved runs."""
+    """Seconds of CMC's float64 linear algebra for one linear of each shape, each as computed and
+    by the path layers under ``compensation.FAST_MIN`` input channels take: a whitened
+    rank-``rank`` patch (leading eigenpairs and the Gram shortcut, against ``A`` formed and a full
+    eigendecomposition), the factorisation of the unsmoothed covariance (``whitening_basis``,
+    once per group input and modality: Cholesky, against the eigendecomposition), and the
+    report's spectrum of the plain variant. Random residual and activations (the cost does not
+    depend on the values); fastest of ``repeats`` interleaved runs."""
     rows = []
     for name, (k, n) in shapes.items():
         seconds = _cmc_seconds(k, n, rank, repeats)
@@ -363,16 +363,23 @@ def _cmc_seconds(k: int, n: int, rank: int, repeats: int) -> dict[str, float]:
     cov, delta = x.T @ x, torch.randn(n, k, generator=g) * 1e-2
     whitener = compensation.whitening(cov, smooth=torch.rand(k, generator=g) + 0.5)
 
-    def full_patch() -> None:
-        saved, compensation.FAST_MIN = compensation.FAST_MIN, math.inf
-        try:
-            compensation.low_rank_patch(delta, rank, whitener=whitener)
-        finally:
-            compensation.FAST_MIN = saved
+    def small_path(job: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            saved, compensation.FAST_MIN = compensation.FAST_MIN, math.inf
+            try:
+                job()
+            finally:
+                compensation.FAST_MIN = saved
+        return run
 
-    jobs = {"patch": lambda: compensation.low_rank_patch(delta, rank, whitener=whitener),
-            "patch, small-matrix path": full_patch,
-            "whitening basis": lambda: compensation.whitening_basis(cov),
+    def patch() -> None:
+        compensation.low_rank_patch(delta, rank, whitener=whitener)
+
+    def basis() -> None:
+        compensation.whitening_basis(cov)
+
+    jobs = {"patch": patch, "patch, small-matrix path": small_path(patch),
+            "whitening basis": basis, "whitening basis, small-matrix path": small_path(basis),
             "plain spectrum": lambda: compensation.spectrum(delta, rank)}
     seconds = {label: math.inf for label in jobs}
     for _ in range(repeats):
