@@ -235,3 +235,16 @@ def test_the_patch_cache_holds_no_reference_cycles():
             assert gc.collect() == 0
         finally:
             gc.enable()
+
+
+def test_a_residual_that_requires_grad_is_fitted_without_autograd():
+    """A user's ``nn.Parameter`` residual: the large-matrix path hands the Gram matrix to SciPy,
+    which needs a tensor outside autograd."""
+    from masquant import compensation
+
+    features = compensation.FAST_MIN
+    x = anisotropic_activations(tokens=3 * features, features=features, seed=5)
+    delta_w = torch.nn.Parameter(torch.randn(features, features, dtype=torch.float64))
+    patch = low_rank_patch(delta_w, 8, x.T @ x)
+    assert not patch.l1.requires_grad and patch.l1.shape == (features, 8)
+    assert 0 < compensation.spectrum(delta_w, 8)[1] < 1

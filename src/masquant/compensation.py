@@ -102,7 +102,7 @@ def low_rank_patch(delta_w: torch.Tensor, rank: int, cov: torch.Tensor | None = 
     Gram matrix of ``A = T dW^T`` (``_gram``), of which only the leading eigenpairs are computed
     (``_top_eigh``); the energy kept is measured against its trace, ``|A|_F^2``.
     """
-    target = delta_w.double().T  # [in, out]
+    target = delta_w.detach().double().T  # [in, out]
     if whitener is None and cov is not None:
         whitener = whitening(cov, ridge)
     t = None if whitener is None else whitener[0]
@@ -169,7 +169,7 @@ def spectrum(delta_w: torch.Tensor, rank: int, whitener: tuple[torch.Tensor, tor
              ) -> tuple[list[float], float]:
     """Leading singular values and energy kept at ``rank`` of the (whitened) residual, without
     the singular vectors (for reports of the variant that is not used)."""
-    gram, _ = _gram(delta_w.double().T, None if whitener is None else whitener[0])
+    gram, _ = _gram(delta_w.detach().double().T, None if whitener is None else whitener[0])
     energy = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
     return _spectrum(energy.sqrt(), float(gram.trace()), rank)
 
