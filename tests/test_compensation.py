@@ -88,6 +88,9 @@ def test_singular_covariance_needs_a_ridge(features):
     t, t_inv = whitening(dead.T @ dead, ridge=1e-4)
     assert torch.allclose(t.T @ t, cov, rtol=1e-8, atol=1e-8 * float(cov.abs().max()))
     assert torch.allclose(t @ t_inv, torch.eye(features, dtype=torch.float64), atol=1e-6)
+    from masquant.compensation import FAST_MIN, whitening_basis
+    # a cached basis is one d x d matrix plus, below FAST_MIN, the eigendecomposition's inverse factor
+    assert (whitening_basis(dead.T @ dead, 1e-4)[1] is None) == (features >= FAST_MIN)
 
 
 def test_whitening_of_smoothed_activations_from_the_unsmoothed_covariance():

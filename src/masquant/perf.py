@@ -165,7 +165,8 @@ def _calibration_markdown(result: dict) -> list[str]:
                   "rank 32), as computed and by the path layers under 512 input channels take: the whitened patch "
                   "(leading eigenpairs only and Gram shortcut, against the whitened residual formed and a full "
                   "eigendecomposition), the covariance's factorisation (Cholesky, against the eigendecomposition; "
-                  "once per group input and modality), and the report's plain-SVD spectrum:", "",
+                  "once per group input and modality) with one smoothing vector's whitening factors, and the "
+                  "report's plain-SVD spectrum:", "",
                   "| shape | patch s | small-matrix path s | speed-up | whitening basis s | small-matrix path s | "
                   "speed-up | plain spectrum s |", "|---" * 8 + "|"]
         for r in result["cmc"]:

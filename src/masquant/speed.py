@@ -344,7 +344,8 @@ def cmc_rows(shapes: dict[str, tuple[int, int]] = CMC_SHAPES, rank: int = 32, re
     by the path layers under ``compensation.FAST_MIN`` input channels take: a whitened
     rank-``rank`` patch (leading eigenpairs and the Gram shortcut, against ``A`` formed and a full
     eigendecomposition), the factorisation of the unsmoothed covariance (``whitening_basis``,
-    once per group input and modality: Cholesky, against the eigendecomposition), and the
+    once per group input and modality: Cholesky, against the eigendecomposition) with one
+    smoothing vector's ``T`` and ``T^-1`` (``scaled_whitening``, once per vector), and the
     report's spectrum of the plain variant. Random residual and activations (the cost does not
     depend on the values); fastest of ``repeats`` interleaved runs."""
     rows = []
@@ -361,7 +362,8 @@ def _cmc_seconds(k: int, n: int, rank: int, repeats: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2 * k, k, generator=g, dtype=torch.float64)
     cov, delta = x.T @ x, torch.randn(n, k, generator=g) * 1e-2
-    whitener = compensation.whitening(cov, smooth=torch.rand(k, generator=g) + 0.5)
+    smooth = torch.rand(k, generator=g) + 0.5
+    whitener = compensation.whitening(cov, smooth=smooth)
 
     def small_path(job: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
@@ -375,8 +377,8 @@ def _cmc_seconds(k: int, n: int, rank: int, repeats: int) -> dict[str, float]:
     def patch() -> None:
         compensation.low_rank_patch(delta, rank, whitener=whitener)
 
-    def basis() -> None:
-        compensation.whitening_basis(cov)
+    def basis() -> None:  # the factorisation and one smoothing vector's factors
+        compensation.whitening(cov, smooth=smooth)
 
     jobs = {"patch": patch, "patch, small-matrix path": small_path(patch),
             "whitening basis": basis, "whitening basis, small-matrix path": small_path(basis),
