@@ -42,8 +42,8 @@ def test_whitening_factorises_the_covariance():
 
 
 @pytest.mark.parametrize("scipy_present", [True, False])
-@pytest.mark.parametrize("out_features", [1600, 600, 200])  # wide (Gram shortcut), square-ish, tall
-def test_large_patches_match_the_svd_optimum(out_features, scipy_present, monkeypatch):
+@pytest.mark.parametrize("shape", ["wide", "square-ish", "tall"])  # wide: the Gram shortcut
+def test_large_patches_match_the_svd_optimum(shape, scipy_present, monkeypatch):
     """At FAST_MIN input channels and up the patch comes from the leading eigenpairs alone, and
     a residual more than twice as wide as tall takes its Gram matrix as T (dW^T dW) T^T: both must
     give the Eckart-Young optimum of the full SVD, its singular values and its energy kept (with
@@ -53,7 +53,8 @@ def test_large_patches_match_the_svd_optimum(out_features, scipy_present, monkey
     if not scipy_present:
         monkeypatch.setattr(compensation, "_scipy_linalg", lambda: None)
     features, rank = compensation.FAST_MIN, 24
-    x = anisotropic_activations(tokens=3 * features, features=features, seed=2)
+    out_features = {"wide": 2 * features + 64, "square-ish": features + 88, "tall": features // 2 - 56}[shape]
+    x = anisotropic_activations(tokens=features + 128, features=features, seed=2)
     delta_w = torch.randn(out_features, features, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     s = torch.rand(features, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) + 0.5
     patch = low_rank_patch(delta_w, rank, whitener=whitening(x.T @ x, smooth=s))
@@ -73,7 +74,7 @@ def test_large_patches_match_the_svd_optimum(out_features, scipy_present, monkey
 @pytest.mark.reliability(
     case='singular activation covariance without ridge',
     expect='ValueError saying to raise `ridge` or add samples')
-@pytest.mark.parametrize("features", [24, 512])  # eigendecomposition; Cholesky (FAST_MIN channels and up)
+@pytest.mark.parametrize("features", [24, 1024])  # eigendecomposition; Cholesky (FAST_MIN channels and up)
 def test_singular_covariance_needs_a_ridge(features):
     x = anisotropic_activations(tokens=features // 4, features=features)  # fewer tokens than channels
     with pytest.raises(ValueError, match="raise `ridge`"):
@@ -251,3 +252,15 @@ def test_a_residual_that_requires_grad_is_fitted_without_autograd():
     patch = low_rank_patch(delta_w, 8, x.T @ x)
     assert not patch.l1.requires_grad and patch.l1.shape == (features, 8)
     assert 0 < compensation.spectrum(delta_w, 8)[1] < 1
+
+
+def test_the_reference_models_stay_below_the_large_matrix_path():
+    """docs/RESULTS.md was calibrated before CMC's large-matrix path existed: every linear of the
+    reference models must read fewer than FAST_MIN channels, so that they compute exactly what
+    they computed then (lowering FAST_MIN below 768 would silently move the published rows)."""
+    from masquant.compensation import FAST_MIN
+    from masquant.refmodels.train import TEXT
+
+    head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
+    widths = (TEXT["hidden_size"], TEXT["intermediate_size"], TEXT["num_attention_heads"] * head_dim)
+    assert max(widths) == 768 and max(widths) < FAST_MIN

@@ -162,7 +162,7 @@ def _calibration_markdown(result: dict) -> list[str]:
                   f"{r['seconds']['masquant']:.1f} | {r['ratio']:.1f}x |" for r in result["calibration_scaling"]]
     if result.get("cmc"):
         lines += ["", "CMC's float64 linear algebra for one linear (seconds, fastest of two; random residual, "
-                  "rank 32), as computed and by the path layers under 512 input channels take: the whitened patch "
+                  "rank 32), as computed and by the path layers under 1024 input channels take: the whitened patch "
                   "(leading eigenpairs only and Gram shortcut, against the whitened residual formed and a full "
                   "eigendecomposition), the covariance's factorisation (Cholesky, against the eigendecomposition; "
                   "once per group input and modality) with one smoothing vector's whitening factors, and the "
