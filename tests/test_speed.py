@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from masquant import QuantLinear, perf, speed, tiny
+from masquant import QuantLinear, calibspeed, perf, speed, tiny
 
 
 def test_linear_rows_time_every_variant_and_agree_on_outputs():
@@ -86,7 +86,7 @@ def test_model_rows_time_every_variant_in_the_same_rounds(monkeypatch):
 
 
 def test_calibration_scaling_rows_time_both_methods_and_feed_the_goals():
-    rows = speed.calibration_scaling_rows(((32, 2),), layers=1, repeats=1)
+    rows = calibspeed.calibration_scaling_rows(((32, 2),), layers=1, repeats=1)
     assert rows[0]["width"] == 32 and set(rows[0]["seconds"]) == {"smoothquant", "masquant"}
     assert rows[0]["ratio"] == rows[0]["seconds"]["masquant"] / rows[0]["seconds"]["smoothquant"]
     result = {"linear": [], "models": [], "calibration": [], "memory": [], "calibration_scaling": rows}
@@ -105,7 +105,7 @@ def test_cmc_rows_time_both_eigensolvers_and_restore_the_default(monkeypatch):
     sizes = []
     default, real = compensation.FAST_MIN, compensation._top_eigh
     monkeypatch.setattr(compensation, "_top_eigh", lambda g, c: sizes.append(compensation.FAST_MIN) or real(g, c))
-    rows = speed.cmc_rows({"t": (48, 160)}, rank=4, repeats=1)
+    rows = calibspeed.cmc_rows({"t": (48, 160)}, rank=4, repeats=1)
     assert sizes == [default, float("inf")] and default == compensation.FAST_MIN  # default, full, restored
     assert rows[0]["in"] == 48 and set(rows[0]["seconds"]) == {
         "patch", "patch, small-matrix path", "whitening basis", "whitening basis, small-matrix path", "plain spectrum"}

@@ -1,4 +1,4 @@
-"""``masquant bench --speed``: run the measurements of ``masquant.speed`` and write
+"""``masquant bench --speed``: run the measurements of ``masquant.speed`` and ``masquant.calibspeed`` and write
 ``speed.json`` / ``speed.md`` (and, with ``--results``, docs/PERFORMANCE.md)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import native, speed
+from . import calibspeed, native, speed
 from .report import write_page
 
 log = logging.getLogger("masquant")
@@ -32,11 +32,11 @@ def run_speed(quick: bool = False, device: str = "cpu") -> dict:
     result["calibration"], result["memory"] = [], []
     if device == "cpu":
         result["models"] += speed.reference_model_rows("ref-vl", calib_samples=4 if quick else 16)
-        result["calibration"] = speed.calibration_rows("ref-vl", calib_samples=8 if quick else 32)
-        result["calibration_scaling"] = speed.calibration_scaling_rows(((128, 8), (256, 8)) if quick else
+        result["calibration"] = calibspeed.calibration_rows("ref-vl", calib_samples=8 if quick else 32)
+        result["calibration_scaling"] = calibspeed.calibration_scaling_rows(((128, 8), (256, 8)) if quick else
                                                                        ((256, 16), (1024, 16), (1024, 64), (1024, 128)))
-        result["memory"] = speed.calibration_memory("masquant", (2, 4) if quick else (4, 8))
-        result["cmc"] = speed.cmc_rows({"512>2048": (512, 2048)} if quick else speed.CMC_SHAPES)
+        result["memory"] = calibspeed.calibration_memory("masquant", (2, 4) if quick else (4, 8))
+        result["cmc"] = calibspeed.cmc_rows({"1024>2560": (1024, 2560)} if quick else calibspeed.CMC_SHAPES)
     return result
 
 
