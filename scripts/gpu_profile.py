@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from masquant.modality import Modality, ModalityRouter
-from masquant.speed import quant_linear
+from masquant.bench.speed import quant_linear
 
 
 def _per_call(fn, calls: int = 50) -> tuple[float, float]:

@@ -8,7 +8,7 @@ python3 -m venv .venv
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[dev]"
-# lmms-eval for the wrapper masquant.lmms (its tests run in CI): lmms-eval's own requirements pull
+# lmms-eval for the wrapper masquant.evaluation.lmms (its tests run in CI): lmms-eval's own requirements pull
 # torchvision, wandb, opencv and ~60 more, so it goes in without them, plus what its registry,
 # evaluator and results table import; torch and transformers stay as installed above.
 python -m pip install --quiet --no-deps "lmms-eval==0.7.3"

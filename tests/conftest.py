@@ -1,12 +1,13 @@
 import contextlib
 import copy
+import dataclasses
 import os
 
 import pytest
 import torch
 
 import masquant
-from masquant import tiny
+from masquant.refmodels import tiny
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +53,27 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _switches():
+    """masquant reads its environment switches once; each test starts and ends with the real ones."""
+    from masquant import switches
+
+    switches.reload()
+    yield
+    switches.reload()
+
+
+def set_switch(monkeypatch, name: str, value: str | None) -> None:
+    """Set (or with None, remove) an environment switch and have masquant read it again."""
+    from masquant import switches
+
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    switches.reload()
+
+
 TEXT_OUTLIERS = [3, 17, 42]
 VISION_OUTLIERS = [8, 25, 51]
 
@@ -81,24 +103,23 @@ def interrupted_at(method: str, layer: int):
     def interrupted(ctx):
         if ctx.index == layer:
             raise KeyboardInterrupt
-        return original(ctx)
+        return original.fit(ctx)
 
-    interrupted.__dict__.update(original.__dict__)  # needs_ratios, second_moments
-    METHODS[method] = interrupted
+    METHODS[method] = dataclasses.replace(original, fit=interrupted)
     try:
         yield
     finally:
         METHODS[method] = original
 
 
-needs_native = pytest.mark.skipif(masquant.native.library() is None, reason="no C++ compiler on this machine")
+needs_native = pytest.mark.skipif(masquant.runtime.native.library() is None, reason="no C++ compiler on this machine")
 
 
 @pytest.fixture(scope="module", params=["default", "MASQUANT_NO_VNNI", "MASQUANT_PORTABLE"])
 def kernel_library(request):
     """The kernel as built for this CPU, and the lower instruction sets' code (AVX2 where the CPU
     has it, plain C++ loops), each built into a separate cached library."""
-    from masquant import native
+    from masquant.runtime import native
 
     if request.param == "default" or native.library() is None:
         return native.library()

@@ -12,10 +12,11 @@ import torch
 torch.set_num_threads(1)
 
 import masquant  # noqa: E402
-from masquant import distributed, tiny  # noqa: E402
+from masquant.calibration import distributed  # noqa: E402
+from masquant.calibration.report import SqnrMeter  # noqa: E402
+from masquant.calibration.stats import ChannelStats, SiteStats  # noqa: E402
 from masquant.modality import Modality  # noqa: E402
-from masquant.report import SqnrMeter  # noqa: E402
-from masquant.stats import ChannelStats, SiteStats  # noqa: E402
+from masquant.refmodels import tiny  # noqa: E402
 
 # (method, settings): MASQuant with gradient-ratio lambdas, one MAS step per two samples (7 samples:
 # the last step holds a sample of rank 0 only); MBQ on right-padded batches of 2 (4 batches: rank 0

@@ -1,5 +1,5 @@
-from masquant import tiny
-from masquant.analysis import collect_fp_stats, format_misalignment, misalignment_table, site_misalignment
+from masquant.evaluation.analysis import collect_fp_stats, format_misalignment, misalignment_table, site_misalignment
+from masquant.refmodels import tiny
 
 from conftest import TEXT_OUTLIERS, VISION_OUTLIERS, misaligned_vl, vl_samples
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from masquant import bench
+from masquant.bench import accuracy as bench
 
 
 def _row(model, bits, method, acc, sqnr):

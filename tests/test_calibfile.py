@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from masquant import CalibrationError, modality_ids
-from masquant.calibfile import read_calibration
+from masquant.io.calibfile import read_calibration
 from masquant.refmodels.processor import RefProcessor
 from masquant.refmodels.registry import model_dir
 

@@ -5,6 +5,7 @@ import torch
 
 import masquant
 from masquant import CalibrationError, QuantConfig
+from masquant.config import options_for
 
 from conftest import omni_samples, vl_samples
 
@@ -115,7 +116,8 @@ def test_dead_and_constant_channels(vl_model, fresh, method):
         model.model.language_model.embed_tokens.weight[:, 7] = 0.0
         model.model.language_model.embed_tokens.weight[:, 9] = 0.5
         model.model.language_model.layers[0].mlp.up_proj.weight[11] = 0.0  # a dead down_proj input channel
-    report = run(model, vl_samples(range(3)), method=method, w_bits=4, epochs=1, rank=4, awq_grid=3)
+    own = options_for(method, epochs=1, rank=4, awq_grid=3)
+    report = run(model, vl_samples(range(3)), method=method, w_bits=4, **own)
     assert all(math.isfinite(v) for layer in report.layers for v in layer.output_sqnr.values())
     for module in model.modules():
         if isinstance(module, masquant.QuantLinear):

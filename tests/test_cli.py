@@ -1,6 +1,6 @@
 import json
 
-from masquant.cli import main
+from masquant.cli.main import main
 
 
 def test_demo_quick_writes_results(tmp_path, capsys):
@@ -36,12 +36,12 @@ def test_conflicting_or_meaningless_flags_are_refused(capsys, monkeypatch):
     ``eval --no-sidecar`` only for an exported model (it used to be ignored)."""
     import pytest
 
-    import masquant.loading
+    import masquant.io.loading
 
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--speed", "--export"])
     assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
-    monkeypatch.setattr(masquant.loading, "load_any", lambda *a, **k: pytest.fail("loaded before refusing"))
+    monkeypatch.setattr(masquant.io.loading, "load_any", lambda *a, **k: pytest.fail("loaded before refusing"))
     for args in (["--model", "ref-vl", "--no-sidecar"], ["--model", "ref-vl", "--method", "rtn", "--no-sidecar"]):
         assert main(["eval", *args]) == 1
         err = capsys.readouterr().err
@@ -54,11 +54,11 @@ def test_deterministic_flag_holds_for_the_calibration_only(tmp_path, monkeypatch
     import torch
     from safetensors.torch import load_file
 
-    import masquant.api
-    from masquant import tiny
+    import masquant.calibration.quantize
+    from masquant.refmodels import tiny
 
     seen = []
-    real = masquant.api.quantize
+    real = masquant.calibration.quantize.quantize
 
     def spy(*args, **kwargs):
         import os
@@ -66,10 +66,10 @@ def test_deterministic_flag_holds_for_the_calibration_only(tmp_path, monkeypatch
         seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(masquant.api, "quantize", spy)
+    monkeypatch.setattr(masquant.calibration.quantize, "quantize", spy)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    monkeypatch.setattr("masquant.loading.load_any", lambda spec: (tiny.tiny_qwen2_5_vl(layers=1), None, None))
-    monkeypatch.setattr("masquant.cli_quantize.calibration",
+    monkeypatch.setattr("masquant.io.loading.load_any", lambda spec: (tiny.tiny_qwen2_5_vl(layers=1), None, None))
+    monkeypatch.setattr("masquant.cli.quantize.calibration",
                         lambda args, processor, reference: [tiny.tiny_sample(s) for s in range(3)])
     for flag, out in ((["--deterministic"], "a"), ([], "b")):
         assert main(["quantize", "--model", "tiny", "--method", "masquant", "--epochs", "1", "--rank", "4",

@@ -134,7 +134,7 @@ def test_analyze_writes_its_report_and_plots(calib_file, tmp_path):
 def test_streamed_cli_quantize_writes_the_same_model(saved, calib_file, tmp_path):
     import torch
 
-    from masquant.serialization import load
+    from masquant.io.serialization import load
 
     out = tmp_path / "streamed"
     masquant("quantize", "--model", "ref-vl", "--calib", str(calib_file), "--method", "smoothquant", "--w-bits", "8",

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import masquant
-from masquant import QuantConfig, QuantLinear, tiny
-from masquant.collate import CollateError, merge
+from masquant import QuantConfig, QuantLinear
+from masquant.calibration.collate import CollateError, merge
+from masquant.refmodels import tiny
 
 
 def _mixed(family):
@@ -60,7 +61,7 @@ def test_merge_pads_on_the_right_and_refuses_unknown_inputs():
 
 
 def test_a_shared_cache_captures_once_and_changes_nothing(vl_model, monkeypatch):
-    from masquant import api
+    from masquant.calibration import quantize as api
 
     samples = [tiny.tiny_sample(i, "vl", text_len=6 + i) for i in range(4)]
     calls = []

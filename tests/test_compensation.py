@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from masquant import Modality, QuantConfig, QuantLinear
-from masquant.compensation import compensate_linear, low_rank_patch, resolve_rank, whitening
+from masquant.calibration.stats import ChannelStats, SiteStats
+from masquant.methods.cmc import compensate_linear, low_rank_patch, resolve_rank, whitening
 from masquant.modality import NUM_MODALITIES, ModalityRouter
-from masquant.stats import ChannelStats, SiteStats
 
 
 def anisotropic_activations(tokens=400, features=24, seed=0):
@@ -48,7 +48,7 @@ def test_large_patches_match_the_svd_optimum(shape, scipy_present, monkeypatch):
     a residual more than twice as wide as tall takes its Gram matrix as T (dW^T dW) T^T: both must
     give the Eckart-Young optimum of the full SVD, its singular values and its energy kept (with
     or without SciPy, which only changes the eigensolver)."""
-    from masquant import compensation
+    from masquant.methods import cmc as compensation
 
     if not scipy_present:
         monkeypatch.setattr(compensation, "_scipy_linalg", lambda: None)
@@ -89,7 +89,7 @@ def test_singular_covariance_needs_a_ridge(features):
     t, t_inv = whitening(dead.T @ dead, ridge=1e-4)
     assert torch.allclose(t.T @ t, cov, rtol=1e-8, atol=1e-8 * float(cov.abs().max()))
     assert torch.allclose(t @ t_inv, torch.eye(features, dtype=torch.float64), atol=1e-6)
-    from masquant.compensation import FAST_MIN, whitening_basis
+    from masquant.methods.cmc import FAST_MIN, whitening_basis
     # a cached basis is one d x d matrix plus, below FAST_MIN, the eigendecomposition's inverse factor
     assert (whitening_basis(dead.T @ dead, 1e-4)[1] is None) == (features >= FAST_MIN)
 
@@ -244,7 +244,7 @@ def test_the_patch_cache_holds_no_reference_cycles():
 def test_a_residual_that_requires_grad_is_fitted_without_autograd():
     """A user's ``nn.Parameter`` residual: the large-matrix path hands the Gram matrix to SciPy,
     which needs a tensor outside autograd."""
-    from masquant import compensation
+    from masquant.methods import cmc as compensation
 
     features = compensation.FAST_MIN
     x = anisotropic_activations(tokens=3 * features, features=features, seed=5)
@@ -255,10 +255,10 @@ def test_a_residual_that_requires_grad_is_fitted_without_autograd():
 
 
 def test_the_reference_models_stay_below_the_large_matrix_path():
-    """docs/RESULTS.md was calibrated before CMC's large-matrix path existed: every linear of the
+    """docs/results/RESULTS.md was calibrated before CMC's large-matrix path existed: every linear of the
     reference models must read fewer than FAST_MIN channels, so that they compute exactly what
     they computed then (lowering FAST_MIN below 768 would silently move the published rows)."""
-    from masquant.compensation import FAST_MIN
+    from masquant.methods.cmc import FAST_MIN
     from masquant.refmodels.train import TEXT
 
     head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import masquant
-from masquant import QuantConfig, QuantLinear, tiny
-from masquant.kernels import int_linear, int_matmul, quantize_tokens
-from masquant.primitives import IntGrid, quantize_weight
-from masquant.qlinear import IntWeight
+from masquant import QuantConfig, QuantLinear
+from masquant.config import options_for
+from masquant.refmodels import tiny
+from masquant.runtime.kernels import int_linear, int_matmul, quantize_tokens
+from masquant.runtime.primitives import IntGrid, quantize_weight
+from masquant.runtime.qlinear import IntWeight
 
-from conftest import interrupted_at, omni_samples, vl_samples
+from conftest import interrupted_at, omni_samples, set_switch, vl_samples
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -53,7 +55,7 @@ def test_cuda_int_linear_matches_the_cpu(symmetric, group_size):
 def test_quantized_model_gives_the_same_logits_on_gpu(family, method, w_bits):
     model = tiny.tiny_qwen2_5_vl() if family == "vl" else tiny.tiny_qwen2_5_omni_thinker()
     samples = vl_samples(range(2)) if family == "vl" else omni_samples(range(2))
-    config = QuantConfig(method=method, w_bits=w_bits, a_bits=8, epochs=1, rank=8)
+    config = QuantConfig(method=method, w_bits=w_bits, a_bits=8, **options_for(method, epochs=1, rank=8))
     masquant.quantize(model, samples, config, progress=False)
     sample = (vl_samples([500]) if family == "vl" else omni_samples([500]))[0]
     with torch.no_grad():
@@ -70,8 +72,8 @@ def test_quantized_model_gives_the_same_logits_on_gpu(family, method, w_bits):
 @pytest.mark.parametrize("method", ["masquant", "mbq", "awq"])
 def test_calibration_runs_on_the_gpu_and_matches_the_cpu(method):
     samples = vl_samples(range(2))
-    config = QuantConfig(method=method, w_bits=4, a_bits=8 if method != "awq" else 16, epochs=1, rank=8,
-                         awq_grid=4)
+    config = QuantConfig(method=method, w_bits=4, a_bits=8 if method != "awq" else 16,
+                         **options_for(method, epochs=1, rank=8, awq_grid=4))
     cpu_model, gpu_model = tiny.tiny_qwen2_5_vl(), tiny.tiny_qwen2_5_vl().cuda()
     cpu_report = masquant.quantize(cpu_model, samples, config, progress=False)
     gpu_report = masquant.quantize(gpu_model, samples, config, progress=False)
@@ -87,7 +89,7 @@ def test_calibration_runs_on_the_gpu_and_matches_the_cpu(method):
 
 
 def test_speed_rows_run_on_the_gpu():
-    from masquant import speed
+    from masquant.bench import speed
 
     rows = speed.linear_rows({"tiny": (64, 32)}, (1, 40), device="cuda")
     assert [r["device"] for r in rows] == ["cuda", "cuda"]
@@ -95,9 +97,9 @@ def test_speed_rows_run_on_the_gpu():
 
 
 def test_fused_kernels_on_the_gpu_match_the_eager_ones(monkeypatch):
-    from masquant import kernels
+    from masquant.bench.speed import quant_linear
     from masquant.modality import ModalityRouter
-    from masquant.speed import quant_linear
+    from masquant.runtime import kernels
 
     if not kernels.fusion_available(torch.device("cuda")):
         pytest.skip("no Triton for torch.compile")
@@ -110,7 +112,7 @@ def test_fused_kernels_on_the_gpu_match_the_eager_ones(monkeypatch):
         assert kernels.use_fusion(x)
         fused = layer(x)
         assert "cuda" not in kernels._broken  # the fused region ran compiled (Triton)
-        monkeypatch.setenv("MASQUANT_FUSE", "0")
+        set_switch(monkeypatch, "MASQUANT_FUSE", "0")
         eager = layer(x)
     assert float((fused - eager).norm() / eager.norm()) < 1e-5
 
@@ -135,8 +137,8 @@ def test_streaming_on_the_gpu_equals_the_in_memory_gpu_run(tmp_path, family, det
     """``quantize_streaming(..., device="cuda")``: every layer materialised on the GPU, the same
     weights as quantizing the whole model on the GPU (the Omni audio tower adds a buffer made at
     construction, which must follow the weights to the GPU)."""
-    from masquant.serialization import load, model_class, save
-    from masquant.streaming import quantize_streaming
+    from masquant.calibration.streaming import quantize_streaming
+    from masquant.io.serialization import load, model_class, save
 
     build = tiny.tiny_qwen2_5_vl if family == "vl" else tiny.tiny_qwen2_5_omni_thinker
     build(layers=3).save_pretrained(tmp_path / "fp")
@@ -152,7 +154,7 @@ def test_streaming_on_the_gpu_equals_the_in_memory_gpu_run(tmp_path, family, det
 
 
 def test_cli_streams_on_the_gpu(tmp_path):
-    from masquant.cli import main
+    from masquant.cli.main import main
 
     assert main(["quantize", "--model", "ref-vl", "--method", "smoothquant", "--w-bits", "8", "--a-bits", "8",
                  "--stream", "--device", "cuda", "--no-progress", "--out", str(tmp_path / "q")]) == 0
@@ -162,7 +164,7 @@ def test_cli_streams_on_the_gpu(tmp_path):
 def test_offload_from_the_gpu_keeps_the_activations_on_the_host(tmp_path, monkeypatch, deterministic):
     """``offload="cpu"`` / a directory on a GPU run: the same weights as keeping the activations on
     the GPU, every stored activation on the host, and a GPU peak lower by about what they hold."""
-    from masquant import offload
+    from masquant.calibration import offload
 
     stored = []
     put = offload.ActivationStore.put
@@ -196,8 +198,8 @@ def test_offload_from_the_gpu_keeps_the_activations_on_the_host(tmp_path, monkey
 
 def test_streamed_mbq_on_the_gpu_matches_the_in_memory_gpu_run(tmp_path, deterministic):
     """The layer-by-layer gradient ratios on the GPU (every kept layer input offloaded to the host)."""
-    from masquant.serialization import model_class
-    from masquant.streaming import quantize_streaming
+    from masquant.calibration.streaming import quantize_streaming
+    from masquant.io.serialization import model_class
 
     tiny.tiny_qwen2_5_vl(layers=3).save_pretrained(tmp_path / "fp")
     samples = vl_samples(range(4))

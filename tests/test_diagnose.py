@@ -2,8 +2,8 @@
 
 import json
 
-from masquant.cli import main
-from masquant.diagnose import analyze
+from masquant.cli.main import main
+from masquant.evaluation.diagnose import analyze
 
 from conftest import misaligned_vl, vl_samples
 

@@ -1,4 +1,4 @@
-"""Data-parallel calibration (``masquant.distributed``): two Gloo processes against one.
+"""Data-parallel calibration (``masquant.calibration.distributed``): two Gloo processes against one.
 
 ``distributed_worker.py`` runs in two processes started with the environment variables
 ``torchrun`` sets; each writes what it computed, and the tests compare that with the same
@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 import distributed_worker as worker
 import masquant
-from masquant import distributed
-from masquant.cli import main
+from masquant.calibration import distributed
+from masquant.cli.main import main
 
 TESTS = Path(__file__).parent
 SRC = Path(masquant.__file__).parents[1]
@@ -186,7 +186,7 @@ def test_torchrun_cli_saves_the_one_process_model(tmp_path):
     calib = tmp_path / "calib.jsonl"
     calib.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     args = ["quantize", "--model", "ref-vl", "--calib", str(calib), "--method", "mbq", "--calib-batch", "1",
-            "--mas-batch", "2", "--no-progress"]
+            "--awq-grid", "10", "--no-progress"]
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "masquant", *args, "--out", str(tmp_path / "two")],
                          env=_env(), capture_output=True, text=True, timeout=300)
@@ -194,7 +194,7 @@ def test_torchrun_cli_saves_the_one_process_model(tmp_path):
     assert run.stdout.count("saved to") == 1 and run.stderr.count("layer 4/4: output SQNR") == 1
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
-    assert json.loads((tmp_path / "two" / "quant_config.json").read_text())["quant_config"]["mas_batch"] == 2
+    assert json.loads((tmp_path / "two" / "quant_config.json").read_text())["quant_config"]["awq_grid"] == 10
     assert one["samples"] == two["samples"] == 4 and one["tokens"] == two["tokens"]
     for l1, l2 in zip(one["layers"], two["layers"], strict=True):
         assert l1["output_sqnr"] == pytest.approx(l2["output_sqnr"], abs=1e-6)
@@ -236,7 +236,7 @@ def test_the_cli_picks_gloo_for_cpu_and_warns_when_nccl_overrides_the_device(mon
     NCCL a ``--device`` naming another GPU is ignored with a warning, not silently."""
     import argparse
 
-    from masquant.cli_quantize import compute_device, process_backend
+    from masquant.cli.quantize import compute_device, process_backend
 
     assert process_backend("cpu") == "gloo" and process_backend(None) is None and process_backend("cuda:0") is None
     monkeypatch.setattr(distributed, "device", lambda: torch.device("cuda", 1))

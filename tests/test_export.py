@@ -8,7 +8,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import masquant
 from masquant import QuantConfig
-from masquant.export import export_compressed_tensors
+from masquant.io.export import export_compressed_tensors
 
 from conftest import vl_samples
 
@@ -55,7 +55,7 @@ def test_the_sidecar_restores_the_non_text_tokens(vl_model, fresh, tmp_path):
     vector and patch again: at a norm-folded linear (layer 0 q_proj, same input in all three
     models) the routed export matches the masquant model on vision rows, the plain one does not;
     text rows are the same either way."""
-    from masquant.sidecar import SidecarLinear, load_export
+    from masquant.io.sidecar import SidecarLinear, load_export
 
     model, _ = _export(vl_model, fresh, tmp_path, method="masquant", w_bits=4, rank=8, epochs=1)
     plain, _, _ = load_export(tmp_path / "ct", sidecar=False)
@@ -78,7 +78,7 @@ def test_the_sidecar_restores_the_non_text_tokens(vl_model, fresh, tmp_path):
 
 
 def test_load_export_refuses_a_directory_without_sidecar(tmp_path):
-    from masquant.sidecar import read_sidecar
+    from masquant.io.sidecar import read_sidecar
 
     with pytest.raises(FileNotFoundError, match="masquant_sidecar"):
         read_sidecar(tmp_path)
@@ -86,7 +86,7 @@ def test_load_export_refuses_a_directory_without_sidecar(tmp_path):
 
 def test_export_bench_rows_and_table(monkeypatch):
     """The export benchmark's plumbing on a tiny model (the real run is `masquant bench --export`)."""
-    from masquant import exportbench
+    from masquant.bench import export as exportbench
 
     rows = [{"model": "ref-vl", "bits": "W4A8", "variant": v, "scores": {"item": {"accuracy": 0.5}, "prose_ppl": 3.0},
              "decoder_sqnr": {"vision": 20.0}} for v in ("masquant model", "export + sidecar")]
@@ -95,8 +95,8 @@ def test_export_bench_rows_and_table(monkeypatch):
 
 
 def test_sidecar_tensors_follow_the_module_to_another_device():
+    from masquant.io.sidecar import SidecarLinear
     from masquant.modality import ModalityRouter
-    from masquant.sidecar import SidecarLinear
 
     layer = SidecarLinear(torch.nn.Linear(8, 4), torch.rand(3, 8) + 0.5,
                           {1: (torch.randn(8, 2), torch.randn(2, 4))}, ModalityRouter({})).to("meta")

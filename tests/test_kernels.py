@@ -6,12 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import masquant
-from masquant import QuantConfig, QuantLinear, kernels
-from masquant.kernels import int_linear, int_matmul, pack_int4, quantize_tokens, unpack_int4
-from masquant.primitives import IntGrid, fake_quantize_per_token, quantize_weight
-from masquant.qlinear import IntWeight, set_runtime
+from masquant import QuantConfig, QuantLinear
+from masquant.config import options_for
+from masquant.runtime import kernels
+from masquant.runtime.kernels import int_linear, int_matmul, pack_int4, quantize_tokens, unpack_int4
+from masquant.runtime.primitives import IntGrid, fake_quantize_per_token, quantize_weight
+from masquant.runtime.qlinear import IntWeight, set_runtime
 
-from conftest import omni_samples
+from conftest import omni_samples, set_switch
 
 
 @settings(max_examples=60, deadline=None)
@@ -51,7 +53,7 @@ def test_eager_kernels_are_bit_identical_to_their_op_by_op_definition(dtype):
     exactly those of the op-by-op definition (float, then multiply), so a checkpoint's outputs
     and the published results do not move. Rows of zeros (the scale's floor), huge and tiny rows
     included."""
-    from masquant.primitives import EPS
+    from masquant.runtime.primitives import EPS
 
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(12, 96, generator=g) * torch.logspace(-30, 30, 12)[:, None]).to(dtype)
@@ -107,15 +109,16 @@ def test_integer_runtime_matches_fake_quantization(method, w_bits, a_bits, group
         pytest.skip("covered by awq (same search)")
     qmodel = fresh(omni_model)
     config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, w_group_size=group, w_symmetric=sym,
-                         epochs=1, rank=8, awq_grid=4)
+                         **options_for(method, epochs=1, rank=8, awq_grid=4))
     masquant.quantize(qmodel, omni_samples(range(2)), config, progress=False)
     assert {m.runtime for m in qmodel.modules() if isinstance(m, QuantLinear)} == {"int"}
     sample = omni_samples([500])[0]
     calls = []  # integer GEMMs: torch._int_mm, or the native kernel (few rows, small layers)
-    int_mm, plan_call, native_linear = torch._int_mm, masquant.native.Plan.__call__, masquant.native.int_linear
+    native = masquant.runtime.native
+    int_mm, plan_call, native_linear = torch._int_mm, native.Plan.__call__, native.int_linear
     monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(1) or int_mm(*a))
-    monkeypatch.setattr(masquant.native.Plan, "__call__", lambda *a: calls.append(1) or plan_call(*a))
-    monkeypatch.setattr(masquant.native, "int_linear", lambda *a: calls.append(1) or native_linear(*a))
+    monkeypatch.setattr(masquant.runtime.native.Plan, "__call__", lambda *a: calls.append(1) or plan_call(*a))
+    monkeypatch.setattr(masquant.runtime.native, "int_linear", lambda *a: calls.append(1) or native_linear(*a))
     layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLinear)}
     inputs = {}
     def keep(name):
@@ -181,8 +184,8 @@ def test_fused_linear_equals_the_eager_kernels(dtype, bits, routed):
 @needs_fusion
 @pytest.mark.parametrize("runs", ["contiguous", "scattered"])
 def test_quant_linear_fused_and_eager_agree_with_patches(runs, monkeypatch):
+    from masquant.bench.speed import quant_linear
     from masquant.modality import ModalityRouter
-    from masquant.speed import quant_linear
 
     monkeypatch.setattr(kernels, "FUSE_MIN_ELEMENTS", 0)  # fuse even these few rows
     router = ModalityRouter({})
@@ -197,7 +200,7 @@ def test_quant_linear_fused_and_eager_agree_with_patches(runs, monkeypatch):
         assert kernels.use_fusion(x)
         fused = layer(x)
         assert "cpu" not in kernels._broken  # the fused region ran compiled
-        monkeypatch.setenv("MASQUANT_FUSE", "0")
+        set_switch(monkeypatch, "MASQUANT_FUSE", "0")
         eager = layer(x)
         layer.runtime = "fake"
         fake = layer(x)
@@ -212,7 +215,7 @@ def test_quant_linear_fused_and_eager_agree_with_patches(runs, monkeypatch):
 
 
 def test_a_failing_compiler_falls_back_to_the_eager_kernels(monkeypatch, caplog):
-    monkeypatch.setenv("MASQUANT_FUSE", "1")
+    set_switch(monkeypatch, "MASQUANT_FUSE", "1")
     monkeypatch.setattr(kernels, "_compiled", {})
     monkeypatch.setattr(kernels, "_broken", set())
 
@@ -229,7 +232,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernels(monkeypatch, caplog)
     codes, scale = quantize_tokens(x, 8)
     assert torch.equal(y, int_linear(codes, scale, weight, w_scale, None, 0, None))
     assert "fused kernels unavailable on cpu" in caplog.text and not kernels.fusion_available(torch.device("cpu"))
-    monkeypatch.setenv("MASQUANT_FUSE", "yes")
+    set_switch(monkeypatch, "MASQUANT_FUSE", "yes")
     with pytest.raises(ValueError, match="MASQUANT_FUSE must be"):
         kernels.fusion_available(torch.device("cpu"))
 
@@ -238,8 +241,8 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernels(monkeypatch, caplog)
 def test_bf16_inputs_give_the_same_codes_fused_or_eager(monkeypatch):
     """Both paths smooth in float32, so whether an input reaches the fusion threshold does not
     change a bf16 model's output beyond the final rounding."""
+    from masquant.bench.speed import quant_linear
     from masquant.modality import ModalityRouter
-    from masquant.speed import quant_linear
 
     router = ModalityRouter({})
     layer = quant_linear(torch.nn.Linear(64, 48), 8, rank=4, router=router).to(torch.bfloat16)
@@ -249,7 +252,7 @@ def test_bf16_inputs_give_the_same_codes_fused_or_eager(monkeypatch):
     monkeypatch.setattr(kernels, "FUSE_MIN_ELEMENTS", 0)
     with router.scope(ids), torch.no_grad():
         fused = layer(x).float()
-        monkeypatch.setenv("MASQUANT_FUSE", "0")
+        set_switch(monkeypatch, "MASQUANT_FUSE", "0")
         eager = layer(x).float()
     assert torch.allclose(fused, eager, rtol=1e-2, atol=1e-2)
     assert float((fused - eager).norm() / eager.norm()) < 4e-3  # bf16 output rounding only

@@ -1,4 +1,4 @@
-"""The lmms-eval model wrapper (masquant.lmms) on the reference VL model, offline: direct requests,
+"""The lmms-eval model wrapper (masquant.evaluation.lmms) on the reference VL model, offline: direct requests,
 a saved quantized model, and lmms-eval's evaluator on a small local task."""
 
 import importlib
@@ -17,7 +17,7 @@ from lmms_eval.tasks import TaskManager
 
 import masquant
 from masquant import QuantConfig
-from masquant.lmms import MasquantLMM
+from masquant.evaluation.lmms import MasquantLMM
 from masquant.refmodels import registry
 from masquant.refmodels.data import DIGIT_WORDS, FASHION_CLASSES
 from masquant.refmodels.evaluate import calibration_inputs
@@ -63,7 +63,7 @@ def test_registered_with_lmms_eval():
 
 
 def test_import_masquant_does_not_need_lmms_eval():
-    code = "import sys, masquant, masquant.cli; assert not any(m.startswith('lmms_eval') for m in sys.modules)"
+    code = "import sys, masquant, masquant.cli.main; assert not any(m.startswith('lmms_eval') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -71,9 +71,9 @@ def test_clear_error_without_lmms_eval(monkeypatch):
     for name in [m for m in sys.modules if m.split(".")[0] == "lmms_eval"]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "lmms_eval", None)  # what an absent package looks like to import
-    monkeypatch.delitem(sys.modules, "masquant.lmms")
+    monkeypatch.delitem(sys.modules, "masquant.evaluation.lmms")
     with pytest.raises(ImportError, match=r"pip install --no-deps 'lmms-eval"):
-        importlib.import_module("masquant.lmms")
+        importlib.import_module("masquant.evaluation.lmms")
 
 
 def test_generate_until_answers_from_the_image(lm, digits):
@@ -203,7 +203,7 @@ def test_omni_audio_and_images():
 def test_only_per_token_inputs_grow_with_the_continuation():
     import torch
 
-    from masquant.lmms import _extend
+    from masquant.evaluation.lmms import _extend
 
     batch = {"input_ids": torch.ones(1, 5, dtype=torch.long), "attention_mask": torch.ones(1, 5, dtype=torch.long),
              "feature_attention_mask": torch.ones(1, 5, dtype=torch.long)}  # audio frames, by chance as many

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import masquant
-from masquant import Modality, QuantConfig, QuantLinear, tiny
-from masquant.evaluate import compare
+from masquant import Modality, QuantConfig, QuantLinear
+from masquant.config import options_for
+from masquant.evaluation.evaluate import compare
+from masquant.refmodels import tiny
 
 from conftest import misaligned_vl, omni_samples, vl_samples
 
@@ -186,7 +188,8 @@ def test_mas_and_masquant_calibrate_half_precision_models(dtype):
     samples = [tiny.tiny_sample(i, "vl") for i in range(2)]
     for method in ("mas", "masquant"):
         model = tiny.tiny_qwen2_5_vl(layers=1).to(dtype)
-        masquant.quantize(model, samples, QuantConfig(method=method, w_bits=4, rank=4, epochs=1), progress=False)
+        masquant.quantize(model, samples, QuantConfig(method=method, w_bits=4, **options_for(method, rank=4, epochs=1)),
+                          progress=False)
         with torch.no_grad():
             logits = model(**tiny.tiny_sample(9, "vl")).logits
         assert logits.dtype == dtype and torch.isfinite(logits).all()
@@ -201,7 +204,7 @@ def test_rank_zero_needs_no_covariance(vl_model):
     assert report.layers[0].linears["self_attn.q_proj"].compensation["vision"]["skipped"] == "rank 0"
 
 
-needs_compiler = pytest.mark.skipif(not masquant.kernels.fusion_available(torch.device("cpu")),
+needs_compiler = pytest.mark.skipif(not masquant.runtime.kernels.fusion_available(torch.device("cpu")),
                                     reason="no C++ compiler for torch.compile on this machine")
 
 
@@ -213,9 +216,9 @@ def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size
     the same values, and gradients for the smoothing vectors and the inputs equal up to
     summation order (abs-max ties included). On CUDA the compiled form is Triton's."""
     from masquant.methods import mas
-    from masquant.primitives import IntGrid
+    from masquant.runtime.primitives import IntGrid
 
-    if not masquant.kernels.fusion_available(torch.device(device)):
+    if not masquant.runtime.kernels.fusion_available(torch.device(device)):
         pytest.skip(f"no code generator for torch.compile on {device}")
     gen = torch.Generator().manual_seed(group_size)
     weight = torch.randn(24, 64, generator=gen)
@@ -236,8 +239,8 @@ def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size
 
     eager = run_both(1 << 62)
     compiled = run_both(0)
-    assert mas._weight_body in masquant.kernels._compiled
-    assert mas._tokens_body in masquant.kernels._compiled and device not in masquant.kernels._broken
+    assert mas._weight_body in masquant.runtime.kernels._compiled
+    assert mas._tokens_body in masquant.runtime.kernels._compiled and device not in masquant.runtime.kernels._broken
     assert float(eager[2][0].abs().max()) > 0  # (row 0 of the table only reaches the tokens)
     if device == "cuda":  # Triton's float32 division is not correctly rounded: a code may flip at a tie
         for e, c in zip(eager, compiled, strict=True):
@@ -257,7 +260,7 @@ def test_compiled_training_learns_the_same_tables(misaligned, calib, monkeypatch
     eager, eager_report = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8)
     monkeypatch.setattr(mas, "COMPILE_MIN_ELEMENTS", 0)
     compiled, compiled_report = run(misaligned, calib, method="masquant", w_bits=4, a_bits=8)
-    assert mas._weight_body in masquant.kernels._compiled
+    assert mas._weight_body in masquant.runtime.kernels._compiled
     for e, c in zip(eager_report.layers, compiled_report.layers, strict=True):
         assert e.groups["mas"]["loss_before_after"] == pytest.approx(c.groups["mas"]["loss_before_after"], rel=1e-3)
     for (name, a), (_, b) in zip(eager.named_modules(), compiled.named_modules(), strict=True):

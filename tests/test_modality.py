@@ -3,8 +3,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import masquant
-from masquant import Modality, tiny
+from masquant import Modality
 from masquant.modality import ModalityRouter
+from masquant.refmodels import tiny
 
 
 def test_modality_enum():
@@ -125,7 +126,7 @@ def test_generic_adapter_calibrates_on_image_samples():
     assert set(report.tokens) == {"text", "vision"}
 
 
-def test_router_runs_are_computed_once_per_ids_and_follow_changes():
+def test_router_routes_are_computed_once_per_ids_and_follow_changes():
     """The rows of each modality are shared by every linear of a forward, and recomputed when
     the ids change (new ids, or the same tensor modified in place)."""
 
@@ -133,13 +134,15 @@ def test_router_runs_are_computed_once_per_ids_and_follow_changes():
     x = torch.zeros(1, 6, 4)
     ids = torch.tensor([[0, 1, 1, 0, 2, 0]])
     with router.scope(ids):
-        flat, runs = router.runs(x)
-        assert flat.tolist() == [0, 1, 1, 0, 2, 0]
-        assert runs[1] == slice(1, 3) and runs[2] == slice(4, 5) and runs[0].tolist() == [0, 3, 5]
-        assert router.runs(x)[1] is runs  # the same forward: not recomputed
+        routes = router.routes(x)
+        assert routes.ids.tolist() == [0, 1, 1, 0, 2, 0]
+        assert routes.rows[1] == slice(1, 3) and routes.rows[2] == slice(4, 5) and routes.rows[0].tolist() == [0, 3, 5]
+        assert router.routes(x) is routes  # the same forward: not recomputed
+        idx, back = routes.order()
+        assert torch.equal(torch.cat(idx)[back], torch.arange(6))  # gathered by modality, then back in row order
         ids[0, 3] = 1  # modified in place
-        assert router.runs(x)[1][1] == slice(1, 4)
+        assert router.routes(x).rows[1] == slice(1, 4)
     with router.scope(torch.zeros(1, 6, dtype=torch.long)):
-        assert set(router.runs(x)[1]) == {0}
+        assert set(router.routes(x).rows) == {0} and router.routes(x).text_only
         with pytest.raises(RuntimeError, match="do not match"):
-            router.runs(torch.zeros(1, 5, 4))
+            router.routes(torch.zeros(1, 5, 4))

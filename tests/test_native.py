@@ -1,13 +1,13 @@
-"""The native integer kernel (``masquant.native``): bit-identity with the eager kernels (its
+"""The native integer kernel (``masquant.runtime.native``): bit-identity with the eager kernels (its
 AVX-512 VNNI code and its plain C++ loops), when ``QuantLinear`` takes it, and its fallbacks."""
 
 import pytest
 import torch
 
 import masquant
-from masquant.kernels import int_linear, quantize_tokens
+from masquant.runtime.kernels import int_linear, quantize_tokens
 
-from conftest import needs_native
+from conftest import needs_native, set_switch
 
 
 @needs_native
@@ -20,7 +20,7 @@ def test_native_kernel_is_bit_identical_to_the_eager_kernels(m, k, n, bits, per_
     the same order), for odd widths (vector tails, partial blocks of outputs and rows), a row of
     zeros (the scale's floor), exact halves (round to even), huge and tiny rows, per-row or
     per-tensor weight scales, with and without bias; each row by its own smoothing vector."""
-    from masquant import native
+    from masquant.runtime import native
 
     g = torch.Generator().manual_seed(m * 1000 + k + n + bits)
     x = torch.randn(m, k, generator=g) * torch.logspace(-20, 20, m)[:, None]
@@ -56,7 +56,7 @@ def test_native_kernel_is_bit_identical_to_the_eager_kernels(m, k, n, bits, per_
 @needs_native
 def test_ids_outside_the_smoothing_table_are_an_error():
     """An id that names no smoothing vector is refused before anything is read (no read past the table)."""
-    from masquant import native
+    from masquant.runtime import native
 
     weight = torch.ones(4, 8, dtype=torch.int8)
     plan = native.Plan(weight, weight, torch.ones(4, 1), None, torch.ones(2, 8), 8, weight.sum(1, dtype=torch.int32))
@@ -68,7 +68,7 @@ def test_ids_outside_the_smoothing_table_are_an_error():
 @pytest.fixture
 def native_calls(monkeypatch):
     """The ids argument of every ``native.Plan`` call, in order (None: row 0 of the table for all)."""
-    from masquant import native
+    from masquant.runtime import native
 
     calls = []
     real = native.Plan.__call__
@@ -89,23 +89,23 @@ def test_the_native_kernel_gives_the_eager_model(w_bits, patched, monkeypatch, n
     patches added to the image rows) and decodes (one text token at a time) through the native
     kernel to the logits it gives with MASQUANT_NATIVE=0: exactly without patches, to float32
     rounding with them (the native patch products sum in another order than MKL's)."""
-    from masquant import speed
+    from masquant.bench import speed
 
     calls = native_calls
-    model = speed.synthetic_quantize(masquant.tiny.tiny_qwen2_5_vl(hidden=64, layers=2), w_bits, rank=4)
+    model = speed.synthetic_quantize(masquant.refmodels.tiny.tiny_qwen2_5_vl(hidden=64, layers=2), w_bits, rank=4)
     patched_layers = [layer for layer in model.modules() if getattr(layer, "patches", None)]
     for layer in patched_layers:
         for patch in layer.patches.values():
             patch.l1.mul_(30)  # (patches large enough to matter: synthetic ones are small)
         if not patched:
             layer.patches.clear()  # (routed smoothing alone)
-    sample = masquant.tiny.tiny_sample(0, "vl")
+    sample = masquant.refmodels.tiny.tiny_sample(0, "vl")
     with torch.no_grad():
         fast = model.generate(**sample, max_new_tokens=3, do_sample=False, output_logits=True,
                               return_dict_in_generate=True)
         assert any(ids is not None and 1 in ids.tolist() for ids in calls)  # routed prefill rows
         assert any(ids is None for ids in calls)  # decoding (text rows) and layers without routing
-        monkeypatch.setenv("MASQUANT_NATIVE", "0")
+        set_switch(monkeypatch, "MASQUANT_NATIVE", "0")
         calls.clear()
         eager = model.generate(**sample, max_new_tokens=3, do_sample=False, output_logits=True,
                                return_dict_in_generate=True)
@@ -127,13 +127,14 @@ def test_the_native_kernel_gives_the_eager_model(w_bits, patched, monkeypatch, n
 
 def test_a_failing_native_build_falls_back_to_the_eager_kernels(monkeypatch, tmp_path, caplog):
     """A compiler that fails: one warning, the eager kernels, the same values; nothing cached."""
-    from masquant import native, speed
+    from masquant.bench import speed
+    from masquant.runtime import native
 
     broken = tmp_path / "broken-cxx"
     broken.write_text("#!/bin/sh\necho 'simulated compiler failure' >&2\nexit 1\n")
     broken.chmod(0o755)
-    monkeypatch.setenv("CXX", str(broken))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    set_switch(monkeypatch, "CXX", str(broken))
+    set_switch(monkeypatch, "XDG_CACHE_HOME", str(tmp_path / "cache"))
     native.library.cache_clear()
     try:
         layer = speed.quant_linear(torch.nn.Linear(32, 16), 8)
@@ -159,7 +160,8 @@ def test_the_native_call_follows_state_dict_loads_copies_and_the_runtime(w_bits)
     import copy
     import pickle
 
-    from masquant import native, speed
+    from masquant.bench import speed
+    from masquant.runtime import native
 
     def layer(seed):
         torch.manual_seed(seed)
@@ -194,7 +196,8 @@ def test_the_native_call_follows_state_dict_loads_copies_and_the_runtime(w_bits)
 def test_small_layers_take_the_native_call_and_large_ones_the_eager_kernels(monkeypatch):
     """Few rows of a small layer go native; a large layer stays on oneDNN (multi-threaded) even
     for one row. Values identical either way."""
-    from masquant import native, speed
+    from masquant.bench import speed
+    from masquant.runtime import native
 
     assert native.describe() == native.ISAS[native.library().isa]
     max_weight, max_macs = native.LIMITS[native.library().isa]
@@ -207,7 +210,7 @@ def test_small_layers_take_the_native_call_and_large_ones_the_eager_kernels(monk
     with torch.no_grad():
         outputs = [layer(x) for layer, x in zip((small, large), inputs, strict=True)]
         assert isinstance(small._plan, native.Plan) and large._plan is None
-        monkeypatch.setenv("MASQUANT_NATIVE", "0")
+        set_switch(monkeypatch, "MASQUANT_NATIVE", "0")
         assert native.describe() == "off (MASQUANT_NATIVE=0)"
         for layer, x, y in zip((small, large), inputs, outputs, strict=True):
             assert torch.equal(layer(x), y)
@@ -217,7 +220,8 @@ def test_small_layers_take_the_native_call_and_large_ones_the_eager_kernels(monk
 def test_a_bf16_layer_decodes_natively_with_the_eager_values(monkeypatch):
     """A bfloat16 model's linears (the general path: rows converted to float32) take the native
     kernel for one row too, with the eager kernels' values."""
-    from masquant import native, speed
+    from masquant.bench import speed
+    from masquant.runtime import native
 
     torch.manual_seed(0)
     layer = speed.quant_linear(torch.nn.Linear(512, 300).to(torch.bfloat16), 8)
@@ -227,7 +231,7 @@ def test_a_bf16_layer_decodes_natively_with_the_eager_values(monkeypatch):
     monkeypatch.setattr(native, "int_linear", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         fast = layer(x)
-        monkeypatch.setenv("MASQUANT_NATIVE", "0")
+        set_switch(monkeypatch, "MASQUANT_NATIVE", "0")
         eager = layer(x)
     assert calls and fast.dtype == torch.bfloat16 and torch.equal(fast, eager)
 
@@ -235,7 +239,8 @@ def test_a_bf16_layer_decodes_natively_with_the_eager_values(monkeypatch):
 @needs_native
 def test_the_native_kernel_refuses_tensors_off_the_cpu():
     """It reads raw CPU pointers: a weight elsewhere is a clear error, never a read of device memory."""
-    from masquant import native, speed
+    from masquant.bench import speed
+    from masquant.runtime import native
 
     weight = torch.empty(4, 8, dtype=torch.int8, device="meta")
     with pytest.raises(ValueError, match=r"tensors on \['meta'\]: move the model and its inputs to one device"):
@@ -254,7 +259,8 @@ def test_torch_compile_of_a_quantized_model_traces_the_eager_kernels(native_call
     """Inside ``torch.compile`` the native call steps aside (dynamo cannot trace a ctypes call, and
     would trace the library's cached build instead): the compiled model runs the eager integer
     kernels, with the eager model's logits up to float rounding."""
-    from masquant import speed, tiny
+    from masquant.bench import speed
+    from masquant.refmodels import tiny
 
     calls = native_calls
     torch.manual_seed(0)
@@ -275,7 +281,7 @@ def test_infinite_rows_and_any_ids_give_what_the_eager_kernels_give(kernel_libra
     """A row with an infinite entry (its scale is inf, so inf / inf codes are NaN: code 0 in torch)
     gives the eager kernels' NaN row on every instruction set; ids of any integer dtype or a
     strided view are read as int64 (never past their buffer)."""
-    from masquant import native
+    from masquant.runtime import native
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 20, generator=g)
@@ -301,7 +307,8 @@ def test_infinite_rows_and_any_ids_give_what_the_eager_kernels_give(kernel_libra
 def test_inputs_of_the_wrong_width_or_layout_are_errors_not_reads():
     """The kernel reads raw memory: a row of another width, a strided or a float64 input is a clear
     error (from the layer too, which never reshapes rows of the wrong width into the right one)."""
-    from masquant import native, speed
+    from masquant.bench import speed
+    from masquant.runtime import native
 
     weight = torch.ones(4, 8, dtype=torch.int8)
     plan = native.Plan(weight, weight, torch.ones(4, 1), None, None, 8, weight.sum(1, dtype=torch.int32))
@@ -319,7 +326,7 @@ def test_inputs_of_the_wrong_width_or_layout_are_errors_not_reads():
 def test_a_plan_follows_storage_moved_under_the_same_tensor():
     """``share_memory_()`` moves a buffer's storage without replacing the tensor: the layer binds a
     new plan instead of reading the freed address."""
-    from masquant import speed
+    from masquant.bench import speed
 
     layer = speed.quant_linear(torch.nn.Linear(32, 16), 8)
     x = torch.randn(2, 32)

@@ -1,11 +1,11 @@
-"""MASQuant's patches in the native kernel (``masquant.native``): the low-rank products on every
+"""MASQuant's patches in the native kernel (``masquant.runtime.native``): the low-rank products on every
 instruction set, and a plan that never applies a patch the layer no longer has (removed, changed,
 moved, its smoothing table edited), agreeing with the general path."""
 
 import pytest
 import torch
 
-from conftest import needs_native
+from conftest import needs_native, set_switch
 
 
 @needs_native
@@ -17,7 +17,7 @@ def test_native_patches_are_the_low_rank_products_of_their_rows(m, k, n, rank, k
     rounding, on every instruction set (row tails, masked rank and output chunks, runs of ids);
     rows of other ids, and every row of a call without ids, are the integer linear alone, bit for
     bit. The same rows give the same values whichever call they are in (fixed summation order)."""
-    from masquant import native
+    from masquant.runtime import native
 
     g = torch.Generator().manual_seed(m + k + n + rank)
     x = torch.randn(m, k, generator=g)
@@ -55,8 +55,10 @@ def test_native_patches_are_the_low_rank_products_of_their_rows(m, k, n, rank, k
 def test_a_plan_follows_its_layers_patches_and_smoothing(monkeypatch):
     """A plan folds the patches with the smoothing table once: a patch changed in place, a new
     patch or a new smoothing table (set_smoothing) binds a new plan, with the general path's values."""
-    from masquant import native, speed, tiny
+    from masquant.bench import speed
     from masquant.modality import Modality
+    from masquant.refmodels import tiny
+    from masquant.runtime import native
 
     torch.manual_seed(0)
     model = speed.synthetic_quantize(tiny.tiny_qwen2_5_vl(hidden=64, layers=1), 8, rank=4)
@@ -66,9 +68,9 @@ def test_a_plan_follows_its_layers_patches_and_smoothing(monkeypatch):
     def both():
         with torch.no_grad():
             fast = model(**sample).logits
-            monkeypatch.setenv("MASQUANT_NATIVE", "0")
+            set_switch(monkeypatch, "MASQUANT_NATIVE", "0")
             eager = model(**sample).logits
-            monkeypatch.delenv("MASQUANT_NATIVE")
+            set_switch(monkeypatch, "MASQUANT_NATIVE", None)
         torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
         return fast
 
@@ -87,24 +89,23 @@ def test_a_plan_follows_its_layers_patches_and_smoothing(monkeypatch):
     assert layer._plan is not plan
 
 
-def _routed_layer(patch_dtype="float16", smooth=None):
+def _routed_layer(smooth=None):
     from masquant.config import QuantConfig
     from masquant.modality import ModalityRouter
-    from masquant.qlinear import QuantLinear
+    from masquant.runtime.qlinear import QuantLinear
 
     router = ModalityRouter({})
     smooth = torch.rand(3, 64) + 0.5 if smooth is None else smooth
-    layer = QuantLinear.from_linear(torch.nn.Linear(64, 48), smooth, QuantConfig(w_bits=8, patch_dtype=patch_dtype),
-                                    router)
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 48), smooth, QuantConfig(w_bits=8), router)
     return layer, router
 
 
 def _native_and_eager(layer, router, monkeypatch, x, ids):
     with torch.no_grad(), router.scope(ids):
         fast = layer(x)
-        monkeypatch.setenv("MASQUANT_NATIVE", "0")
+        set_switch(monkeypatch, "MASQUANT_NATIVE", "0")
         eager = layer(x)
-        monkeypatch.delenv("MASQUANT_NATIVE")
+        set_switch(monkeypatch, "MASQUANT_NATIVE", None)
     return fast, eager
 
 
@@ -117,11 +118,12 @@ def test_a_plan_never_applies_a_patch_the_layer_no_longer_has(change, monkeypatc
     from masquant.modality import Modality
 
     torch.manual_seed(0)
-    layer, router = _routed_layer("float32" if change.startswith("share") else "float16")
+    layer, router = _routed_layer()
+    dtype = torch.float32 if change.startswith("share") else torch.float16
     x, ids = torch.randn(1, 6, 64), torch.tensor([[0, 1, 1, 1, 0, 0]])
     rounds = 50 if change == "re-add" else 1
     for i in range(rounds):
-        layer.add_patch(Modality.VISION, torch.randn(64, 4) * (i + 1), torch.randn(4, 48))
+        layer.add_patch(Modality.VISION, torch.randn(64, 4) * (i + 1), torch.randn(4, 48), dtype=dtype)
         _native_and_eager(layer, router, monkeypatch, x, ids)
         patch = layer.patches["vision"]
         if change == "clear":
@@ -166,7 +168,7 @@ def test_a_text_patch_is_refused_on_every_path():
     """Text tokens use the stored weight: a layout (checkpoint) or a module dict holding a patch
     for 'text' is an error, not a patch one path applies and the other skips."""
     from masquant.config import QuantConfig
-    from masquant.qlinear import LowRankPatch, QuantLinear
+    from masquant.runtime.qlinear import LowRankPatch, QuantLinear
 
     layout = {"in_features": 8, "out_features": 4, "bias": False, "dtype": "float32", "patches": {"text": 2},
               "modality_weights": []}
@@ -184,7 +186,7 @@ def test_the_smoothing_flags_check_does_not_break_a_compiled_graph():
     ``torch.compile`` it steps aside, so a quantized linear still traces as one graph."""
     import torch._dynamo as dynamo
 
-    from masquant import speed
+    from masquant.bench import speed
 
     torch.manual_seed(0)
     layer = speed.quant_linear(torch.nn.Linear(64, 32), 8)

@@ -1,6 +1,7 @@
 """Offloaded calibration activations (``offload="cpu"`` or a directory): the same bits as in
 memory, the files really hold the activations, and they are gone afterwards (also on errors)."""
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -8,10 +9,11 @@ import pytest
 import torch
 
 import masquant
-from masquant import QuantConfig, tiny
+from masquant import QuantConfig
+from masquant.calibration.streaming import quantize_streaming
+from masquant.io.serialization import load, save
 from masquant.methods import METHODS
-from masquant.serialization import load, save
-from masquant.streaming import quantize_streaming
+from masquant.refmodels import tiny
 
 from conftest import interrupted_at, vl_samples
 
@@ -67,10 +69,9 @@ def test_disk_offloaded_activations_are_mapped_from_their_files(tmp_path, monkey
             assert where and where[0].startswith(str(tmp_path / "act")), (ctx.index, where)
         assert ctx.store.file_bytes() >= sum(t.nbytes for t in ctx.fp_outputs) * 2  # inputs and targets
         seen.append(ctx.index)
-        return original(ctx)
+        return original.fit(ctx)
 
-    checking.__dict__.update(original.__dict__)
-    monkeypatch.setitem(METHODS, "masquant", checking)
+    monkeypatch.setitem(METHODS, "masquant", dataclasses.replace(original, fit=checking))
     _run(MAS, vl_samples(range(4)), offload=tmp_path / "act")
     assert seen == [0, 1, 2]
     assert list((tmp_path / "act").iterdir()) == []
@@ -90,9 +91,10 @@ def test_files_are_removed_after_an_interruption_and_resume_works(tmp_path):
 
 
 KILLED_IN_LAYER_1 = """
-import os, signal, sys
+import dataclasses, os, signal, sys
 import masquant
-from masquant import QuantConfig, tiny
+from masquant import QuantConfig
+from masquant.refmodels import tiny
 from masquant.methods import METHODS
 
 original = METHODS["masquant"]
@@ -102,10 +104,9 @@ def killing(ctx):
         sys.stdout.write(str(len(os.listdir(sys.argv[1]))) + " " + str(ctx.store.file_bytes()) + "\\n")
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    return original(ctx)
+    return original.fit(ctx)
 
-killing.__dict__.update(original.__dict__)
-METHODS["masquant"] = killing
+METHODS["masquant"] = dataclasses.replace(original, fit=killing)
 samples = [tiny.tiny_sample(i, "vl", text_len=24) for i in range(4)]
 masquant.quantize(tiny.tiny_qwen2_5_vl(layers=3), samples, QuantConfig(method="masquant", w_bits=4, rank=4, epochs=1),
                   progress=False, offload=sys.argv[1])
@@ -149,14 +150,14 @@ def test_streamed_run_with_disk_offload_equals_the_in_memory_one(tmp_path):
     case="offload directory that cannot be created or written to",
     expect="ValueError naming the directory before anything is captured; the CLI refuses it before loading")
 def test_an_unwritable_offload_directory_is_refused(tmp_path, capsys, monkeypatch):
-    import masquant.loading
-    from masquant.cli import main
+    import masquant.io.loading
+    from masquant.cli.main import main
 
     (tmp_path / "file").write_text("not a directory")
     for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
         with pytest.raises(ValueError, match=f"offload directory {bad} .*writable"):
             _run(AWQ, vl_samples(range(2)), offload=bad)
-    monkeypatch.setattr(masquant.loading, "load_any", lambda *a: pytest.fail("loaded before refusing"))
+    monkeypatch.setattr(masquant.io.loading, "load_any", lambda *a: pytest.fail("loaded before refusing"))
     bad = tmp_path / "file" / "sub"
     assert main(["quantize", "--model", "ref-vl", "--offload", str(bad), "--out", str(tmp_path / "q")]) == 1
     assert f"offload directory {bad}" in capsys.readouterr().err
@@ -169,8 +170,8 @@ def test_an_unwritable_offload_directory_is_refused(tmp_path, capsys, monkeypatc
 def test_captured_inputs_go_to_the_store_as_they_are_captured(tmp_path, monkeypatch):
     """With offload, each batch's first-layer input leaves the compute device right after its
     capture (not all of them at the start of calibration), and is written once."""
-    import masquant.api as api
-    from masquant.offload import ActivationStore
+    import masquant.calibration.quantize as api
+    from masquant.calibration.offload import ActivationStore
 
     events = []
     capture, put = api.capture, ActivationStore.put

@@ -1,7 +1,8 @@
 import torch
 
 import masquant
-from masquant import QuantConfig, tiny
+from masquant import QuantConfig
+from masquant.refmodels import tiny
 
 from conftest import vl_samples
 

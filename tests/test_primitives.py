@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis.extra.numpy import arrays
 
-from masquant.primitives import (
+from masquant.runtime.primitives import (
     IntGrid,
     check_finite,
     choose_qparams,

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from masquant import Modality, QuantConfig, QuantLinear
 from masquant.modality import NUM_MODALITIES, ModalityRouter
-from masquant.primitives import IntGrid, fake_quantize_per_token, quantize_weight
+from masquant.runtime.primitives import IntGrid, fake_quantize_per_token, quantize_weight
 
 
 def make(smooth, a_bits=8, w_bits=8, bias=True):
@@ -88,7 +88,7 @@ def test_state_dict_holds_one_integer_weight():
 
 def test_fp16_patch_with_small_smoothing_factors_stays_finite():
     """``l1 / s`` overflows fp16 when s is near min_scale; the projection runs in float32 then."""
-    from masquant.qlinear import LowRankPatch
+    from masquant.runtime.qlinear import LowRankPatch
 
     patch = LowRankPatch(torch.full((8, 2), 1000.0, dtype=torch.float16), torch.ones(2, 4, dtype=torch.float16))
     x = torch.full((3, 8), 1e-3, dtype=torch.float16)
@@ -99,7 +99,7 @@ def test_fp16_patch_with_small_smoothing_factors_stays_finite():
 
 
 def test_patch_factors_are_cached_until_a_tensor_changes():
-    from masquant.qlinear import LowRankPatch
+    from masquant.runtime.qlinear import LowRankPatch
 
     patch = LowRankPatch(torch.randn(8, 2, dtype=torch.float16), torch.randn(2, 4, dtype=torch.float16))
     smooth, x = torch.rand(8) + 0.5, torch.randn(3, 8)

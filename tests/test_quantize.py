@@ -5,7 +5,7 @@ import torch
 
 import masquant
 from masquant import QuantConfig, QuantLinear, QuantReport
-from masquant.evaluate import compare
+from masquant.evaluation.evaluate import compare
 
 from conftest import omni_samples, vl_samples
 
@@ -47,7 +47,7 @@ def test_report_has_per_layer_linear_modality_entries_and_round_trips(vl_model, 
     data = json.loads(report.to_json())
     again = QuantReport.from_dict(data)
     assert again.to_dict() == report.to_dict()
-    assert data["config"]["method"] == "rtn" and data["config"]["version"] == 1
+    assert data["config"]["method"] == "rtn" and data["config"]["version"] == QuantConfig.VERSION
     assert "| 0 |" in report.summary()
 
 

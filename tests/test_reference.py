@@ -5,7 +5,7 @@ import torch
 
 import masquant
 from masquant import QuantConfig
-from masquant.evaluate import compare
+from masquant.evaluation.evaluate import compare
 from masquant.refmodels import registry
 from masquant.refmodels.evaluate import EvalSizes, calibration_inputs, comparison_inputs, evaluate_reference
 from masquant.refmodels.processor import to_rgb

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import masquant
-from masquant import QuantConfig, tiny
-from masquant.checkpoint import STATE_DIR
-from masquant.cli_quantize import prepare_output
+from masquant import QuantConfig
+from masquant.calibration.checkpoint import STATE_DIR
+from masquant.cli.quantize import prepare_output
+from masquant.refmodels import tiny
 
 from conftest import interrupted_at, vl_samples
 
@@ -75,7 +76,8 @@ def test_a_damaged_state_is_refused_with_the_file_named(tmp_path):
 SCRIPT = """
 import sys
 import masquant
-from masquant import QuantConfig, tiny
+from masquant import QuantConfig
+from masquant.refmodels import tiny
 samples = [tiny.tiny_sample(i, "vl", text_len=24) for i in range(4)]
 model = tiny.tiny_qwen2_5_vl(layers=8)
 masquant.quantize(model, samples, QuantConfig(method="masquant", w_bits=4, rank=4, epochs=2), progress=False,
@@ -169,9 +171,9 @@ def test_a_resumed_run_reuses_the_saved_gradient_ratios(tmp_path, monkeypatch, s
     """MBQ's gradient ratios (a whole-model backward, or a layer-by-layer pass when streaming) are
     saved with the state: a resumed run reads them instead of measuring again, and ends with the
     same bytes as an uninterrupted run."""
-    import masquant.api as api
-    from masquant.serialization import load, model_class
-    from masquant.streaming import quantize_streaming
+    import masquant.calibration.quantize as api
+    from masquant.calibration.streaming import quantize_streaming
+    from masquant.io.serialization import load, model_class
 
     config = QuantConfig(method="mbq", w_bits=4, a_bits=8, calib_batch=2, awq_grid=4)
     samples = vl_samples(range(4))

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import masquant
-from masquant import QuantLinear, tiny
+from masquant import QuantLinear
+from masquant.refmodels import tiny
 
 FIXTURES = Path(__file__).parent / "fixtures" / "saved-0.1.0"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())

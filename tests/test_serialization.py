@@ -7,6 +7,7 @@ import torch
 
 import masquant
 from masquant import QuantConfig, QuantLinear
+from masquant.config import options_for
 
 from conftest import omni_samples, vl_samples
 
@@ -153,8 +154,8 @@ def test_a_failing_overwrite_keeps_the_previous_model(vl_model, fresh, tmp_path,
 def test_same_inputs_and_seed_give_bit_identical_saved_weights(method, vl_model, fresh, tmp_path):
     digests = []
     for run in range(2):
-        model, _ = _quantize("vl", dict(method=method, w_bits=4, rank=4, epochs=1, lambdas="auto"), vl_model, None,
-                             fresh)
+        own = options_for(method, rank=4, epochs=1, lambdas="auto")
+        model, _ = _quantize("vl", dict(method=method, w_bits=4, **own), vl_model, None, fresh)
         masquant.save(model, tmp_path / str(run))
         digests.append(json.loads((tmp_path / str(run) / "quant_config.json").read_text())["files"])
     assert digests[0]["model.safetensors"] == digests[1]["model.safetensors"]

@@ -4,7 +4,9 @@ import copy
 
 import torch
 
-from masquant import QuantLinear, calibspeed, perf, speed, tiny
+from masquant import QuantLinear
+from masquant.bench import calibspeed, perf, speed
+from masquant.refmodels import tiny
 
 
 def test_linear_rows_time_every_variant_and_agree_on_outputs():
@@ -100,7 +102,7 @@ def test_calibration_scaling_rows_time_both_methods_and_feed_the_goals():
 def test_cmc_rows_time_both_eigensolvers_and_restore_the_default(monkeypatch):
     """The CMC table times the default patch and the full-eigendecomposition one (by lifting
     ``FAST_MIN`` for that call only), and the page shows their ratio."""
-    from masquant import compensation
+    from masquant.methods import cmc as compensation
 
     sizes = []
     default, real = compensation.FAST_MIN, compensation._top_eigh

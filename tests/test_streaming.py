@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from masquant import QuantConfig, quantize, tiny
-from masquant.serialization import load, model_class, save
-from masquant.shards import CheckpointTensors, match_names
-from masquant.streaming import quantize_streaming
+from masquant import QuantConfig, quantize
+from masquant.calibration.shards import CheckpointTensors, match_names
+from masquant.calibration.streaming import quantize_streaming
+from masquant.io.serialization import load, model_class, save
+from masquant.refmodels import tiny
 
 from conftest import interrupted_at, omni_samples, vl_samples
 
@@ -158,11 +159,11 @@ def test_layerwise_ratios_leave_no_gradient_and_free_what_they_kept(monkeypatch)
     """Called on a model in memory (loading a layer is then a no-op): the ratios of the whole-model
     backward, no parameter left with a gradient or with other ``requires_grad`` flags, and every
     activation it stored given back to the store."""
-    from masquant.api import capture_all, validate_all
     from masquant.arch import get_adapter
-    from masquant.collate import collate
-    from masquant.gradients import layerwise_gradient_ratios, modality_gradient_ratios
-    from masquant.offload import ActivationStore
+    from masquant.calibration.collate import collate
+    from masquant.calibration.gradients import layerwise_gradient_ratios, modality_gradient_ratios
+    from masquant.calibration.offload import ActivationStore
+    from masquant.calibration.quantize import capture_all, validate_all
 
     model = tiny.tiny_qwen2_5_vl(layers=3).eval()
     adapter = get_adapter(model)
@@ -197,9 +198,10 @@ CAPPED = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from transformers import Qwen2_5_VLForConditionalGeneration
-    from masquant import QuantConfig, quantize, tiny
-    from masquant.serialization import model_class, save
-    from masquant.streaming import quantize_streaming
+    from masquant import QuantConfig, quantize
+    from masquant.refmodels import tiny
+    from masquant.io.serialization import model_class, save
+    from masquant.calibration.streaming import quantize_streaming
     samples = [tiny.tiny_sample(s, family="vl") for s in range(4)]
     # the cap: what the runtime (python, torch, transformers, masquant) holds now, plus a headroom
     runtime = next(int(l.split()[1]) << 10 for l in open("/proc/self/status") if l.startswith("VmData:"))
@@ -256,7 +258,7 @@ def test_a_model_larger_than_the_memory_cap_streams_and_matches(tmp_path):
 
 
 def test_memory_bench_child_measures_one_run(tmp_path):
-    from masquant.memorybench import child, markdown
+    from masquant.bench.memory import child, markdown
 
     tiny.tiny_qwen2_5_vl().save_pretrained(tmp_path / "fp")
     row = child("stream", str(tmp_path / "fp"), "smoothquant", str(tmp_path / "out"))
@@ -271,7 +273,7 @@ def test_memory_bench_child_measures_one_run(tmp_path):
                               "--stream of a quantized model",
                          expect="one-line error before anything is loaded / naming the directory")
 def test_cli_refuses_a_missing_gpu_and_a_quantized_source(tmp_path, capsys):
-    from masquant.cli import main
+    from masquant.cli.main import main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

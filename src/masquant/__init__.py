@@ -1,6 +1,5 @@
 """masquant: modality-aware post-training quantization of multimodal LLMs."""
 
-from .api import CalibrationError, quantize
 from .arch import (
     ADAPTERS,
     Adapter,
@@ -10,11 +9,13 @@ from .arch import (
     get_adapter,
     modality_ids,
 )
+from .calibration.quantize import CalibrationError, quantize
+from .calibration.report import QuantReport
 from .config import QuantConfig
+from .io.serialization import IntegrityError, load, save, verify
 from .modality import Modality, modality_scope
-from .qlinear import QuantLinear, set_runtime
-from .report import QuantReport
-from .serialization import IntegrityError, load, save, verify
+from .runtime.qlinear import QuantLinear, set_runtime
+from .version import __version__ as __version__
 
 __all__ = [
     "ADAPTERS",
@@ -37,4 +38,3 @@ __all__ = [
     "set_runtime",
     "verify",
 ]
-__version__ = "0.1.0"

@@ -23,7 +23,7 @@ class LinearGroup:
     name: str
     source: str
     linears: tuple[str, ...]
-    smooth: bool = True  # smoothed by default; False = only when the config asks
+    smooth: bool = True  # smoothed by default; False = only with ``QuantConfig.smooth_down_proj``
 
 
 LLAMA_GROUPS = (
@@ -48,6 +48,12 @@ class Adapter:
     token_attrs: Mapping[Modality, tuple[str, ...]] = field(default_factory=dict)
     token_ids: Mapping[Modality, tuple[int, ...]] = field(default_factory=dict)
     feature_keys: Mapping[Modality, tuple[str, ...]] = field(default_factory=dict)  # inputs that feed them
+    gradient_sites: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")  # MBQ's gradient ratios, per layer
+
+    def smoothed(self, group: LinearGroup, smooth_down_proj: bool) -> bool:
+        """Whether ``group`` gets smoothing vectors: groups declared ``smooth=False`` (``down_proj``,
+        whose input has no norm to absorb a vector) only when the config asks."""
+        return group.smooth or smooth_down_proj
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.layers, self.name)

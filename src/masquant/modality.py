@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
+
+from .memo import Derived
 
 
 class Modality(IntEnum):
@@ -32,6 +35,46 @@ def ids_from_tokens(input_ids: torch.Tensor, table: Mapping[int, Modality]) -> t
     return out
 
 
+@dataclass(frozen=True)
+class Routes:
+    """The rows of one forward by modality: ``ids`` (flat, one per row) and, for each modality
+    present, its rows as a slice (one contiguous run, as an image or a clip usually is) or an
+    index tensor. Every per-modality computation in masquant reads its rows from here."""
+
+    ids: torch.Tensor
+    rows: dict[int, torch.Tensor | slice]
+
+    @property
+    def text_only(self) -> bool:
+        return set(self.rows) <= {int(Modality.TEXT)}
+
+    def indices(self, modality: int) -> torch.Tensor | None:
+        """The rows of ``modality`` as an index tensor (None if it has none)."""
+        idx = self.rows.get(modality)
+        if isinstance(idx, slice):
+            return torch.arange(idx.start, idx.stop, device=self.ids.device)
+        return idx
+
+    def order(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each present modality's row indices (in modality order) and the permutation that puts
+        rows gathered in that order back in row order."""
+        idx = [self.indices(m) for m in sorted(self.rows)]
+        cat = torch.cat(idx)
+        back = torch.empty_like(cat).scatter_(0, cat, torch.arange(cat.numel(), device=cat.device))
+        return idx, back
+
+
+def routes_of(ids: torch.Tensor) -> Routes:
+    """``Routes`` of flat modality ids."""
+    rows: dict[int, torch.Tensor | slice] = {}
+    for m in range(NUM_MODALITIES):
+        idx = (ids == m).nonzero().squeeze(1)
+        if idx.numel():
+            first, last = int(idx[0]), int(idx[-1])
+            rows[m] = slice(first, last + 1) if last - first + 1 == idx.numel() else idx
+    return Routes(ids, rows)
+
+
 class ModalityRouter:
     """Carries the modality ids of the current forward to the quantized linears."""
 
@@ -39,7 +82,7 @@ class ModalityRouter:
         self.table = dict(table)
         self.ids: torch.Tensor | None = None
         self._scoped = 0
-        self._runs: tuple | None = None  # (ids, their version, device, flat ids, rows per modality)
+        self._routes = Derived()
 
     @contextlib.contextmanager
     def scope(self, ids: torch.Tensor) -> Iterator[None]:
@@ -71,23 +114,12 @@ class ModalityRouter:
             )
         return self.ids.reshape(-1).to(x.device)
 
-    def runs(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor | slice]]:
-        """``rows(x)`` and the rows of each modality present: a slice when they are one contiguous
-        run (an image or a clip usually is), else an index tensor. Computed once per forward and
-        device, not once per quantized linear (they all read the same ids)."""
-        cached = self._runs
-        if cached is not None and cached[0] is self.ids and cached[1] == self.ids._version and cached[2] == x.device \
-                and self.ids.shape == x.shape[:-1]:  # (the check of rows(x), without its reshape)
-            return cached[3], cached[4]
-        ids = self.rows(x)  # (checks the ids against x)
-        out: dict[int, torch.Tensor | slice] = {}
-        for m in range(NUM_MODALITIES):
-            idx = (ids == m).nonzero().squeeze(1)
-            if idx.numel():
-                first, last = int(idx[0]), int(idx[-1])
-                out[m] = slice(first, last + 1) if last - first + 1 == idx.numel() else idx
-        self._runs = (self.ids, self.ids._version, x.device, ids, out)
-        return ids, out
+    def routes(self, x: torch.Tensor) -> Routes:
+        """The ``Routes`` of the rows of ``x``: computed once per forward and device, not once per
+        quantized linear (they all read the same ids)."""
+        if self.ids is not None and self.ids.shape == x.shape[:-1]:  # (the check of rows(x), without its reshape)
+            return self._routes.get((self.ids,), lambda: routes_of(self.rows(x)), key=x.device)
+        return routes_of(self.rows(x))  # (rows(x) raises the error)
 
     def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook for the top-level model: set ids from ``input_ids``."""

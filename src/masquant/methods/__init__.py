@@ -1,28 +1,14 @@
-"""Quantization methods. Each is a function ``LayerContext -> LayerPlan`` registered by name.
+"""Quantization methods: one module each, registering a ``Method`` (``registry.py``).
 
-A new method is one module plus one ``@register`` line; the pipeline does not change.
+Every module of this package is imported here, so a new method is one new file.
 """
 
-from __future__ import annotations
+import importlib
+import pkgutil
 
-from collections.abc import Callable
+from .registry import METHODS, Method, get_method, register
 
-METHODS: dict[str, Callable] = {}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-
-def register(name: str, second_moments: bool = False,
-             needs_ratios: Callable | None = None) -> Callable[[Callable], Callable]:
-    """Register ``fn`` as method ``name``; ``second_moments`` asks the pipeline for X^T X;
-    ``needs_ratios(config)`` says whether the method reads the gradient ratios
-    (``masquant.gradients``; ``ctx.prepared["ratios"]``), which the pipeline then measures first."""
-
-    def wrap(fn: Callable) -> Callable:
-        fn.second_moments = second_moments
-        fn.needs_ratios = needs_ratios or (lambda config: False)
-        METHODS[name] = fn
-        return fn
-
-    return wrap
-
-
-from . import awq, mas, mbq, rtn, smoothquant  # noqa: E402,F401  (registration)
+__all__ = ["METHODS", "Method", "get_method", "register"]

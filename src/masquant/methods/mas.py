@@ -1,34 +1,27 @@
-"""Modality-aware smoothing (MAS), and MASQuant = MAS + cross-modal compensation.
+"""Modality-aware smoothing (MAS): one smoothing vector per modality, learned per layer.
 
-Every smoothed linear group gets one vector per modality, initialised with the
-per-modality SmoothQuant rule ``s_m = sqrt(max|X_m| / max|W|)`` and then learned per
-decoder layer: AdamW on the modality-weighted MAE of the layer output,
-``(sum_text |dY| + l_vision sum_vision |dY| + l_audio sum_audio |dY|) / #elements``,
-with weights ``Q(W * s_m)`` and activations fake-quantized (straight-through rounding)
-and every entry of ``s`` kept >= ``min_scale``.
-
-``method="mas"`` stores one quantized weight per modality (the ablation upper bound);
-``method="masquant"`` stores only ``Q(W * s_text)`` and adds low-rank patches
-(``masquant.compensation``). A modality without calibration tokens falls back to the text
-vector (its tokens are then treated exactly like text) and a warning is logged. With
-``cmc_guard`` (not in the paper) a modality whose patched vector reconstructs its outputs
-of a group's linears worse than the text vector is routed through the text vector (``_guard``).
+Vectors start at the per-modality SmoothQuant rule ``s_m = sqrt(max|X_m| / max|W|)`` and are learned per
+decoder layer with AdamW on the modality-weighted MAE of the layer output (weights ``l_m``), with ``Q(W * s_m)``
+and activations fake-quantized (straight-through). ``method="mas"`` stores one weight per modality (ablation
+upper bound); ``masquant`` stores one plus patches. A modality without tokens follows the text vector (warned).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import distributed, kernels
-from ..compensation import compensate_linear
+from ..calibration import distributed
+from ..calibration.pipeline import LayerContext, LayerPlan
+from ..config import check_int
 from ..modality import Modality
-from ..pipeline import LayerContext, LayerPlan
-from ..primitives import (
+from ..runtime import kernels
+from ..runtime.primitives import (
     IntGrid,
     choose_qparams,
     fake_quantize,
@@ -36,8 +29,8 @@ from ..primitives import (
     fake_quantize_weight,
     group_rows,
 )
-from ..qlinear import QuantLinear, replace_module
-from . import register
+from ..runtime.qlinear import replace_module
+from .registry import Method, register
 from .smoothquant import group_weight_absmax, smoothquant_vector
 
 log = logging.getLogger("masquant")
@@ -45,6 +38,65 @@ log = logging.getLogger("masquant")
 
 RECOMPUTE_MIN_ELEMENTS = 1 << 20  # weights at least this large are fake-quantized again in backward
 COMPILE_MIN_ELEMENTS = 1 << 20  # weights / activations at least this large: compiled fake quantization
+
+
+REFERENCE_LAMBDAS = {"text": 1.0, "vision": 0.15, "audio": 0.55}
+MODALITY_NAMES = tuple(m.name.lower() for m in Modality)
+
+
+def parse_lambdas(text: str) -> dict[str, float] | str:
+    """``auto`` or ``vision=0.15,audio=0.55`` (the CLI's form of ``lambdas``)."""
+    if text == "auto":
+        return text
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise ValueError(f"--lambdas takes 'auto' or modality=weight pairs such as vision=0.15,audio=0.55, "
+                         f"got {text!r}") from None
+
+
+@dataclass
+class MasSettings:
+    lambdas: dict[str, float] | str = field(default_factory=lambda: dict(REFERENCE_LAMBDAS), metadata={
+        "help": "loss weight per modality (vision=0.15,audio=0.55) or auto (MBQ gradient ratios)",
+        "parse": parse_lambdas})
+    epochs: int = field(default=2, metadata={"help": "passes over the calibration set per layer"})
+    mas_batch: int = field(default=1, metadata={
+        "help": "calibration batches per AdamW step (>= the number of torchrun processes to spread MAS)"})
+    lr: float = field(default=5e-2, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    min_scale: float = field(default=1e-2, metadata={"help": "entries of the vectors are kept >= this"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lambdas, str):
+            if self.lambdas != "auto":
+                raise ValueError(f"lambdas must be a dict per modality or 'auto', got {self.lambdas!r}")
+        else:
+            unknown = sorted(set(self.lambdas) - set(MODALITY_NAMES))
+            if unknown or any(isinstance(v, bool) or not isinstance(v, int | float) or v < 0
+                              for v in self.lambdas.values()):
+                raise ValueError(f"lambdas must map {MODALITY_NAMES} to non-negative numbers, got {self.lambdas!r}")
+        check_int("epochs", self.epochs, 0, 10_000)
+        check_int("mas_batch", self.mas_batch, 1, 1_000_000)
+        for name in ("lr", "min_scale"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.weight_decay < 0:
+            raise ValueError("weight_decay must be >= 0")
+
+    def lambda_of(self, modality: str) -> float:
+        """Fixed loss weight of a modality (text defaults to 1, others to the reference values)."""
+        if isinstance(self.lambdas, str):
+            raise ValueError("lambdas='auto' is resolved per layer from gradients, not from the config")
+        return float(self.lambdas.get(modality, REFERENCE_LAMBDAS[modality]))
+
+
+@dataclass
+class MasRecord:
+    loss_before_after: list[float]
+    kept_learned: bool
+    lambdas: dict[str, float]
+    text_vector_for: dict[str, list[str]]  # per group, modalities routed through the text vector (CMC guard)
 
 
 class _TrainableLinear(nn.Module):
@@ -58,10 +110,8 @@ class _TrainableLinear(nn.Module):
         self.fixed: dict[Modality, torch.Tensor] = {}  # the same for a table that is not learned
 
     def weight(self, m: Modality, present: list[Modality]) -> torch.Tensor:
-        """``Q(W * s_m)``, computed once per optimiser step (``weights`` is cleared after each);
-        with a fixed table (a group that is not smoothed), once for the whole fit. A small weight
-        is quantized for every modality ``present`` at once (one pass per elementwise op instead of
-        one per modality: on small layers each op's fixed cost is most of its time)."""
+        """``Q(W * s_m)``, once per optimiser step (once per fit for a fixed table). A small weight is quantized
+        for every ``present`` modality in one stacked pass, since per-op fixed costs dominate small layers."""
         group_size = self.ctx.config.w_group_size
         if self.smooth.requires_grad and m not in self.weights and len(present) > 1 and group_size != -1 \
                 and self.linear.weight.numel() < RECOMPUTE_MIN_ELEMENTS and not _compile(self.linear.weight):
@@ -98,26 +148,13 @@ class _TrainableLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.linear.out_features).to(x.dtype)
 
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Modality], tuple | None]:
-        """Every row of ``x`` by its own modality's vector, then per-token codes (one pass over all
-        rows, float32 also for bf16 / fp16 models); the modalities present (padding rows included:
-        every row gets an output); and, with several, each one's rows and the gather that puts
-        their outputs back in row order.
-
-        (Computed once for the linears that share an input, q/k/v or gate/up, this saved 5-10 % of
-        a step, but their gradients then sum in another order: the learned tables move at rounding
-        level and the reference metrics by a few tenths of a point, so the published results would
-        no longer reproduce. Not done.)"""
-        ids, runs = self.ctx.router.runs(x)  # (shared by every linear of the forward)
+        """Rows of ``x`` smoothed by their modality's vector and fake-quantized per token (float32), the modalities
+        present (padding rows included), and with several, each one's rows and the gather back to row order."""
+        routes = self.ctx.router.routes(x)  # (shared by every linear of the forward)
         rows = x.reshape(-1, self.linear.in_features).float()
-        xq = _smoothed_tokens(rows, self.smooth, ids, self.ctx.config.a_bits)
-        present = [Modality(m) for m in sorted(runs)]
-        if len(present) == 1:
-            return xq, present, None
-        idx = [runs[int(m)] for m in present]
-        idx = [torch.arange(i.start, i.stop, device=rows.device) if isinstance(i, slice) else i for i in idx]
-        cat = torch.cat(idx)
-        back = torch.empty_like(cat).scatter_(0, cat, torch.arange(cat.numel(), device=rows.device))
-        return xq, present, (idx, back)
+        xq = _smoothed_tokens(rows, self.smooth, routes.ids, self.ctx.config.a_bits)
+        present = [Modality(m) for m in sorted(routes.rows)]
+        return xq, present, None if len(present) == 1 else routes.order()
 
 
 def _smoothed_fake_quant(weight: torch.Tensor, smooth: torch.Tensor, grid: IntGrid, group_size: int) -> torch.Tensor:
@@ -135,9 +172,8 @@ def _smoothed_tokens(rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor
 
 
 def _compile(x: torch.Tensor) -> bool:
-    """Large tensors take the compiled forms below: inductor fuses the ~10 elementwise passes of
-    the fake quantization and of its backward, which dominate a step otherwise (2.1-2.5x faster
-    from 1024x1024 up on a 2-core CPU); small ones stay eager, not worth a compilation."""
+    """Large tensors take the compiled forms below, where inductor fuses the elementwise passes of the fake
+    quantization and its backward; small ones stay eager, not worth a compilation."""
     return x.numel() >= COMPILE_MIN_ELEMENTS and kernels.fusion_available(x.device)
 
 
@@ -162,14 +198,14 @@ def initial_table(ctx: LayerContext, group) -> torch.Tensor:
     present = sorted(site.per_modality)
     base = Modality.TEXT if Modality.TEXT in present else present[0]
     rows = [smoothquant_vector(site.absmax(m if m in present else base), wmax, 0.5) for m in Modality]
-    return torch.stack(rows).clamp_min(ctx.config.min_scale)
+    return torch.stack(rows).clamp_min(ctx.settings.min_scale)
 
 
 def layer_lambdas(ctx: LayerContext) -> dict[Modality, float]:
-    if ctx.config.lambdas == "auto":
-        ratios = ctx.prepared["ratios"][ctx.index]
+    if ctx.settings.lambdas == "auto":
+        ratios = ctx.ratios[ctx.index]
         return {m: ratios.get(m, 1.0) for m in Modality}
-    return {m: ctx.config.lambda_of(m.name.lower()) for m in Modality}
+    return {m: ctx.settings.lambda_of(m.name.lower()) for m in Modality}
 
 
 def learn_tables(ctx: LayerContext, tables: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[float]]:
@@ -177,7 +213,7 @@ def learn_tables(ctx: LayerContext, tables: dict[str, torch.Tensor]) -> tuple[di
     tables to use and the mean loss before and after (the learned tables are kept only if they
     do not raise it)."""
     params = {g.name: nn.Parameter(tables[g.name].clone()) for g in ctx.groups() if ctx.smoothed(g)}
-    if not params or not ctx.config.epochs:
+    if not params or not ctx.settings.epochs:
         return tables, []
     weights = torch.tensor([layer_lambdas(ctx)[m] for m in Modality], dtype=torch.float32)
     before = _mean_loss(ctx, tables, weights)
@@ -196,7 +232,7 @@ def learn_tables(ctx: LayerContext, tables: dict[str, torch.Tensor]) -> tuple[di
             p.requires_grad_(True)
         for path, linear in swapped.items():
             replace_module(ctx.layer, path, linear)
-    learned = {**tables, **{k: p.detach().clamp_min(ctx.config.min_scale) for k, p in params.items()}}
+    learned = {**tables, **{k: p.detach().clamp_min(ctx.settings.min_scale) for k, p in params.items()}}
     history = [before, _mean_loss(ctx, learned, weights)]
     if history[1] > history[0]:
         log.info("layer %d: learned smoothing raised the loss (%.3g -> %.3g); keeping the initial vectors",
@@ -207,12 +243,9 @@ def learn_tables(ctx: LayerContext, tables: dict[str, torch.Tensor]) -> tuple[di
 
 def _optimise(ctx: LayerContext, params: list[nn.Parameter], weights: torch.Tensor,
               trainable: list[_TrainableLinear]) -> None:
-    """AdamW for ``epochs`` over the samples, ``mas_batch`` samples (mean loss) per step.
-
-    Data-parallel, the steps run over the batches of the whole calibration set: each process
-    backpropagates the part of a step's loss its own samples make (none: no backward), the
-    gradients are summed over the processes, and every process takes the same step."""
-    config = ctx.config
+    """AdamW for ``epochs`` over the samples, ``mas_batch`` samples (mean loss) per step. Data-parallel, each
+    process backpropagates its own samples' share of a step and gradients are summed, so all take the same step."""
+    config = ctx.settings
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = ctx.sample_count()
 
@@ -243,7 +276,7 @@ def _mean_loss(ctx: LayerContext, tables: dict[str, torch.Tensor], weights: torc
     """The MAS loss of ``tables`` (one quantized weight per modality, run by the configured
     runtime: integer kernels by default), averaged over the calibration batches of every process."""
     own = tuple(m for m in ctx.modalities() if m != Modality.TEXT)
-    with ctx.quantized(tables, per_modality_weights=own):
+    with ctx.quantized(LayerPlan(tables, per_modality_weights=own)):
         losses = [float(_weighted_mae(ctx.run(i), ctx.target(i), s, weights)) for i, s in enumerate(ctx.samples)]
     total, count = distributed.all_reduce_floats([sum(losses), len(losses)])
     return total / count
@@ -256,78 +289,32 @@ def _weighted_mae(out: torch.Tensor, ref: torch.Tensor, sample, weights: torch.T
     return (err * w)[keep].sum() / (int(keep.sum()) * out.shape[-1])
 
 
-def _fit(ctx: LayerContext, compensate: bool) -> LayerPlan:
+def fit_tables(ctx: LayerContext) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The learned per-modality tables of every group (absent modalities follow the text
+    vector) and the loss before and after learning."""
     tables = {g.name: initial_table(ctx, g) if ctx.smoothed(g) else ctx.identity(g) for g in ctx.groups()}
     _warn_missing(ctx)
     tables, history = learn_tables(ctx, tables)
-    present = tuple(m for m in ctx.modalities() if m != Modality.TEXT)
-    for table in tables.values():  # absent modalities follow the (learned) text vector
+    present = present_modalities(ctx)
+    for table in tables.values():
         for m in set(Modality) - {Modality.TEXT, *present}:
             table[int(m)] = table[int(Modality.TEXT)]
-    guard = _guard(ctx, tables, present) if compensate and ctx.config.cmc_guard else {}
+    return tables, history
+
+
+def present_modalities(ctx: LayerContext) -> tuple[Modality, ...]:
+    """Non-text modalities with calibration tokens in this layer."""
+    return tuple(m for m in ctx.modalities() if m != Modality.TEXT)
+
+
+def record(ctx: LayerContext, history: list[float], text_vector_for: dict[str, list[str]]) -> MasRecord:
     lambdas = {m.name.lower(): v for m, v in layer_lambdas(ctx).items()}
-    info = {"mas": {"loss_before_after": history, "kept_learned": len(history) == 2 and history[1] <= history[0],
-                    "lambdas": lambdas, "text_vector_for": guard}}
-    return LayerPlan(tables, info, per_modality_weights=() if compensate else present, compensate=compensate)
+    return MasRecord(history, len(history) == 2 and history[1] <= history[0], lambdas, text_vector_for)
 
 
-def _guard(ctx: LayerContext, tables: dict[str, torch.Tensor], present: tuple[Modality, ...]) -> dict[str, list[str]]:
-    """Per group and modality, keep the modality's own vector only if, with its patch, it
-    reconstructs that modality's outputs of the group's linears better than the text vector does.
-
-    A low-rank patch cannot always absorb ``W * (s_m - s_text)``; when it cannot (typically at
-    8-bit weights, where the rounding error is small), routing the tokens through the text
-    vector is the better model. One pass of the batches holding a non-text modality runs the
-    layer quantized as the learned tables make it (every group with its patches); at each
-    linear of a compared group, the rows of modality ``m`` go through both alternatives and are
-    compared with the full-precision linear on the same input. Decided on the calibration
-    tokens; modifies ``tables``.
-    """
-    pairs = [(group, m) for group in ctx.groups() for m in present
-             if not torch.equal(tables[group.name][int(m)], tables[group.name][int(Modality.TEXT)])]
-    if not pairs:
-        return {}
-    errors = [[0.0, 0.0] for _ in pairs]  # squared error: own vector, text vector
-    holding = [i for i, s in enumerate(ctx.samples) if any(bool((s.ids[s.valid] == int(m)).any()) for m in present)]
-    with ctx.quantized(tables, compensate=True) as originals:
-        handles = []
-        for slot, (group, m) in zip(errors, pairs, strict=True):
-            candidate = tables[group.name].clone()
-            candidate[int(m)] = tables[group.name][int(Modality.TEXT)]
-            for path in group.linears:
-                text_route = QuantLinear.from_linear(originals[path], candidate, ctx.config, ctx.router)
-                compensate_linear(text_route, originals[path], ctx.stats[path], ctx.config,
-                                  where=f"layer {ctx.index} {path}: ", cache=ctx.patches, report=False)
-                hook = _compare(ctx, originals[path], text_route, m, slot)
-                handles.append(ctx.layer.get_submodule(path).register_forward_hook(hook))
-        try:
-            for i in holding:
-                ctx.run(i)
-        finally:
-            for handle in handles:
-                handle.remove()
-    totals = distributed.all_reduce_floats([e for pair in errors for e in pair])
-    chosen: dict[str, list[str]] = {}
-    for k, (group, m) in enumerate(pairs):
-        if totals[2 * k + 1] < totals[2 * k]:
-            tables[group.name] = tables[group.name].clone()
-            tables[group.name][int(m)] = tables[group.name][int(Modality.TEXT)]
-            chosen.setdefault(group.name, []).append(m.name.lower())
-    return chosen
-
-
-def _compare(ctx: LayerContext, fp: nn.Linear, text_route: nn.Module, m: Modality, slot: list[float]):
-    """Forward hook: add the squared error of modality ``m``'s rows, as the layer's quantized
-    linear computes them and as ``text_route`` would, against ``fp``, to ``slot``."""
-    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        keep = (ctx.tokens.ids.to(out.device) == int(m)) & ctx.tokens.valid.to(out.device)
-        if not bool(keep.any()):
-            return
-        x = args[0]
-        ref = F.linear(x.reshape(-1, x.shape[-1])[keep], fp.weight, fp.bias).double()
-        for k, y in enumerate((out, text_route(x))):
-            slot[k] += float((y.reshape(-1, y.shape[-1])[keep].double() - ref).pow(2).sum())
-    return hook
+def fit(ctx: LayerContext) -> LayerPlan:
+    tables, history = fit_tables(ctx)
+    return LayerPlan(tables, per_modality_weights=present_modalities(ctx), records={"mas": record(ctx, history, {})})
 
 
 def _warn_missing(ctx: LayerContext) -> None:
@@ -347,16 +334,9 @@ def _warn_missing(ctx: LayerContext) -> None:
                         ctx.linears(ctx.groups()[0])[0].in_features)
 
 
-def _auto_lambdas(config) -> bool:
-    return config.lambdas == "auto"
+def auto_lambdas(settings: MasSettings) -> bool:
+    return settings.lambdas == "auto"
 
 
-@register("mas", needs_ratios=_auto_lambdas)
-def mas(ctx: LayerContext) -> LayerPlan:
-    return _fit(ctx, compensate=False)
-
-
-@register("masquant", second_moments=True, needs_ratios=_auto_lambdas)
-def masquant(ctx: LayerContext) -> LayerPlan:
-    return _fit(ctx, compensate=True)
-
+register(Method("mas", MasSettings, fit, help="MAS only: one learned vector and one stored weight per modality",
+                gradient_ratios=auto_lambdas))

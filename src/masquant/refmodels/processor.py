@@ -1,14 +1,10 @@
 """Tokenizer and processor of the reference models.
 
 The processor turns chat messages with images (and audio) into exactly the inputs
-``Qwen2_5_VLProcessor`` / ``Qwen2_5OmniProcessor`` produce (``input_ids``,
-``attention_mask``, ``pixel_values``, ``image_grid_thw``, and ``mm_token_type_ids`` for VL;
-``input_features``, ``feature_attention_mask`` for audio): the chat template marks each
-image with ``<|vision_start|><|image_pad|><|vision_end|>`` (each audio clip with
-``<|audio_start|><|AUDIO|><|audio_end|>``) and the pad is repeated once per merged patch
-(per audio token). It uses transformers' PIL image processor and Whisper feature
-extractor; the HF processors themselves need torchvision (for their video processors),
-which does not install beside the CPU torch here.
+``Qwen2_5_VLProcessor`` / ``Qwen2_5OmniProcessor`` produce, with the pad token repeated once per
+merged patch (audio token) between ``<|vision_start|>``/``<|vision_end|>`` (``<|audio_start|>``/
+``<|audio_end|>``). It uses transformers' PIL image processor and Whisper feature extractor, since the
+HF processors need torchvision, which does not install beside the CPU torch.
 """
 
 from __future__ import annotations

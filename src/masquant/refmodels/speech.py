@@ -76,7 +76,7 @@ def unpack(arrays, prefix: str = "") -> tuple[list[np.ndarray], np.ndarray]:
 
 
 def cache(split: str, n: int, folder: Path | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-    """``spoken_words`` cached on disk (synthesis takes ~10 ms a clip)."""
+    """``spoken_words`` cached on disk (synthesis is slow)."""
     folder = folder or Path(tempfile.gettempdir()) / "masquant-speech"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{split}-{n}.npz"

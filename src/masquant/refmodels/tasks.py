@@ -58,11 +58,8 @@ def answer_labels(input_ids: torch.Tensor, processor: RefProcessor) -> torch.Ten
 @torch.no_grad()
 def rank_answers(model, processor: RefProcessor, prompts: list[tuple[list[dict], dict]],
                  candidates: tuple[str, ...], chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """For each ``(messages, media)`` prompt: the most likely candidate and every candidate's log-likelihood.
-
-    ``messages`` is the user turn; ``media`` holds the ``images`` / ``audio`` lists of the processor.
-    ``chunk`` prompts are scored in one forward (``chunk * len(candidates)`` sequences).
-    """
+    """For each ``(messages, media)`` prompt (user turn; processor ``images`` / ``audio`` lists): the most likely
+    candidate and every candidate's log-likelihood, ``chunk`` prompts per forward."""
     scores = []
     for first in range(0, len(prompts), chunk):
         texts, media = [], {}

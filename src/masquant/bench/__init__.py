@@ -1,0 +1,1 @@
+"""Benchmarks, the demo and the generated pages (not part of the library's API)."""

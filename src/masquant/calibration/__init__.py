@@ -1,0 +1,1 @@
+"""Layer-by-layer calibration: capture, statistics, the pipeline, resume, streaming."""

@@ -1,0 +1,1 @@
+"""The ``masquant`` command line."""

@@ -1,0 +1,1 @@
+"""Comparison with full precision, misalignment analysis, plots, lmms-eval."""

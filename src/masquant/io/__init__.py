@@ -1,0 +1,1 @@
+"""Loading, saving, exporting and calibration files."""

@@ -1,0 +1,1 @@
+"""The quantized linear and the kernels that run it."""

@@ -1,0 +1,134 @@
+"""Which kernels run a quantized linear, decided in one place (``forward``).
+
+* ``native``: few contiguous float32 rows on the CPU through a small symmetric layer: the whole
+  linear, the smoothing vectors and the patches in one C++ call (``native.Plan``, bound once);
+* ``fused``: many rows where ``torch.compile`` works: smoothing, per-token quantization, the
+  int8 GEMM and its epilogue as one compiled region (``kernels.fused_linear``);
+* ``eager``: the same integer arithmetic op by op (``kernels.int_linear``; asymmetric or
+  grouped weights always take it);
+* ``float``: dequantized weight and fake-quantized activations in floating point
+  (``runtime="fake"``, the simulation research code uses, and weight-only ``a_bits=16``).
+
+All give the same values up to float rounding; without patches the integer ones are
+bit-identical. Patches are added to their modality's rows after the product (except ``native``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..modality import Modality, Routes
+from . import kernels, native
+from .primitives import fake_quantize_per_token
+from .stored import IntWeight, patch_row
+
+QuantLinear = nn.Module  # (``qlinear.QuantLinear``, which imports this module)
+
+
+def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"{type(layer).__name__} takes {layer.in_features} input features, got input of shape "
+                         f"{tuple(x.shape)}")
+    layer.sync_flags()
+    y = _native_layer(layer, x)
+    if y is not None:
+        return y
+    rows = x.reshape(-1, layer.in_features)
+    routes = layer.router.routes(x) if layer.needs_ids else None
+    if layer.modality_qweights:  # MAS-only: each modality's rows with its own weight
+        y = rows.new_empty(rows.shape[0], layer.out_features, dtype=layer.compute_dtype)
+        for modality, idx in routes.rows.items():
+            one = layer.smooth[modality:modality + 1]
+            y[idx] = _matmul(layer, rows[idx], one, None, layer.weight_of(Modality(modality)))
+    else:
+        y = _matmul(layer, rows, layer.smooth, routes, layer.qweight)
+    if routes is not None:
+        _add_patches(layer, y, rows, routes)
+    return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
+
+
+def kernel(layer: QuantLinear, rows: torch.Tensor) -> str:
+    """Which kernels run ``rows`` (``[..., in]``) through ``layer``: ``"fused"``, ``"native"``,
+    ``"eager"`` or ``"float"`` (see the module docstring)."""
+    if layer.runtime != "int" or layer.a_bits >= 16:
+        return "float"
+    if layer.grid.symmetric and layer.w_group_size in (0, -1):  # (asymmetric and grouped codes: eager only)
+        if kernels.use_fusion(rows):
+            return "fused"
+        if native.usable(rows, layer.out_features):
+            return "native"
+    return "eager"
+
+
+def _native_layer(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
+    """The whole linear, smoothing and patches included, as one native call (or None): for a
+    float32 layer with one weight for all modalities, on contiguous float32 rows on the CPU."""
+    if not (layer.compute_dtype == torch.float32 and x.dtype == torch.float32 and x.is_contiguous()
+            and kernel(layer, x) == "native"):
+        return None
+    modules, buffers = layer._modules, layer._buffers  # (direct: nn.Module's __getattr__ costs a few us here)
+    if modules["modality_qweights"]:
+        return None
+    patches, ids = modules["patches"], None
+    if patches or not layer.uniform:
+        routes = layer.router.routes(x)
+        if not ((layer.uniform and not patches) or routes.text_only):
+            ids = routes.ids  # else one vector (the text one) for every row, and no patch
+    weight = modules["qweight"]
+    codes, scale, bias = weight._buffers["codes"], weight._buffers["scale"], buffers["bias"]
+    if codes.device.type != "cpu":  # (a layer on another device than its input: the general path says so)
+        return None
+    smooth = None if layer.unsmoothed and not patches else buffers["smooth"]  # (patches are picked by table row)
+    folded = layer.folded_patches(smooth) if ids is not None else None  # (only calls with ids read patches)
+
+    def bind() -> native.Plan:
+        return native.Plan(weight.int8(), codes, scale, bias, smooth, layer.a_bits, weight.row_sums(),
+                           weight.native_codes(), patches=layer.folded_patches(smooth) if folded is None else folded)
+
+    plan = layer._native.get((codes, scale, bias, smooth), bind)
+    if folded is not None and not plan.holds(folded):  # a patch changed since the plan was bound
+        layer._native.clear()
+        plan = layer._native.get((codes, scale, bias, smooth), bind)
+    return plan(x, ids)  # (any leading shape: the rows are contiguous)
+
+
+def _matmul(layer: QuantLinear, rows: torch.Tensor, smooth: torch.Tensor, routes: Routes | None,
+            weight: IntWeight) -> torch.Tensor:
+    """``Q_a(x / smooth[ids]) @ W^T + b`` by the kernels ``kernel`` picks; ``smooth`` is the table,
+    or one row of it for one modality's rows (MAS-only)."""
+    kind = kernel(layer, rows)
+    if kind == "fused":
+        ids = None if routes is None else routes.ids
+        return kernels.fused_linear(rows, layer.a_bits, smooth, ids, weight.int8(), weight.scale, layer.bias,
+                                    layer.compute_dtype)
+    if kind == "float":
+        xq = fake_quantize_per_token(_smoothed(layer, rows, smooth, routes), layer.a_bits).to(layer.compute_dtype)
+        return F.linear(xq, weight.dequantize(layer.compute_dtype), layer.bias)
+    # smoothed in float32, as the fused kernel does (bf16 / fp16 models give the same codes either way)
+    xs = _smoothed(layer, rows.float(), smooth, routes)
+    if kind == "native":  # a few tokens (decoding): one native call per product
+        return native.int_linear(xs, layer.a_bits, weight.int8(), weight.scale, layer.bias,
+                                 weight.row_sums(), weight.native_codes()).to(layer.compute_dtype)
+    codes, scale = kernels.quantize_tokens(xs, layer.a_bits)
+    zero = None if layer.grid.symmetric else weight.zero
+    return kernels.int_linear(codes, scale, weight.int8(), weight.scale, zero, layer.w_group_size,
+                              layer.bias).to(layer.compute_dtype)
+
+
+def _smoothed(layer: QuantLinear, rows: torch.Tensor, smooth: torch.Tensor, routes: Routes | None) -> torch.Tensor:
+    if smooth.shape[0] == 1:  # one modality's rows (MAS-only)
+        return rows / smooth[0].to(rows.dtype)
+    return layer.smoothed_input(rows, routes)
+
+
+def _add_patches(layer: QuantLinear, y: torch.Tensor, rows: torch.Tensor, routes: Routes) -> None:
+    """Each patch's product added to the rows of its modality (no work for the others)."""
+    for name, patch in layer.patches.items():
+        modality = patch_row(name)
+        idx = routes.rows.get(modality)
+        if isinstance(idx, slice):  # one run of rows: views, the product added in place
+            patch.add_to(y[idx], rows[idx], layer.smooth[modality])
+        elif idx is not None:
+            y.index_add_(0, idx, patch(rows.index_select(0, idx), layer.smooth[modality]).to(y.dtype))

@@ -1,0 +1,35 @@
+"""masquant's environment switches, read once per process (``reload()`` reads them again)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Switches:
+    fuse: str  # MASQUANT_FUSE: auto (compiled kernels where a compiler is found), 0 (never), 1 (always try)
+    native: str  # MASQUANT_NATIVE: auto (the native CPU kernel where it builds), or 0 (never)
+    cxx: str | None  # CXX: the C++ compiler to try first (then g++, clang++)
+    cache: Path  # where the built native kernel is kept: $XDG_CACHE_HOME/masquant (~/.cache/masquant)
+    node_modules: Path  # MASQUANT_NODE_MODULES: the npm packages the reference data are built from
+
+
+@functools.cache
+def switches() -> Switches:
+    env = os.environ
+    fuse, native = env.get("MASQUANT_FUSE", "auto"), env.get("MASQUANT_NATIVE", "auto")
+    if fuse not in ("auto", "0", "1"):
+        raise ValueError(f"MASQUANT_FUSE must be auto, 0 or 1, got {fuse!r}")
+    if native not in ("auto", "0"):
+        raise ValueError(f"MASQUANT_NATIVE must be auto or 0, got {native!r}")
+    cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "masquant"
+    return Switches(fuse, native, env.get("CXX") or None, cache,
+                    Path(env.get("MASQUANT_NODE_MODULES", "data/node_modules")))
+
+
+def reload() -> None:
+    """Have the next ``switches()`` read the environment again (after changing it in the same process)."""
+    switches.cache_clear()
