@@ -161,6 +161,7 @@ def test_cli_flags_parse_ranks_lambdas_and_switches(capsys):
     assert config.w_group_size == 64 and config.w_symmetric is False
     assert (config.method, config.w_bits) == ("masquant", 4)  # the command's own defaults
     assert quant_config(parser.parse_args([*base, "--rank", "16"])).rank == 16
+    assert quant_config(parser.parse_args([*base, "--rank", "ratio:0.05,floor:32"])).rank == "ratio:0.05,floor:32"
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--lambdas", "vision"])
     assert "--lambdas takes 'auto' or modality=weight pairs" in capsys.readouterr().err

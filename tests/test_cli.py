@@ -78,3 +78,22 @@ def test_deterministic_flag_holds_for_the_calibration_only(tmp_path, monkeypatch
     assert not torch.are_deterministic_algorithms_enabled()
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("a", "b"))  # on a CPU: the same bits
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unsupported_architecture_is_named_before_anything_else(tmp_path, capsys, monkeypatch):
+    """A BERT checkpoint with a calibration file: the error names the architecture and the supported
+    ones (it used to say the checkpoint had no processor files), before the model is loaded."""
+    import pytest
+    from transformers import BertConfig, BertModel
+
+    import masquant.io.loading
+
+    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    monkeypatch.setattr(masquant.io.loading, "load_any", lambda *a, **k: pytest.fail("loaded before refusing"))
+    for command in (["quantize", "--calib", str(tmp_path / "calib.jsonl"), "--out", str(tmp_path / "q")],
+                    ["analyze", "--out", str(tmp_path / "a")]):
+        assert main([command[0], "--model", str(tmp_path / "bert"), *command[1:]]) == 1
+        err = capsys.readouterr().err
+        assert "does not support BertModel (model_type='bert')" in err and "Supported: qwen2_5_vl" in err
+        assert "processor" not in err and not (tmp_path / "q").exists()

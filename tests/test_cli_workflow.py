@@ -1,6 +1,7 @@
 """The command line through subprocesses on a reference model: quantize -> saved model -> eval."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -64,6 +65,46 @@ def test_existing_output_is_refused_and_kept(saved, calib_file):
                    str(saved), check=False)
     assert run.returncode == 1 and "not empty" in run.stderr and "Traceback" not in run.stderr
     assert json.loads((saved / "quant_config.json").read_text())["quant_config"]["method"] == "smoothquant"
+
+
+@pytest.mark.reliability(
+    case='--resume on an output that is already complete (a retried job)',
+    expect='exit 0 and nothing recomputed when its checksums and settings match; exit 1 naming what differs')
+def test_resume_of_a_finished_output_verifies_it_and_exits_0(saved, calib_file, tmp_path):
+    args = ["quantize", "--model", "ref-vl", "--calib", str(calib_file), "--method", "smoothquant", "--w-bits", "8",
+            "--a-bits", "8", "--resume", "--no-progress"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in saved.iterdir()}
+    run = masquant(*args, "--out", str(saved))
+    assert "already complete" in run.stdout and "Loading weights" not in run.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in saved.iterdir()} == stamps  # nothing rewritten
+    other = masquant(*[a if a != "smoothquant" else "rtn" for a in args], "--out", str(saved), check=False)
+    assert other.returncode == 1 and "Traceback" not in other.stderr
+    assert "method 'smoothquant' there, 'rtn' asked" in other.stderr
+    damaged = tmp_path / "damaged"
+    shutil.copytree(saved, damaged)
+    with open(damaged / "model.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\x00" * 8)
+    bad = masquant(*args, "--out", str(damaged), check=False)
+    assert bad.returncode == 1 and "fails its checks" in bad.stderr and "--overwrite" in bad.stderr
+
+
+def test_asymmetric_grouped_weights_from_the_command_line(calib_file, tmp_path):
+    """W4A16 with zero points and groups of 128, as AWQ users run it, and the reference rank rule."""
+    out = tmp_path / "asym"
+    masquant("quantize", "--model", "ref-vl", "--calib", str(calib_file), "--method", "rtn", "--a-bits", "16",
+             "--w-group-size", "128", "--no-w-symmetric", "--out", str(out), "--no-progress")
+    config = json.loads((out / "quant_config.json").read_text())["quant_config"]
+    assert (config["w_symmetric"], config["w_group_size"], config["a_bits"]) == (False, 128, 16)
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        zeros = [f.get_tensor(k) for k in f.keys() if k.endswith("qweight.zero")]  # noqa: SIM118
+    assert zeros and any(bool(z.any()) for z in zeros)  # real zero points, one per group of 128
+    assert zeros[0].numel() % 2 == 0
+    run = masquant("quantize", "--model", "ref-vl", "--calib", str(calib_file), "--rank", "ratio:0.05,floor:32",
+                   "--out", str(tmp_path / "x"), "--method", "smoothquant", check=False)
+    assert run.returncode == 1 and "takes no --rank" in run.stderr
 
 
 @pytest.mark.reliability(

@@ -123,6 +123,33 @@ def test_rank_resolution():
     assert resolve_rank(500, 64, 128) == 64  # clamped to full rank, with a warning
 
 
+def test_the_reference_rank_rule_is_a_ratio_with_a_floor():
+    """The reference implementation's rule: max(round(ratio * min(in, out)), floor), at most full rank."""
+    rule = "ratio:0.05,floor:32"
+    assert resolve_rank(rule, 2048, 11008) == 102  # 3B-wide MLP: the ratio decides
+    assert resolve_rank(rule, 256, 768) == 32  # a reference model's layer: the floor decides
+    assert resolve_rank(rule, 16, 64) == 16  # never above full rank
+    assert resolve_rank("ratio:0.1", 256, 768) == 26
+    config = QuantConfig(method="masquant", rank=rule)
+    assert QuantConfig.from_dict(config.to_dict()) == config
+    for bad in ("ratio:2", "floor:32", "ratio:0.1,floor", "ratio:0.1,flr:3", "ratio:x"):
+        with pytest.raises(ValueError, match="rank rule"):
+            QuantConfig(method="masquant", rank=bad)
+
+
+def test_a_rank_rule_sizes_each_patch_by_its_layer(vl_model, fresh):
+    import masquant
+
+    from conftest import vl_samples
+
+    model = fresh(vl_model)
+    masquant.quantize(model, vl_samples(range(3)), QuantConfig(method="masquant", w_bits=4, epochs=1,
+                                                               rank="ratio:0.25,floor:4"), progress=False)
+    ranks = {(m.in_features, m.out_features): {int(p.l1.shape[1]) for p in m.patches.values()}
+             for m in model.modules() if isinstance(m, QuantLinear) and m.patches}
+    assert ranks and all(r == {max(round(0.25 * min(k)), 4)} for k, r in ranks.items())
+
+
 def _vision_site(x):
     stats = ChannelStats.empty(x.shape[1], True, x.device)
     stats.update(x)

@@ -73,8 +73,8 @@ def test_generic_adapter_with_wrong_paths_explains():
         masquant.quantize(model, [{"input_ids": torch.tensor([[1, 2]])}], adapter=adapter)
 
 
-def test_router_marks_decode_steps_as_text():
-    router = ModalityRouter({7: Modality.VISION})
+def test_router_routes_by_the_features_a_forward_carries_not_by_the_cache():
+    router = ModalityRouter({7: Modality.VISION}, {Modality.VISION: ("pixel_values",)})
 
     class Cache:
         def __init__(self, n):
@@ -83,10 +83,13 @@ def test_router_marks_decode_steps_as_text():
         def get_seq_length(self):
             return self.n
 
-    router.hook(None, (), {"input_ids": torch.tensor([[7, 1]]), "cache": Cache(0)})
+    pixels = torch.zeros(4, 3)
+    router.hook(None, (), {"input_ids": torch.tensor([[7, 1]]), "cache": Cache(0), "pixel_values": pixels})
     assert router.ids.tolist() == [[1, 0]]  # prefill: placeholders keep their modality
+    router.hook(None, (), {"input_ids": torch.tensor([[7, 7, 1]]), "cache": Cache(5), "pixel_values": pixels})
+    assert router.ids.tolist() == [[1, 1, 0]]  # a later turn's image, on a reused cache: still vision
     router.hook(None, (), {"input_ids": torch.tensor([[7]]), "cache": Cache(5)})
-    assert router.ids.tolist() == [[0]]  # decode step: text, whatever the id
+    assert router.ids.tolist() == [[0]]  # decode step, no features: text, whatever the id
     router.hook(None, (), {"inputs_embeds": torch.zeros(1, 2, 4)})
     assert router.ids is None
     with router.scope(torch.tensor([[1, 1]])):

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import masquant
-from masquant import QuantLinear
+from masquant import Modality, QuantLinear
+from masquant.modality import get_router
 from masquant.refmodels import tiny
 
 FIXTURES = Path(__file__).parent / "fixtures" / "saved-0.1.0"
@@ -32,6 +33,8 @@ def test_a_model_saved_by_0_1_0_loads_and_gives_its_logits(name):
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     method = model.masquant_config.method
+    # files of 0.1.0 name no feature inputs: the model family's are used (routing by what a forward carries)
+    assert "pixel_values" in get_router(model).carriers[Modality.VISION]
     assert layers and name.split("-")[1] == method
     if method == "masquant":
         assert any(m.patches for m in layers)

@@ -8,6 +8,7 @@ import torch
 import masquant
 from masquant import QuantConfig, QuantLinear
 from masquant.config import options_for
+from masquant.modality import get_router
 
 from conftest import omni_samples, vl_samples
 
@@ -30,6 +31,7 @@ def test_round_trip_gives_identical_logits(family, kwargs, vl_model, omni_model,
     loaded = masquant.load(tmp_path / "q")
     assert set(loaded.state_dict()) == set(model.state_dict())
     assert loaded.masquant_config == model.masquant_config
+    assert get_router(loaded).carriers == get_router(model).carriers and get_router(model).carriers
     with torch.no_grad():
         assert torch.equal(model(**sample).logits, loaded(**sample).logits)
     out = loaded.generate(**sample, max_new_tokens=4, do_sample=False)

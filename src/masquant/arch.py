@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .modality import Modality, ids_from_tokens
+from .modality import Modality, ModalityRouter, ids_from_tokens
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,10 @@ class Adapter:
             table.update({int(t): modality for t in tokens})
         return table
 
+    def router(self, config: object) -> ModalityRouter:
+        """The router for a model of this family: its placeholder tokens and feature inputs."""
+        return ModalityRouter(self.token_table(config), self.feature_keys)
+
     def modalities(self, config: object) -> set[Modality]:
         return {Modality.TEXT, *self.token_table(config).values()}
 
@@ -104,6 +108,9 @@ def _get(root: nn.Module, path: str, adapter: str, where: str = "model") -> nn.M
         ) from err
 
 
+# the inputs whose features the Qwen models merge into vision placeholders (encoder outputs given precomputed too)
+VISION_FEATURES = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+
 QWEN2_5_VL = Adapter(
     name="qwen2_5_vl",
     model_types=("qwen2_5_vl",),
@@ -111,7 +118,7 @@ QWEN2_5_VL = Adapter(
     final_norm="model.language_model.norm",
     keep_fp=("model.visual", "model.language_model.embed_tokens", "lm_head"),
     token_attrs={Modality.VISION: ("image_token_id", "video_token_id")},
-    feature_keys={Modality.VISION: ("pixel_values", "pixel_values_videos")},
+    feature_keys={Modality.VISION: VISION_FEATURES},
 )
 
 QWEN2_5_OMNI_THINKER = Adapter(
@@ -124,7 +131,7 @@ QWEN2_5_OMNI_THINKER = Adapter(
         Modality.VISION: ("image_token_id", "video_token_id"),
         Modality.AUDIO: ("audio_token_id",),
     },
-    feature_keys={Modality.VISION: ("pixel_values", "pixel_values_videos"), Modality.AUDIO: ("input_features",)},
+    feature_keys={Modality.VISION: VISION_FEATURES, Modality.AUDIO: ("input_features",)},
 )
 
 # transformers before ~5.2x laid the thinker out flat: model.layers, and the encoders beside model
@@ -142,14 +149,18 @@ def generic_adapter(
     groups: Sequence[LinearGroup] = LLAMA_GROUPS,
     keep_fp: Sequence[str] = (),
     name: str = "generic",
+    feature_keys: Mapping[Modality, Sequence[str]] | None = None,
 ) -> Adapter:
     """An adapter for any decoder whose layers hold the given linear groups.
 
-    ``modality_token_ids`` maps each non-text modality to its placeholder token ids.
+    ``modality_token_ids`` maps each non-text modality to its placeholder token ids;
+    ``feature_keys`` names the forward inputs that carry each modality's features (without
+    them a placeholder is routed as media in every forward, cached or not).
     """
     tokens = {Modality(m): tuple(int(t) for t in ids) for m, ids in (modality_token_ids or {}).items()}
+    features = {Modality(m): tuple(keys) for m, keys in (feature_keys or {}).items()}
     return Adapter(name=name, model_types=(), layers=layers, final_norm=final_norm,
-                   groups=tuple(groups), keep_fp=tuple(keep_fp), token_ids=tokens)
+                   groups=tuple(groups), keep_fp=tuple(keep_fp), token_ids=tokens, feature_keys=features)
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -170,12 +181,22 @@ def get_adapter(model: nn.Module) -> Adapter:
         return adapter
     if matching:  # none fits: the first one's validate() names what is missing
         return matching[0]
+    raise unsupported(type(model).__name__, model_type)
+
+
+def check_model_type(model_type: str | None, name: str) -> None:
+    """Refuse a model family no adapter declares (read from a checkpoint's config before loading it)."""
+    if not any(model_type in a.model_types for a in ADAPTERS.values()):
+        raise unsupported(name, model_type)
+
+
+def unsupported(name: str, model_type: str | None) -> UnsupportedArchitectureError:
     hint = ""
     if model_type == "qwen2_5_omni":
         hint = " For the full Qwen2.5-Omni model, quantize its thinker: model.thinker."
     supported = ", ".join(f"{a.name} ({type_names(a)})" for a in ADAPTERS.values())
-    raise UnsupportedArchitectureError(
-        f"masquant does not support {type(model).__name__} (model_type={model_type!r}). "
+    return UnsupportedArchitectureError(
+        f"masquant does not support {name} (model_type={model_type!r}). "
         f"Supported: {supported}.{hint} For another decoder-only model pass "
         "adapter=masquant.generic_adapter(layers=..., final_norm=..., modality_token_ids=...)."
     )

@@ -1,9 +1,10 @@
 """Modalities, and the one mechanism that tells quantized layers which token is which.
 
 ``ModalityRouter`` holds the modality ids (``[batch, seq]``) of the forward pass in
-flight. A forward pre-hook on the top-level model sets them from ``input_ids``; cached
-decode steps (one new token after a prefill) are TEXT. Quantized linears read
-``router.ids``; nothing else is global.
+flight. A forward pre-hook on the top-level model sets them from ``input_ids`` and from what
+the forward carries: a placeholder is vision or audio only when its features come with it
+(a prefill, also after earlier turns in the cache); generated tokens are text. Quantized
+linears read ``router.ids``; nothing else is global.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def routes_of(ids: torch.Tensor) -> Routes:
 class ModalityRouter:
     """Carries the modality ids of the current forward to the quantized linears."""
 
-    def __init__(self, table: Mapping[int, Modality]):
+    def __init__(self, table: Mapping[int, Modality], carriers: Mapping[Modality, tuple[str, ...]] | None = None):
         self.table = dict(table)
+        self.carriers = {Modality(m): tuple(keys) for m, keys in (carriers or {}).items()}  # inputs holding features
         self.ids: torch.Tensor | None = None
         self._scoped = 0
         self._routes = Derived()
@@ -122,29 +124,28 @@ class ModalityRouter:
         return routes_of(self.rows(x))  # (rows(x) raises the error)
 
     def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook for the top-level model: set ids from ``input_ids``."""
+        """Forward pre-hook for the top-level model: set ids from ``input_ids`` and what the forward carries."""
         if self._scoped:
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             self.ids = None  # inputs_embeds only: layers needing ids raise a clear error
             return
+        self.ids = self.forward_ids(input_ids, kwargs)
+
+    def forward_ids(self, input_ids: torch.Tensor, inputs: Mapping[str, object]) -> torch.Tensor:
+        """Modality ids of a forward: a placeholder is media only when ``inputs`` carry that
+        modality's features (``carriers``), which the model merges into it; otherwise it is text,
+        as generated tokens are, with or without a cache. Without carriers, the token decides."""
         ids = ids_from_tokens(input_ids, self.table)
-        if _is_decode_step(kwargs):
-            ids = torch.zeros_like(ids)  # generated tokens are text
-        self.ids = ids
+        for modality, keys in self.carriers.items():
+            if not any(inputs.get(k) is not None for k in keys):
+                ids[ids == int(modality)] = int(Modality.TEXT)
+        return ids
 
     def clear(self, *_: object) -> None:
         if not self._scoped:
             self.ids = None
-
-
-def _is_decode_step(kwargs: dict) -> bool:
-    for name in ("cache", "past_key_values"):
-        cache = kwargs.get(name)
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            return True
-    return False
 
 
 def attach_router(model: torch.nn.Module, router: ModalityRouter) -> None:

@@ -147,7 +147,7 @@ def synthetic_quantize(model: nn.Module, w_bits: int, a_bits: int = 8, rank: int
     from ..arch import get_adapter
     from ..modality import attach_router
 
-    router = ModalityRouter(get_adapter(model).token_table(model.config))
+    router = get_adapter(model).router(model.config)
     _swap_decoder_linears(model, lambda linear, group: quant_linear(linear, w_bits, a_bits, rank if group.smooth else 0,
                                                                     router))
     attach_router(model, router)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..arch import Adapter, get_adapter, modality_ids
 from ..config import QuantConfig
 from ..methods import get_method
-from ..modality import Modality, ModalityRouter, attach_router
+from ..modality import Modality, attach_router
 from ..runtime.qlinear import QuantLinear
 from . import distributed
 from .capture import Captured, capture
@@ -77,8 +77,7 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     torch.manual_seed(config.seed)
     was_training = model.training
     model.eval()
-    table = adapter.token_table(model.config)
-    router = ModalityRouter(table)
+    router = adapter.router(model.config)
     method = get_method(config.method)
     store = ActivationStore(offload)  # a bad directory is refused before the capture
     try:

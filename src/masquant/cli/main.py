@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import method_names
 from .options import add_quant_options
-from .quantize import calibration, compute_device, deterministic, process_backend, run_quantize
+from .quantize import calibration, check_architecture, compute_device, deterministic, process_backend, run_quantize
 
 log = logging.getLogger("masquant")
 
@@ -125,6 +125,7 @@ def _analyze(args: argparse.Namespace) -> None:
     from ..evaluation.diagnose import analyze
     from ..io.loading import load_any
 
+    check_architecture(args.model)
     model, processor, reference = load_any(args.model)
     result = analyze(model, calibration(args, processor, reference), args.out, args.w_bits, args.a_bits,
                      progress=not args.no_progress)

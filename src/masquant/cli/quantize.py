@@ -27,14 +27,19 @@ def run_quantize(args: argparse.Namespace) -> None:
     from .options import quant_config
 
     world = distributed.world_size()
+    check_architecture(args.model)  # the first thing a user needs to know
     device = compute_device(args)  # a bad --device is refused before the (slow) load
     offload_directory(args.offload)  # and so is an offload directory that cannot be written to
     if world > 1 and args.resume:
         raise ValueError(f"--resume is not available with data-parallel calibration ({world} processes): such a "
                          "run keeps no per-layer state; calibrate in one process to make a run resumable")
-    # before the (slow) load
-    state, replace = distributed.on_rank0(prepare_output, args.out, args.overwrite, args.resume)
     config = quant_config(args)
+    # before the (slow) load
+    if args.resume and not args.overwrite and distributed.on_rank0(finished_output, args.out, config, args.model):
+        if distributed.rank() == 0:
+            print(f"{args.out} is already complete (every file's size and SHA-256 verified); nothing to do")
+        return
+    state, replace = distributed.on_rank0(prepare_output, args.out, args.overwrite, args.resume)
     if args.stream:
         report = _run_streaming(args, config, state if world == 1 else None, replace, device)
         if distributed.rank() != 0:
@@ -117,6 +122,46 @@ def compute_device(args: argparse.Namespace):
         raise ValueError(f"--device {args.device}: this machine has no CUDA GPU (or PyTorch was built without CUDA); "
                          "use --device cpu")
     return device
+
+
+def check_architecture(spec: str) -> None:
+    """A local checkpoint of a family masquant does not support is named (with the supported
+    ones) before anything else is checked or loaded."""
+    import json
+
+    from ..arch import check_model_type
+
+    config = Path(spec) / "config.json"
+    if not config.is_file():
+        return  # a reference model's name, or a directory that load_any will describe
+    data = json.loads(config.read_text())
+    check_model_type(data.get("model_type"), (data.get("architectures") or ["this model"])[0])
+
+
+def finished_output(out: Path, config, model: str) -> bool:
+    """Whether ``out`` holds the finished model this command makes (``--resume`` of a run that
+    completed, e.g. retried by a scheduler): its checksums must hold and its settings match."""
+    from ..config import QuantConfig
+    from ..io.serialization import QUANT_CONFIG, IntegrityError, read_meta, verify
+
+    if not (out / QUANT_CONFIG).is_file():
+        return False
+    try:
+        verify(out)
+    except IntegrityError as err:
+        raise ValueError(f"{out} holds a finished model that fails its checks ({err}); --overwrite makes it "
+                         "again") from None
+    meta = read_meta(out)
+    saved = QuantConfig.from_dict(meta["quant_config"]).to_dict()
+    wanted = config.to_dict()
+    differ = [f"{k} {saved.get(k)!r} there, {wanted.get(k)!r} asked" for k in sorted(set(saved) | set(wanted))
+              if saved.get(k) != wanted.get(k)]
+    if meta.get("reference") not in (None, model):
+        differ.append(f"model {meta['reference']!r} there, {model!r} asked")
+    if differ:
+        raise FileExistsError(f"{out} holds a finished model made with other settings ({'; '.join(differ)}); "
+                              "--overwrite replaces it, or choose another --out")
+    return True
 
 
 def prepare_output(out: Path, overwrite: bool, resume: bool) -> tuple[Path, bool]:

@@ -19,7 +19,7 @@ from ..calibration.pipeline import LayerContext
 from ..calibration.quantize import capture_all, validate_all
 from ..calibration.stats import SiteStats, TokenContext
 from ..config import QuantConfig
-from ..modality import Modality, ModalityRouter
+from ..modality import Modality
 
 EPS = 1e-6
 
@@ -32,7 +32,7 @@ def collect_fp_stats(model: nn.Module, calib: Iterable[Mapping], adapter: Adapte
     adapter.validate(model)
     model.eval()
     samples = capture_all(model, adapter, validate_all(model, adapter, calib), progress)
-    router, tokens, out = ModalityRouter(adapter.token_table(model.config)), TokenContext(), []
+    router, tokens, out = adapter.router(model.config), TokenContext(), []
     for i, layer in enumerate(adapter.decoder_layers(model)):
         ctx = LayerContext(i, layer, adapter, QuantConfig(method="rtn"), router, samples, tokens)
         ctx.collect()

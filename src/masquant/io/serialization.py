@@ -111,6 +111,7 @@ def write_metadata(directory: Path, model: nn.Module, layouts: dict[str, dict], 
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "masquant_version": __version__,
             "quant_config": model.masquant_config.to_dict(),
             "router": {str(k): v.name.lower() for k, v in sorted((router.table if router else {}).items())},
+            "carriers": {m.name.lower(): list(keys) for m, keys in (router.carriers if router else {}).items()},
             "linears": layouts}
     if reference is not None:
         meta["reference"] = reference
@@ -198,6 +199,18 @@ def _aliases(model: nn.Module) -> dict[str, set[str]]:
     return {k: names - {k} for names in by_tensor.values() for k in names}
 
 
+def _carriers(meta: dict, model: nn.Module) -> dict[Modality, tuple[str, ...]]:
+    """The inputs that carry each modality's features: saved with the model, else (older files) its family's."""
+    if "carriers" in meta:
+        return {Modality[m.upper()]: tuple(keys) for m, keys in meta["carriers"].items()}
+    from ..arch import UnsupportedArchitectureError, get_adapter
+
+    try:
+        return dict(get_adapter(model).feature_keys)
+    except UnsupportedArchitectureError:  # a generic adapter's model: placeholders route by token
+        return {}
+
+
 def load(directory: str | Path, runtime: str | None = None, check: bool = True) -> nn.Module:
     """Rebuild a model written by ``save`` (in eval mode, integer runtime unless ``runtime``). ``check``
     first verifies every file's size and SHA-256 (``IntegrityError`` names a missing or modified one)."""
@@ -212,7 +225,7 @@ def load(directory: str | Path, runtime: str | None = None, check: bool = True) 
         config = QuantConfig.from_dict({**config.to_dict(), "runtime": runtime})
     cls, hf_config = model_class(directory)
     model = cls._from_config(hf_config)
-    router = ModalityRouter({int(k): Modality[v.upper()] for k, v in meta["router"].items()})
+    router = ModalityRouter({int(k): Modality[v.upper()] for k, v in meta["router"].items()}, _carriers(meta, model))
     for name, layout in meta["linears"].items():
         replace_module(model, name, QuantLinear.from_layout(layout, config, router))
     files = weight_files(directory)

@@ -69,7 +69,7 @@ def apply_sidecar(model: nn.Module, path: str | Path) -> int:
     from ..arch import get_adapter
 
     meta, tensors = read_sidecar(Path(path))
-    router = ModalityRouter(get_adapter(model).token_table(model.config))
+    router = get_adapter(model).router(model.config)
     requantized, wrapped = set(meta.get("requantized", [])), 0
     for name, layout in meta["linears"].items():
         if name in requantized:

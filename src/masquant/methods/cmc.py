@@ -29,9 +29,29 @@ class LowRank:
     energy_kept: float  # fraction of squared singular values inside the rank
 
 
-def resolve_rank(rank: int | float, in_features: int, out_features: int, where: str = "") -> int:
-    """An int rank as is, a float as a ratio of min(in, out); clamped to min(in, out) with a warning."""
+def rank_rule(text: str) -> tuple[float, int]:
+    """``"ratio:R,floor:F"`` (the reference implementation's rule) -> ``(R, F)``: rank
+    ``max(round(R * min(in, out)), F)``, at most full rank. ``floor`` may be left out (0)."""
+    items = text.replace(" ", "").split(",")
+    parts = dict(item.split(":", 1) for item in items if ":" in item)
+    try:
+        if len(parts) != len(items) or set(parts) - {"ratio", "floor"} or "ratio" not in parts:
+            raise ValueError
+        ratio, floor = float(parts["ratio"]), int(parts.get("floor", 0))
+    except ValueError:
+        raise ValueError(f"rank rule {text!r}: write ratio:R,floor:F, e.g. ratio:0.05,floor:32") from None
+    if not 0 < ratio <= 1 or floor < 0:
+        raise ValueError(f"rank rule {text!r}: the ratio must lie in (0, 1] and the floor be >= 0")
+    return ratio, floor
+
+
+def resolve_rank(rank: int | float | str, in_features: int, out_features: int, where: str = "") -> int:
+    """An int rank as is, a float as a ratio of min(in, out), a ``rank_rule`` string by its rule; an
+    explicit rank above min(in, out) is clamped with a warning."""
     full = min(in_features, out_features)
+    if isinstance(rank, str):
+        ratio, floor = rank_rule(rank)
+        return min(max(round(ratio * full), floor), full)
     r = round(rank * full) if isinstance(rank, float) else int(rank)
     if r > full:
         log.warning("%srank %d exceeds min(in, out) = %d; using full rank %d (exact compensation)",

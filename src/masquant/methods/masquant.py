@@ -19,22 +19,27 @@ from ..calibration.pipeline import LayerContext, LayerPlan
 from ..modality import Modality
 from ..runtime.qlinear import QuantLinear
 from . import mas
-from .cmc import compensate_linear
+from .cmc import compensate_linear, rank_rule
 from .registry import Method, register
 
 PATCH_DTYPES = ("float16", "bfloat16", "float32")
 
 
-def parse_rank(text: str) -> int | float:
-    """``32`` (a rank) or ``0.05`` (a ratio of min(in, out)): the CLI's form of ``rank``."""
+def parse_rank(text: str) -> int | float | str:
+    """``32`` (a rank), ``0.05`` (a ratio of min(in, out)) or ``ratio:0.05,floor:32`` (a rule):
+    the CLI's form of ``rank``."""
+    if ":" in text:
+        rank_rule(text)
+        return text
     value = float(text)
     return int(value) if value.is_integer() and value >= 1 else value
 
 
 @dataclass
 class MasquantSettings(mas.MasSettings):
-    rank: int | float = field(default=32, metadata={
-        "help": "patch rank: an int, or a ratio in (0, 1) of min(in, out); 0 = no patch", "parse": parse_rank})
+    rank: int | float | str = field(default=32, metadata={
+        "help": "patch rank: an int, a ratio in (0, 1) of min(in, out), or the rule ratio:R,floor:F "
+                "(max(R * min(in, out), F)); 0 = no patch", "parse": parse_rank})
     residual: str = field(default="fp", metadata={
         "help": "what the patch fits: fp (W*s_m - Q(W*s_text)) or quantized (Q(W*s_m) - Q(W*s_text))",
         "choices": ("fp", "quantized")})
@@ -47,9 +52,12 @@ class MasquantSettings(mas.MasSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int | float) or self.rank < 0 or (
+        if isinstance(self.rank, str):
+            rank_rule(self.rank)
+        elif isinstance(self.rank, bool) or not isinstance(self.rank, int | float) or self.rank < 0 or (
                 isinstance(self.rank, float) and self.rank > 1):
-            raise ValueError(f"rank must be an int >= 0 or a float ratio in [0, 1] of min(in, out), got {self.rank!r}")
+            raise ValueError(f"rank must be an int >= 0, a float ratio in [0, 1] of min(in, out) or a rule "
+                             f"ratio:R,floor:F, got {self.rank!r}")
         if self.residual not in ("fp", "quantized"):
             raise ValueError(f"residual must be 'fp' or 'quantized', got {self.residual!r}")
         if self.ridge < 0:
