@@ -54,10 +54,13 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _switches():
-    """masquant reads its environment switches once; each test starts and ends with the real ones."""
+def _switches(monkeypatch):
+    """masquant reads its environment switches once; each test starts and ends with the real ones.
+    Integer GEMMs are forced (``MASQUANT_INT_GEMM=int``) unless asked otherwise, so that the same
+    kernels run on every CPU; tests/test_dispatch.py covers the measured choice."""
     from masquant import switches
 
+    monkeypatch.setenv("MASQUANT_INT_GEMM", os.environ.get("MASQUANT_INT_GEMM", "int"))
     switches.reload()
     yield
     switches.reload()

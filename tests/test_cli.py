@@ -97,3 +97,20 @@ def test_an_unsupported_architecture_is_named_before_anything_else(tmp_path, cap
         err = capsys.readouterr().err
         assert "does not support BertModel (model_type='bert')" in err and "Supported: qwen2_5_vl" in err
         assert "processor" not in err and not (tmp_path / "q").exists()
+
+
+def test_the_demo_runs_without_compiling_unless_asked(monkeypatch, capsys):
+    """A one-shot command: compiling the fused kernels costs more than it saves on a fresh machine."""
+    import os
+
+    import masquant.bench.demo
+    from masquant import switches
+
+    seen = []
+    monkeypatch.setattr(masquant.bench.demo, "run_tiny_demo", lambda **kw: seen.append(switches.switches().fuse))
+    monkeypatch.delenv("MASQUANT_FUSE", raising=False)
+    assert main(["demo", "--tiny"]) == 0
+    assert seen == ["0"] and "MASQUANT_FUSE" not in os.environ
+    monkeypatch.setenv("MASQUANT_FUSE", "1")
+    assert main(["demo", "--tiny"]) == 0
+    assert seen == ["0", "1"]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import method_names
@@ -183,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from ..bench.demo import run_demo, run_tiny_demo
 
-            (run_tiny_demo if args.tiny else run_demo)(quick=args.quick, out=args.out, progress=not args.no_progress)
+            demo = run_tiny_demo if args.tiny else run_demo
+            with _one_shot():
+                demo(quick=args.quick, out=args.out, progress=not args.no_progress)
         elif args.command == "eval":
             _eval(args)
         elif args.command == "bench" and args.export:
@@ -232,6 +237,24 @@ def main(argv: list[str] | None = None) -> int:
             from ..calibration.distributed import shutdown
 
             shutdown(completed)
+
+
+@contextlib.contextmanager
+def _one_shot() -> Iterator[None]:
+    """A command that runs once (the demo) does not compile the fused kernels, unless MASQUANT_FUSE
+    says so: on a fresh machine their compilation takes longer than they save there."""
+    from .. import switches
+
+    if "MASQUANT_FUSE" in os.environ:
+        yield
+        return
+    os.environ["MASQUANT_FUSE"] = "0"
+    switches.reload()
+    try:
+        yield
+    finally:
+        del os.environ["MASQUANT_FUSE"]
+        switches.reload()
 
 
 class _JsonFormatter(logging.Formatter):

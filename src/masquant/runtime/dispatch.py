@@ -6,6 +6,10 @@
   int8 GEMM and its epilogue as one compiled region (``kernels.fused_linear``);
 * ``eager``: the same integer arithmetic op by op (``kernels.int_linear``; asymmetric or
   grouped weights always take it);
+* ``dequant``: where ``torch._int_mm`` is slower than an FP32 matmul (CPUs without AVX-512 VNNI
+  or AMX, where PyTorch runs it in plain loops; ``int_gemm_fast``, measured once per process),
+  the same activation codes times the weight dequantized once to float32 (the model still
+  stores integers);
 * ``float``: dequantized weight and fake-quantized activations in floating point
   (``runtime="fake"``, the simulation research code uses, and weight-only ``a_bits=16``).
 
@@ -15,14 +19,20 @@ bit-identical. Patches are added to their modality's rows after the product (exc
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..modality import Modality, Routes
+from ..switches import switches
 from . import kernels, native
 from .primitives import fake_quantize_per_token
 from .stored import IntWeight, patch_row
+
+log = logging.getLogger("masquant")
 
 QuantLinear = nn.Module  # (``qlinear.QuantLinear``, which imports this module)
 
@@ -51,15 +61,64 @@ def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 def kernel(layer: QuantLinear, rows: torch.Tensor) -> str:
     """Which kernels run ``rows`` (``[..., in]``) through ``layer``: ``"fused"``, ``"native"``,
-    ``"eager"`` or ``"float"`` (see the module docstring)."""
+    ``"eager"``, ``"dequant"`` or ``"float"`` (see the module docstring)."""
     if layer.runtime != "int" or layer.a_bits >= 16:
         return "float"
+    fast = int_gemm_fast(rows.device)
     if layer.grid.symmetric and layer.w_group_size in (0, -1):  # (asymmetric and grouped codes: eager only)
-        if kernels.use_fusion(rows):
+        if fast and kernels.use_fusion(rows):
             return "fused"
         if native.usable(rows, layer.out_features):
             return "native"
-    return "eager"
+    return "eager" if fast else "dequant"
+
+
+_probed: dict[bool, bool] = {}  # oneDNN enabled -> whether torch._int_mm beat FP32 on this CPU
+
+
+def int_gemm_fast(device: torch.device) -> bool:
+    """Whether integer GEMMs (``torch._int_mm``) beat FP32 on ``device``: always on a GPU; on the
+    CPU measured once per process (``MASQUANT_INT_GEMM`` forces it) and logged."""
+    mode = switches().int_gemm
+    if mode != "auto":
+        return mode == "int"
+    if device.type != "cpu":
+        return True
+    onednn = torch.backends.mkldnn.enabled
+    if onednn not in _probed:
+        if torch.compiler.is_compiling():  # (no measurement inside a trace: the eager integer kernels)
+            return True
+        _probed[onednn] = probe_int_gemm()
+    return _probed[onednn]
+
+
+def probe_int_gemm() -> bool:
+    """``torch._int_mm`` against an FP32 matmul of the same 128 x 512 x 512 product (best of three);
+    PyTorch runs it through oneDNN only where the CPU has AVX-512 VNNI or AMX, else in plain loops."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (128, 512), dtype=torch.int8, generator=gen)
+    b = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=gen)
+    af, bf = a.float(), b.float()
+    int_ms, float_ms = _best_ms(lambda: torch._int_mm(a, b.T)), _best_ms(lambda: af @ bf.T)
+    fast = int_ms <= float_ms
+    if fast:
+        log.info("integer GEMMs: torch._int_mm (%.2f ms against FP32's %.2f ms on a 128x512x512 probe)", int_ms,
+                 float_ms)
+    else:
+        log.warning("torch._int_mm is %.0fx slower than FP32 on this CPU (no AVX-512 VNNI / AMX path): quantized "
+                    "linears multiply their weights dequantized once to float32 (the model still stores integers; "
+                    "MASQUANT_INT_GEMM=int forces the integer GEMM)", int_ms / float_ms)
+    return fast
+
+
+def _best_ms(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
 
 
 def _native_layer(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
@@ -112,6 +171,9 @@ def _matmul(layer: QuantLinear, rows: torch.Tensor, smooth: torch.Tensor, routes
         return native.int_linear(xs, layer.a_bits, weight.int8(), weight.scale, layer.bias,
                                  weight.row_sums(), weight.native_codes()).to(layer.compute_dtype)
     codes, scale = kernels.quantize_tokens(xs, layer.a_bits)
+    if kind == "dequant":  # the same codes, times the float32 weight
+        bias = None if layer.bias is None else layer.bias.float()
+        return F.linear(codes.float().mul_(scale), weight.float32(), bias).to(layer.compute_dtype)
     zero = None if layer.grid.symmetric else weight.zero
     return kernels.int_linear(codes, scale, weight.int8(), weight.scale, zero, layer.w_group_size,
                               layer.bias).to(layer.compute_dtype)

@@ -45,9 +45,9 @@ class IntWeight(nn.Module):
         state.setdefault("_derived", {})
         super().__setstate__(state)
 
-    def _cached(self, name: str, make) -> torch.Tensor:
-        """``make()``, computed once and kept until the codes change (moved, reloaded, repacked)."""
-        return self._derived.setdefault(name, Derived()).get((self.codes,), make)
+    def _cached(self, name: str, make, sources: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``make()``, computed once and kept until the codes (or ``sources``) change."""
+        return self._derived.setdefault(name, Derived()).get(sources or (self.codes,), make)
 
     def int8(self) -> torch.Tensor:
         """Signed int8 codes ``[out, in]`` (unpacked and cached when stored packed)."""
@@ -63,6 +63,10 @@ class IntWeight(nn.Module):
     def native_codes(self) -> torch.Tensor:
         """The codes in the native kernel's layout (``native.pack``), cached like ``int8()``."""
         return self._cached("native", lambda: native.pack(self.int8()))
+
+    def float32(self) -> torch.Tensor:
+        """The dequantized weight in float32, cached (the ``dequant`` kernels, where integer GEMMs are slow)."""
+        return self._cached("float32", lambda: self.dequantize(torch.float32), (self.codes, self.scale, self.zero))
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         codes = self.int8()
