@@ -17,12 +17,6 @@ def _state(t: torch.Tensor | None) -> tuple | None:
     return t._version, t.data_ptr(), t.device, t.dtype, t.shape, t.stride()
 
 
-def _unchanged(held: torch.Tensor | None, given: torch.Tensor | None, state: tuple | None) -> bool:
-    if held is given:  # the same tensor: edited in place (version) or given other storage (address)?
-        return given is None or (given._version == state[0] and given.data_ptr() == state[1])
-    return held is not None and given is not None and _state(given) == state  # e.g. a new view of the same rows
-
-
 class Derived(Generic[T]):
     """``get(sources, make, key)`` returns ``make()``, recomputed when ``key`` differs or a source
     tensor changed: edited in place (version counter), given other storage or moved (address,
@@ -36,11 +30,18 @@ class Derived(Generic[T]):
 
     def get(self, sources: tuple[torch.Tensor | None, ...], make: Callable[[], T], key: Hashable = None) -> T:
         held = self._sources
-        if held is None or len(held) != len(sources) or self._key != key \
-                or not all(_unchanged(h, s, st) for h, s, st in zip(held, sources, self._states, strict=True)):
-            value = make()
-            self._sources, self._states, self._key, self._value = sources, tuple(map(_state, sources)), key, value
-        return self._value
+        if held is not None and len(held) == len(sources) and self._key == key:  # (a plain loop: a hot path)
+            for old, new, state in zip(held, sources, self._states, strict=True):
+                if old is new:  # the same tensor: edited in place (version) or given other storage (address)?
+                    if new is not None and (new._version != state[0] or new.data_ptr() != state[1]):
+                        break
+                elif old is None or new is None or _state(new) != state:  # e.g. a new view of the same rows
+                    break
+            else:
+                return self._value
+        value = make()
+        self._sources, self._states, self._key, self._value = sources, tuple(map(_state, sources)), key, value
+        return value
 
     def peek(self) -> T | None:
         """The value kept, without checking it (None when there is none)."""

@@ -64,13 +64,12 @@ def kernel(layer: QuantLinear, rows: torch.Tensor) -> str:
     ``"eager"``, ``"dequant"`` or ``"float"`` (see the module docstring)."""
     if layer.runtime != "int" or layer.a_bits >= 16:
         return "float"
-    fast = int_gemm_fast(rows.device)
     if layer.grid.symmetric and layer.w_group_size in (0, -1):  # (asymmetric and grouped codes: eager only)
-        if fast and kernels.use_fusion(rows):
+        if kernels.use_fusion(rows) and int_gemm_fast(rows.device):
             return "fused"
         if native.usable(rows, layer.out_features):
             return "native"
-    return "eager" if fast else "dequant"
+    return "eager" if int_gemm_fast(rows.device) else "dequant"
 
 
 _probed: dict[bool, bool] = {}  # oneDNN enabled -> whether torch._int_mm beat FP32 on this CPU
@@ -191,6 +190,6 @@ def _add_patches(layer: QuantLinear, y: torch.Tensor, rows: torch.Tensor, routes
         modality = patch_row(name)
         idx = routes.rows.get(modality)
         if isinstance(idx, slice):  # one run of rows: views, the product added in place
-            patch.add_to(y[idx], rows[idx], layer.smooth[modality])
+            patch.add_to(y[idx], rows[idx], layer.smooth, modality)
         elif idx is not None:
-            y.index_add_(0, idx, patch(rows.index_select(0, idx), layer.smooth[modality]).to(y.dtype))
+            y.index_add_(0, idx, patch(rows.index_select(0, idx), layer.smooth, modality).to(y.dtype))

@@ -91,11 +91,11 @@ class QuantLinear(nn.Module):
         smooth = self._buffers["smooth"]
         if torch.compiler.is_compiling() or smooth.is_meta:  # (a meta table: the forward's device check says so)
             return
-        self.uniform, self.unsmoothed = self._flags.get((smooth,), self._table_flags)
+        self._flags.get((smooth,), self._set_flags)  # (sets them only when the table changed)
 
-    def _table_flags(self) -> tuple[bool, bool]:
-        uniform = bool((self.smooth == self.smooth[:1]).all())
-        return uniform, uniform and bool((self.smooth == 1).all())
+    def _set_flags(self) -> None:
+        self.uniform = bool((self.smooth == self.smooth[:1]).all())
+        self.unsmoothed = self.uniform and bool((self.smooth == 1).all())
 
     @property
     def _plan(self):
@@ -141,8 +141,11 @@ class QuantLinear(nn.Module):
 
     def folded_patches(self, smooth: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Each patch's float32 ``(l1 / s_m, l2)`` by table row (``LowRankPatch.factors``, cached)."""
-        return {patch_row(name): patch.factors(torch.float32, smooth[patch_row(name)])
-                for name, patch in self._modules["patches"]._modules.items()}
+        folded = {}
+        for name, patch in self._modules["patches"]._modules.items():
+            row = patch_row(name)
+            folded[row] = patch.factors(torch.float32, smooth, row)
+        return folded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch.forward(self, x)

@@ -100,29 +100,32 @@ class LowRankPatch(nn.Module):
         self.register_buffer("l2", l2)
         self._factors: Derived = Derived()
 
-    def factors(self, dtype: torch.dtype, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, dtype: torch.dtype, smooth: torch.Tensor, row: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(l1 / s, l2)`` for inputs of ``dtype``, cached as the same pair object until a tensor changes (native plans
-        compare it by identity). ``l1 / s`` is float32 for fp16 inputs, as it can exceed fp16's range."""
+        compare it by identity); ``s`` is ``smooth``, or row ``row`` of the table ``smooth``. ``l1 / s`` is float32
+        for fp16 inputs, as it can exceed fp16's range."""
         l1, l2 = self._buffers["l1"], self._buffers["l2"]  # (direct: skips nn.Module's __getattr__)
 
         def fold() -> tuple[torch.Tensor, torch.Tensor]:
             work = torch.float32 if dtype == torch.float16 else dtype
-            return l1.to(work) / smooth.to(work)[:, None], l2.to(dtype)
+            s = smooth if row is None else smooth[row]
+            return l1.to(work) / s.to(work)[:, None], l2.to(dtype)
 
-        return self._factors.get((l1, l2, smooth), fold, key=dtype)
+        return self._factors.get((l1, l2, smooth), fold, key=(dtype, row))
 
-    def down(self, x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+    def down(self, x: torch.Tensor, smooth: torch.Tensor, row: int | None = None) -> torch.Tensor:
         """``(x / s) @ l1``: the rank-r projection, ``[rows, r]`` (fp16 inputs: computed in float32)."""
-        return _project(x, self.factors(x.dtype, smooth)[0])
+        return _project(x, self.factors(x.dtype, smooth, row)[0])
 
-    def forward(self, x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
-        l1, l2 = self.factors(x.dtype, smooth)
+    def forward(self, x: torch.Tensor, smooth: torch.Tensor, row: int | None = None) -> torch.Tensor:
+        l1, l2 = self.factors(x.dtype, smooth, row)
         return _project(x, l1) @ l2
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor, smooth: torch.Tensor) -> None:
-        """``y += forward(x, smooth)`` in place (``y``: the output rows of ``x``, e.g. a view), the
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, smooth: torch.Tensor, row: int | None = None) -> None:
+        """``y += forward(x, smooth, row)`` in place (``y``: the output rows of ``x``, e.g. a view), the
         second product accumulated into ``y`` by the GEMM itself."""
-        l1, l2 = self.factors(x.dtype, smooth)
+        l1, l2 = self.factors(x.dtype, smooth, row)
         y.addmm_(_project(x, l1).to(y.dtype), l2.to(y.dtype))
 
 
