@@ -157,3 +157,28 @@ def test_free_linears_bound_the_speed_up_of_any_linear_kernel():
         assert free(**sample).logits.shape == fp(**sample).logits.shape
         assert free.generate(**sample, max_new_tokens=2, min_new_tokens=2, do_sample=False).shape[1] == \
             sample["input_ids"].shape[1] + 2
+
+
+def test_the_speed_page_names_the_kernels_and_the_onednn_emulation(monkeypatch):
+    """``bench --speed --no-onednn`` runs PyTorch's int8 GEMM as CPUs without VNNI / AMX do, and the
+    page says which products the CPU took."""
+    from masquant.cli.main import main
+
+    seen = {}
+
+    def fake_run_speed(quick, device):
+        seen["onednn"] = torch.backends.mkldnn.enabled
+        return {"torch": "t", "threads": 1, "machine": "x", "cpu_capability": "c", "quick": quick, "device": device,
+                "native": "n", "onednn": torch.backends.mkldnn.enabled, "int_gemm": "dequantized float32 weights",
+                "linear": [], "models": [], "calibration": [], "memory": []}
+
+    monkeypatch.setattr(perf, "run_speed", fake_run_speed)
+    monkeypatch.setattr(perf, "write", lambda *a, **k: None)
+    before = torch.backends.mkldnn.enabled
+    try:
+        assert main(["bench", "--speed", "--quick", "--no-onednn"]) == 0
+    finally:
+        torch.backends.mkldnn.enabled = before
+    assert seen == {"onednn": False}
+    page = perf.markdown(fake_run_speed(True, "cpu"))
+    assert "large products: dequantized float32 weights" in page

@@ -24,7 +24,7 @@ def run_speed(quick: bool = False, device: str = "cpu") -> dict:
     On CUDA: the linear rows and the wide random model (calibration cost and RSS are CPU rows)."""
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "quick": quick, "device": device,
-              "native": native.describe(), "cpu": cpu_name(),
+              "native": native.describe(), "cpu": cpu_name(), "onednn": torch.backends.mkldnn.enabled,
               "int_gemm": "torch._int_mm" if dispatch.int_gemm_fast(torch.device(device)) else
               "dequantized float32 weights (torch._int_mm slower than FP32 here)"}
     if device.startswith("cuda"):
@@ -128,7 +128,9 @@ def markdown(result: dict) -> str:
     cpu = f"{result['cpu']} ({result['machine']})" if result.get("cpu") else result["machine"]
     lines = [f"Machine: {cpu}, {result['threads']} threads, torch {result['torch']} "
              f"({result['cpu_capability']}){where}; native kernel: {result.get('native', 'not recorded')}; "
-             f"large products: {result.get('int_gemm', 'torch._int_mm')}.", "",
+             f"large products: {result.get('int_gemm', 'torch._int_mm')}"
+             f"{'' if result.get('onednn', True) else ' (oneDNN off: the path of CPUs without AVX-512 VNNI / AMX)'}.",
+             "",
              "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g} | {m} | {'yes' if ok else 'no'} |" for g, m, ok in goals(result)]
     labels = list(result["linear"][0]["ms"]) if result["linear"] else []

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="peak memory of calibration, in memory vs --stream (ref-vl and a 3B-wide random model)")
     bench.add_argument("--device", default="cpu",
                        help="with --speed: cpu, or cuda for the GPU rows (linears and the wide model)")
+    bench.add_argument("--no-onednn", action="store_true",
+                       help="with --speed: oneDNN off in this process, so torch._int_mm runs as on CPUs without "
+                            "AVX-512 VNNI or AMX (plain loops); the measured kernel choice follows")
     bench.add_argument("--resume", action="store_true",
                        help="reuse the rows already saved in OUT/bench.json (after an interrupted run)")
     bench.add_argument("--no-progress", action="store_true")
@@ -208,8 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench" and args.speed:
             from ..bench.perf import markdown, run_speed, write
 
+            if args.no_onednn:
+                import torch
+
+                torch.backends.mkldnn.enabled = False
             result = run_speed(quick=args.quick, device=str(compute_device(args)))
             command = " ".join(["masquant bench --speed", *(["--quick"] if args.quick else []),
+                                *(["--no-onednn"] if args.no_onednn else []),
                                 *([f"--device {args.device}"] if args.device != "cpu" else []),
                                 *([f"--results {args.results}"] if args.results else [])])
             write(result, args.out, args.results, command)
