@@ -130,3 +130,32 @@ def test_the_reader_fails_only_with_file_and_line(media, processor, lines):
         assert re.match(r".*fuzz\.jsonl(:\d+)?: ", str(err)) or "holds no samples" in str(err), str(err)
         return
     assert samples and all("input_ids" in s for s in samples)
+
+
+def test_images_in_the_formats_people_have_read_as_a_viewer_shows_them(tmp_path):
+    """JPEG with a camera rotation, WebP, palette PNG, 16-bit grey PNG and RGBA: 8-bit RGB, rotated,
+    grey levels kept (a plain conversion clipped 16-bit grey to white), transparency over white."""
+    from PIL import Image
+
+    from masquant.io.calibfile import _image
+
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray((rng.random((20, 40, 3)) * 255).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned 90 degrees
+    wide.save(tmp_path / "turned.jpg", exif=exif)
+    wide.save(tmp_path / "a.webp")
+    wide.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(tmp_path / "palette.png")
+    ramp = (np.linspace(0, 65535, 40 * 20).reshape(20, 40)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    rgba = np.zeros((20, 40, 4), dtype=np.uint8)
+    rgba[:, :20] = (255, 0, 0, 255)  # left half opaque red, right half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    images = {p.name: _image(p, "test") for p in tmp_path.iterdir()}
+    assert all(im.mode == "RGB" for im in images.values())
+    assert images["turned.jpg"].size == (20, 40) and images["a.webp"].size == (40, 20)  # rotated upright
+    grey = np.asarray(images["grey16.png"])[..., 0]
+    assert grey.min() == 0 and grey.max() == 255 and 100 < np.median(grey) < 155  # the ramp, not clipped to white
+    alpha = np.asarray(images["alpha.png"])
+    assert (alpha[:, :20] == (255, 0, 0)).all() and (alpha[:, 20:] == 255).all()  # transparent -> white
+    assert len(np.unique(np.asarray(images["palette.png"]).reshape(-1, 3), axis=0)) <= 16

@@ -6,8 +6,10 @@ processor and chat template. Each line is either
 * ``{"messages": [...]}`` in the Hugging Face chat format, with ``{"type": "image", "image": "a.png"}``
   / ``{"type": "audio", "audio": "a.wav"}`` content items.
 
-Paths are relative to the JSONL file. Audio is PCM WAV (8/16/32-bit, channels averaged), resampled
-linearly to the processor's rate with a warning. Every error names the file and line.
+Paths are relative to the JSONL file. Images: any format Pillow opens, camera rotation (EXIF)
+applied, 16-bit grey scaled to 8 bits, transparency over white. Audio is PCM WAV (8/16/32-bit,
+channels averaged), resampled linearly to the processor's rate with a warning. Every error names
+the file and line.
 """
 
 from __future__ import annotations
@@ -117,13 +119,29 @@ def _paths(value: object, kind: str, where: str, root: Path) -> list[Path]:
 
 
 def _image(path: Path, where: str):
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(image))
     except Exception as err:
         raise CalibrationError(f"{where}: cannot read image {path}: {err}") from None
+
+
+def to_rgb(image):
+    """An 8-bit RGB image as a viewer shows it: 16- and 32-bit grey scaled to 8 bits (a plain
+    conversion clips them to white), transparency over white, palettes expanded."""
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        grey = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode != "F" and grey.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
 
 
 def _audio(path: Path, where: str, sample_rate: int) -> np.ndarray:
