@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 from ..calibration.quantize import quantize
-from ..calibration.report import write_page
 from ..config import QuantConfig
 from ..evaluation.evaluate import compare
 from ..io.export import export_compressed_tensors
@@ -24,6 +23,7 @@ from ..io.serialization import save
 from ..io.sidecar import load_export
 from ..refmodels import registry
 from ..refmodels.evaluate import FULL, QUICK, calibration_inputs, comparison_inputs, evaluate_reference
+from .pages import write_page
 
 log = logging.getLogger("masquant")
 

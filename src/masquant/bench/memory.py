@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..calibration.report import write_page
+from .pages import write_page
 
 METHODS = ("smoothquant", "masquant")
 WIDE = {"hidden": 2048, "intermediate": 11008, "heads": 16, "layers": 4}  # Qwen2.5-VL-3B decoder layers

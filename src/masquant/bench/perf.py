@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..calibration.report import write_page
 from ..runtime import dispatch, native
 from . import calibspeed, speed
+from .pages import write_page
 
 log = logging.getLogger("masquant")
 

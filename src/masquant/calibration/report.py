@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,14 +126,3 @@ def _linear_from_dict(data: dict[str, Any]) -> LinearReport:
     acts = {m: _inf(v) for m, v in data["activations"].items()}
     return LinearReport(sqnr=_inf(data["sqnr"]), activations=acts, storage=data.get("storage", {}),
                         compensation=data.get("compensation", {}))
-
-
-def write_page(out: Path, stem: str, data, text: str, results: Path | None = None) -> None:
-    """A benchmark's outputs: ``out/stem.json`` (the measurements), ``out/stem.md`` (the page) and,
-    with ``results``, the same page at that path (a generated docs page)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
-    (out / f"{stem}.md").write_text(text)
-    if results is not None:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(text)
