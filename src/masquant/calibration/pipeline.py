@@ -221,7 +221,7 @@ class LayerContext:
         return hook
 
 
-class Method(Protocol):
+class LayerMethod(Protocol):
     """What the pipeline reads of a method (``masquant.methods.registry.Method``)."""
 
     second_moments: bool
@@ -241,7 +241,7 @@ class LayerSource(Protocol):
 
 @torch.no_grad()
 def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured], config: QuantConfig,
-                    router: ModalityRouter, method: Method, ratios: list | None = None,
+                    router: ModalityRouter, method: LayerMethod, ratios: list | None = None,
                     progress: bool = True, checkpoint: LayerCheckpoint | None = None,
                     source: LayerSource | None = None, store: ActivationStore | None = None) -> list[LayerReport]:
     """Quantize every decoder layer in order, each seeing the quantized previous ones. ``checkpoint`` saves each

@@ -42,7 +42,8 @@ def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{type(layer).__name__} takes {layer.in_features} input features, got input of shape "
                          f"{tuple(x.shape)}")
     layer.sync_flags()
-    y = _native_layer(layer, x)
+    kind = kernel(layer, x)
+    y = _native_layer(layer, x) if kind == "native" else None
     if y is not None:
         return y
     rows = x.reshape(-1, layer.in_features)
@@ -53,7 +54,7 @@ def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
             one = layer.smooth[modality:modality + 1]
             y[idx] = _matmul(layer, rows[idx], one, None, layer.weight_of(Modality(modality)))
     else:
-        y = _matmul(layer, rows, layer.smooth, routes, layer.qweight)
+        y = _matmul(layer, rows, layer.smooth, routes, layer.qweight, kind)
     if routes is not None:
         _add_patches(layer, y, rows, routes)
     return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
@@ -64,7 +65,7 @@ def kernel(layer: QuantLinear, rows: torch.Tensor) -> str:
     ``"eager"``, ``"dequant"`` or ``"float"`` (see the module docstring)."""
     if layer.runtime != "int" or layer.a_bits >= 16:
         return "float"
-    if layer.grid.symmetric and layer.w_group_size in (0, -1):  # (asymmetric and grouped codes: eager only)
+    if layer.grid.symmetric and layer.w_group_size in (0, -1):  # (asymmetric and grouped codes: eager / dequant)
         if kernels.use_fusion(rows) and int_gemm_fast(rows.device):
             return "fused"
         if native.usable(rows, layer.out_features):
@@ -122,9 +123,9 @@ def _best_ms(fn, repeats: int = 3) -> float:
 
 def _native_layer(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
     """The whole linear, smoothing and patches included, as one native call (or None): for a
-    float32 layer with one weight for all modalities, on contiguous float32 rows on the CPU."""
-    if not (layer.compute_dtype == torch.float32 and x.dtype == torch.float32 and x.is_contiguous()
-            and kernel(layer, x) == "native"):
+    float32 layer with one weight for all modalities, on contiguous float32 rows on the CPU
+    (``kernel`` chose ``"native"`` for them)."""
+    if not (layer.compute_dtype == torch.float32 and x.dtype == torch.float32 and x.is_contiguous()):
         return None
     modules, buffers = layer._modules, layer._buffers  # (direct: nn.Module's __getattr__ costs a few us here)
     if modules["modality_qweights"]:
@@ -153,10 +154,10 @@ def _native_layer(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _matmul(layer: QuantLinear, rows: torch.Tensor, smooth: torch.Tensor, routes: Routes | None,
-            weight: IntWeight) -> torch.Tensor:
+            weight: IntWeight, kind: str | None = None) -> torch.Tensor:
     """``Q_a(x / smooth[ids]) @ W^T + b`` by the kernels ``kernel`` picks; ``smooth`` is the table,
-    or one row of it for one modality's rows (MAS-only)."""
-    kind = kernel(layer, rows)
+    or one row of it for one modality's rows (MAS-only; ``kind`` then chosen for those rows)."""
+    kind = kind or kernel(layer, rows)
     if kind == "fused":
         ids = None if routes is None else routes.ids
         return kernels.fused_linear(rows, layer.a_bits, smooth, ids, weight.int8(), weight.scale, layer.bias,
