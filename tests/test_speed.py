@@ -2,10 +2,11 @@
 
 import copy
 
+import pytest
 import torch
 
 from masquant import QuantLinear
-from masquant.bench import calibspeed, perf, speed
+from masquant.bench import calibspeed, cpuclass, perf, speed
 from masquant.refmodels import tiny
 
 
@@ -113,10 +114,10 @@ def test_cmc_rows_time_both_eigensolvers_and_restore_the_default(monkeypatch):
         "patch", "patch, small-matrix path", "whitening basis", "whitening basis, small-matrix path", "plain spectrum"}
     result = {"linear": [], "models": [], "calibration": [], "memory": [], "cmc": rows}
     page = perf.markdown({**result, "machine": "x", "threads": 1, "torch": "t", "cpu_capability": "c",
-                          "cpu": "Some CPU, without AMX"})
+                          "cpu": "Some CPU (avx2)"})
     assert "| t | " in page and "CMC's float64 linear algebra" in page
-    assert page.startswith("Machine: Some CPU, without AMX (x), 1 threads")
-    assert perf.cpu_name().endswith("AMX") or "Linux" not in __import__("platform").system()
+    assert page.startswith("Machine: Some CPU (avx2), x, 1 threads")
+    assert perf.cpu_name().endswith(f"({cpuclass.machine_class()})")
 
 def test_a_gpu_page_has_no_empty_calibration_tables():
     """``bench --speed --device cuda`` measures no calibration rows (they are CPU rows): its page
@@ -159,26 +160,109 @@ def test_free_linears_bound_the_speed_up_of_any_linear_kernel():
             sample["input_ids"].shape[1] + 2
 
 
-def test_the_speed_page_names_the_kernels_and_the_onednn_emulation(monkeypatch):
-    """``bench --speed --no-onednn`` runs PyTorch's int8 GEMM as CPUs without VNNI / AMX do, and the
-    page says which products the CPU took."""
+def test_the_cpu_class_goals_are_judged_from_the_linear_rows():
+    """Never slower than FP32 (the worst integer variant at any shape but the reference model's),
+    W8A8 >= 1.5x FP32 at 3B / 7B shapes from 512 tokens, and >= 1.0x BF16 judged only on AMX."""
+    def row(shape, tokens, fp32, bf16, w8, w4, mq):
+        ms = {"fp32": fp32, "bf16": bf16, "W8A8": w8, "W4A8": w4, "MASQuant W8A8 r32": mq}
+        return {"shape": shape, "tokens": tokens, "ms": ms, "speedup": {k: fp32 / v for k, v in ms.items()}}
+
+    linear = [row("3B up 2048>11008", 512, 10.0, 5.0, 6.0, 6.5, 6.2), row("7B up 3584>18944", 16, 4.0, 2.0, 2.0, 2.0,
+                                                                          4.4),
+              row("ref-vl attn 256>256", 1, 0.01, 0.02, 0.1, 0.1, 0.1)]  # (reported, not a goal)
+    goals = {g: (m, ok) for g, m, ok in perf.class_goals({"linear": linear, "cpu_class": "avx2"})}
+    assert goals["integer runtime >= 1.0x FP32 at every linear shape and token count"] == \
+        ("worst 0.91x (MASQuant W8A8 r32, 7B up 3584>18944, 16 tokens)", False)
+    assert goals["W8A8 >= 1.5x FP32 at 3B / 7B shapes, >= 512 tokens"] == \
+        ("worst 1.67x (3B up 2048>11008, 512 tokens)", True)
+    measured, met = goals["on AMX CPUs: W8A8 >= 1.0x BF16 at every linear shape"]
+    assert met is None and measured.startswith("worst 0.83x BF16 (3B up 2048>11008, 512 tokens); not an AMX CPU")
+    amx = {g: ok for g, _, ok in perf.class_goals({"linear": linear, "cpu_class": "amx"})}
+    assert amx["on AMX CPUs: W8A8 >= 1.0x BF16 at every linear shape"] is False
+
+
+def test_the_page_keeps_one_section_per_cpu_class(tmp_path):
+    base = {"torch": "t", "threads": 2, "machine": "x86_64", "cpu_capability": "AVX512", "quick": True,
+            "device": "cpu", "native": "n", "cpu": "Some CPU (avx512-vnni)", "int_gemm": "torch._int_mm",
+            "linear": [], "models": [], "calibration": [], "memory": []}
+    page = tmp_path / "PERF.md"
+    perf.write({**base, "cpu_class": "avx2", "emulated": True, "onednn": False}, tmp_path / "a", page, "cmd avx2")
+    perf.write({**base, "cpu_class": "avx512-vnni", "emulated": False}, tmp_path / "b", page, "cmd vnni")
+    perf.write({**base, "cpu_class": "avx2", "emulated": True, "onednn": False, "threads": 7}, tmp_path / "c", page,
+               "cmd avx2 again")
+    text = page.read_text()
+    vnni, avx2 = text.index("## AVX-512 VNNI\n"), text.index("## AVX2 without VNNI (emulated on Some CPU")
+    assert vnni < avx2 and "`cmd vnni`" in text and "`cmd avx2 again`" in text and "`cmd avx2`" not in text
+    assert "7 threads" in text and "### Goals" in text and "torch._int_mm in plain loops" in text[avx2:]
+
+
+def test_cpu_classes_are_checked_against_this_cpu():
+    assert cpuclass.machine_class({"avx2", "avx512_vnni", "amx_int8"}) == "amx"
+    assert cpuclass.machine_class({"avx2", "avx512f"}) == "avx2" and cpuclass.machine_class(set()) == "plain"
+    here = cpuclass.machine_class()
+    cpuclass.check(here)
+    with pytest.raises(ValueError, match="unknown CPU class"):
+        cpuclass.check("sse2")
+    if here != "amx":
+        with pytest.raises(ValueError, match=f"this CPU \\({here}\\) cannot run the amx class"):
+            cpuclass.check("amx")
+
+
+def test_bench_speed_for_another_class_runs_a_child_limited_to_it(monkeypatch):
+    """``bench --speed --cpu-class avx2`` on a more capable CPU re-runs itself in a child process
+    whose environment limits ATen, MKL, oneDNN and the native kernel; the child (marked) measures
+    with oneDNN off, so that ``torch._int_mm`` runs in PyTorch's plain loops."""
     from masquant.cli.main import main
 
+    if cpuclass.ORDER.index(cpuclass.machine_class()) > cpuclass.ORDER.index("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    calls = []
+    monkeypatch.setattr(cpuclass, "run_as", lambda name, argv: calls.append((name, argv)) or 0)
     seen = {}
 
     def fake_run_speed(quick, device):
         seen["onednn"] = torch.backends.mkldnn.enabled
-        return {"torch": "t", "threads": 1, "machine": "x", "cpu_capability": "c", "quick": quick, "device": device,
-                "native": "n", "onednn": torch.backends.mkldnn.enabled, "int_gemm": "dequantized float32 weights",
-                "linear": [], "models": [], "calibration": [], "memory": []}
+        return {"linear": [], "models": [], "calibration": [], "memory": []}
 
     monkeypatch.setattr(perf, "run_speed", fake_run_speed)
     monkeypatch.setattr(perf, "write", lambda *a, **k: None)
+    monkeypatch.setattr(perf, "markdown", lambda *a, **k: "")
+    argv = ["bench", "--speed", "--quick", "--cpu-class", "avx2"]
+    monkeypatch.delenv(cpuclass.MARK, raising=False)
+    if cpuclass.machine_class() != "avx2":
+        assert main(argv) == 0 and calls == [("avx2", argv)] and not seen
+    monkeypatch.setenv(cpuclass.MARK, "avx2")  # as in the child
     before = torch.backends.mkldnn.enabled
     try:
-        assert main(["bench", "--speed", "--quick", "--no-onednn"]) == 0
+        assert main(argv) == 0
     finally:
         torch.backends.mkldnn.enabled = before
     assert seen == {"onednn": False}
-    page = perf.markdown(fake_run_speed(True, "cpu"))
-    assert "large products: dequantized float32 weights" in page
+
+
+def test_the_avx2_class_reproduces_the_slow_int_mm_and_takes_the_native_gemm():
+    """In the child's environment: ATen at AVX2, ``torch._int_mm`` slower than FP32 (plain
+    loops), the native kernel built for AVX2, and large products through its blocked GEMM."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if cpuclass.ORDER.index(cpuclass.machine_class()) > cpuclass.ORDER.index("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    code = """
+import json, torch
+from masquant.bench import cpuclass
+from masquant.runtime import dispatch, native
+cpuclass.enter()
+from masquant.bench.speed import quant_linear
+q = quant_linear(torch.nn.Linear(512, 256), 8)
+x = torch.randn(300, 512)
+print(json.dumps({"aten": torch.backends.cpu.get_cpu_capability(), "fast": dispatch.probe_int_gemm(),
+                  "native": native.describe(), "kind": dispatch.kernel(q, x)}))
+"""
+    env = {**os.environ, **cpuclass.CLASSES["avx2"][0], cpuclass.MARK: "avx2", "MASQUANT_INT_GEMM": "auto"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"aten": "AVX2", "fast": False, "native": "AVX2 (MASQUANT_NATIVE=avx2)", "kind": "gemm"}

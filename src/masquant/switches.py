@@ -10,7 +10,8 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Switches:
     fuse: str  # MASQUANT_FUSE: auto (compiled kernels where a compiler is found), 0 (never), 1 (always try)
-    native: str  # MASQUANT_NATIVE: auto (the native CPU kernel where it builds), or 0 (never)
+    native: str  # MASQUANT_NATIVE: auto (the native CPU kernel built for this CPU), 0 (never), avx2 or portable
+    # (built for an AVX2-only CPU, or as plain C++ loops: the code other CPU classes run)
     int_gemm: str  # MASQUANT_INT_GEMM: auto (measured once), int (torch._int_mm), float (dequantized weights)
     cxx: str | None  # CXX: the C++ compiler to try first (then g++, clang++)
     cache: Path  # where the built native kernel is kept: $XDG_CACHE_HOME/masquant (~/.cache/masquant)
@@ -33,8 +34,8 @@ def _from_environment() -> Switches:
     fuse, native = env.get("MASQUANT_FUSE", "auto"), env.get("MASQUANT_NATIVE", "auto")
     if fuse not in ("auto", "0", "1"):
         raise ValueError(f"MASQUANT_FUSE must be auto, 0 or 1, got {fuse!r}")
-    if native not in ("auto", "0"):
-        raise ValueError(f"MASQUANT_NATIVE must be auto or 0, got {native!r}")
+    if native not in ("auto", "0", "avx2", "portable"):
+        raise ValueError(f"MASQUANT_NATIVE must be auto, 0, avx2 or portable, got {native!r}")
     int_gemm = env.get("MASQUANT_INT_GEMM", "auto")
     if int_gemm not in ("auto", "int", "float"):
         raise ValueError(f"MASQUANT_INT_GEMM must be auto, int or float, got {int_gemm!r}")

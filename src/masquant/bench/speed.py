@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..modality import NUM_MODALITIES, Modality, ModalityRouter
+from ..runtime import dispatch
 from ..runtime.qlinear import QuantLinear
 
 log = logging.getLogger("masquant")
@@ -40,6 +41,7 @@ LINEAR_SHAPES = {  # name: (in_features, out_features)
     "ref-vl attn 256>256": (256, 256),  # the reference model's width: where decode spends its time
 }
 TOKENS = (1, 16, 512, 2048)
+RAW_LIMIT = 1 << 28  # multiply-adds of the largest raw torch._int_mm timed where it runs in plain loops
 ROUNDS = 3
 
 
@@ -126,6 +128,9 @@ def linear_rows(shapes: dict[str, tuple[int, int]], tokens: tuple[int, ...], dev
         if torchao is not None:
             variants["torchao int8 dyn"] = torchao
         for m in tokens:
+            fns = dict(variants)
+            if not dispatch.int_gemm_fast(torch.device(device)) and m * k * n > RAW_LIMIT:
+                del fns["int_mm kernel"]  # (PyTorch's plain loops: minutes per call, and nothing runs them)
             x = torch.randn(m, k, device=device)
             ids = torch.zeros(m, dtype=torch.long, device=device)
             ids[m // 2:] = int(Modality.VISION)  # half of the tokens are vision tokens
@@ -133,7 +138,7 @@ def linear_rows(shapes: dict[str, tuple[int, int]], tokens: tuple[int, ...], dev
             row = {"shape": name, "in": k, "out": n, "tokens": m, "device": device}
             with router.scope(ids):
                 seconds = interleaved({label: (lambda fn=fn, arg=x_int8 if label == "int_mm kernel" else x: fn(arg))
-                                       for label, fn in variants.items()}, min_time=0.1, device=device)
+                                       for label, fn in fns.items()}, min_time=0.1, device=device)
             row["ms"] = {label: 1e3 * t for label, t in seconds.items()}
             row["speedup"] = {label: row["ms"]["fp32"] / ms for label, ms in row["ms"].items()}
             log.info("%s x %d tokens: %s", name, m, {k: f"{v:.2f}x" for k, v in row["speedup"].items()})

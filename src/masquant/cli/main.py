@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="peak memory of calibration, in memory vs --stream (ref-vl and a 3B-wide random model)")
     bench.add_argument("--device", default="cpu",
                        help="with --speed: cpu, or cuda for the GPU rows (linears and the wide model)")
-    bench.add_argument("--no-onednn", action="store_true",
-                       help="with --speed: oneDNN off in this process, so torch._int_mm runs as on CPUs without "
-                            "AVX-512 VNNI or AMX (plain loops); the measured kernel choice follows")
+    bench.add_argument("--cpu-class", choices=("amx", "avx512-vnni", "avx2", "plain"), default=None,
+                       help="with --speed: run as a CPU of this class (one this CPU covers: a child process with "
+                            "ATen, MKL, oneDNN and the native kernel limited to it); the page keeps one section "
+                            "per class")
     bench.add_argument("--resume", action="store_true",
                        help="reuse the rows already saved in OUT/bench.json (after an interrupted run)")
     bench.add_argument("--no-progress", action="store_true")
@@ -209,15 +210,18 @@ def main(argv: list[str] | None = None) -> int:
                                 *([f"--results {args.results}"] if args.results else [])])
             print(write(rows, args.out, args.results, command))
         elif args.command == "bench" and args.speed:
+            from ..bench import cpuclass
             from ..bench.perf import markdown, run_speed, write
 
-            if args.no_onednn:
-                import torch
-
-                torch.backends.mkldnn.enabled = False
+            if args.cpu_class:
+                cpuclass.check(args.cpu_class)
+                if args.cpu_class != cpuclass.current()[0]:  # (the child runs this same command)
+                    completed = True
+                    return cpuclass.run_as(args.cpu_class, sys.argv[1:] if argv is None else argv)
+                cpuclass.enter()
             result = run_speed(quick=args.quick, device=str(compute_device(args)))
             command = " ".join(["masquant bench --speed", *(["--quick"] if args.quick else []),
-                                *(["--no-onednn"] if args.no_onednn else []),
+                                *([f"--cpu-class {args.cpu_class}"] if args.cpu_class else []),
                                 *([f"--device {args.device}"] if args.device != "cpu" else []),
                                 *([f"--results {args.results}"] if args.results else [])])
             write(result, args.out, args.results, command)

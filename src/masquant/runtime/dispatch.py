@@ -6,10 +6,12 @@
   int8 GEMM and its epilogue as one compiled region (``kernels.fused_linear``);
 * ``eager``: the same integer arithmetic op by op (``kernels.int_linear``; asymmetric or
   grouped weights always take it);
-* ``dequant``: where ``torch._int_mm`` is slower than an FP32 matmul (CPUs without AVX-512 VNNI
+* ``gemm``: where ``torch._int_mm`` is slower than an FP32 matmul (CPUs without AVX-512 VNNI
   or AMX, where PyTorch runs it in plain loops; ``int_gemm_fast``, measured once per process),
-  the same activation codes times the weight dequantized once to float32 (the model still
-  stores integers);
+  the same codes through masquant's blocked, threaded AVX2 GEMM (``native.gemm``);
+* ``dequant``: there, where the native GEMM cannot run (no compiler, no AVX2, grouped or
+  asymmetric weights), the same activation codes times the weight dequantized once to float32
+  (the model still stores integers);
 * ``float``: dequantized weight and fake-quantized activations in floating point
   (``runtime="fake"``, the simulation research code uses, and weight-only ``a_bits=16``).
 
@@ -62,7 +64,7 @@ def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 def kernel(layer: QuantLinear, rows: torch.Tensor) -> str:
     """Which kernels run ``rows`` (``[..., in]``) through ``layer``: ``"fused"``, ``"native"``,
-    ``"eager"``, ``"dequant"`` or ``"float"`` (see the module docstring)."""
+    ``"gemm"``, ``"eager"``, ``"dequant"`` or ``"float"`` (see the module docstring)."""
     if layer.runtime != "int" or layer.a_bits >= 16:
         return "float"
     if layer.grid.symmetric and layer.w_group_size in (0, -1):  # (asymmetric and grouped codes: eager / dequant)
@@ -70,6 +72,9 @@ def kernel(layer: QuantLinear, rows: torch.Tensor) -> str:
             return "fused"
         if native.usable(rows, layer.out_features):
             return "native"
+        if rows.is_cpu and not int_gemm_fast(rows.device) and not torch.compiler.is_compiling() \
+                and native.gemm_ready():
+            return "gemm"
     return "eager" if int_gemm_fast(rows.device) else "dequant"
 
 
@@ -171,6 +176,9 @@ def _matmul(layer: QuantLinear, rows: torch.Tensor, smooth: torch.Tensor, routes
         return native.int_linear(xs, layer.a_bits, weight.int8(), weight.scale, layer.bias,
                                  weight.row_sums(), weight.native_codes()).to(layer.compute_dtype)
     codes, scale = kernels.quantize_tokens(xs, layer.a_bits)
+    if kind == "gemm":
+        return native.gemm(codes, scale, weight.gemm_codes(), layer.out_features, weight.scale,
+                           layer.bias).to(layer.compute_dtype)
     if kind == "dequant":  # the same codes, times the float32 weight
         bias = None if layer.bias is None else layer.bias.float()
         return F.linear(codes.float().mul_(scale), weight.float32(), bias).to(layer.compute_dtype)

@@ -2,6 +2,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
 // The instruction set the dot products use: 2 = AVX-512 VNNI (dpbusd), 1 = AVX2 (16-bit products, vpmaddwd), 0 = plain
 // C++ loops. MASQUANT_NO_VNNI and MASQUANT_PORTABLE force the lower ones (tests build all three where the CPU can).
@@ -353,4 +354,146 @@ extern "C" int masquant_layer(const Layer* l, const float* x, const int64_t* ids
   delete[] t;
   delete[] xs;
   return 0;
+}
+
+// ---- Many rows where the CPU has no fast int8 GEMM (AVX2 without VNNI, where torch._int_mm runs plain loops) ----
+// y[r][o] = ((float)(q[r] . w[o]) * t[r]) * ws[o] (+ bias[o]) from signed codes q [m, k] (kernels.quantize_tokens),
+// the same float32 operations as kernels.int_linear. Codes widened to 16 bits, products by vpmaddwd: exact (each
+// pair of products fits 32 bits), twice the multiply-adds per instruction of FP32 FMAs. Blocked as BLAS does: a
+// tile of GM rows x GN outputs keeps its sums in 12 registers (written in assembly: compilers spilled them), KC
+// inputs at a time so that the weights' panel stays in L1, MC rows at a time so that their codes stay in L2; the
+// threads share the outputs. The weight is packed by native.pack_pairs: [n / 16][k2][16][2], each output's two
+// codes of each pair of inputs side by side, zero-padded.
+#if defined(__x86_64__) && defined(__AVX2__) && !defined(MASQUANT_PORTABLE)
+#define MASQUANT_GEMM 1
+#else
+#define MASQUANT_GEMM 0
+#endif
+constexpr int GM = 6, GN = 16;
+constexpr int64_t KC = 512, MC = 144;
+
+extern "C" int masquant_gemm_isa() { return MASQUANT_GEMM; }
+
+// out[r][i] = sum over kk2 pairs j of a[r][2j, 2j + 1] . b[j][i]: a's rows lda int16 apart, b one panel.
+static void gemm_tile(const int16_t* a, int64_t lda, const int8_t* b, int64_t kk2, int32_t* out) {
+#if MASQUANT_GEMM
+  const int64_t s = lda * (int64_t)sizeof(int16_t);
+  const int16_t* a3 = a + 3 * lda;
+  asm volatile(
+      "vpxor %%ymm0, %%ymm0, %%ymm0\n\t" "vpxor %%ymm1, %%ymm1, %%ymm1\n\t" "vpxor %%ymm2, %%ymm2, %%ymm2\n\t" "vpxor %%ymm3, %%ymm3, %%ymm3\n\t"
+       "vpxor %%ymm4, %%ymm4, %%ymm4\n\t" "vpxor %%ymm5, %%ymm5, %%ymm5\n\t" "vpxor %%ymm6, %%ymm6, %%ymm6\n\t" "vpxor %%ymm7, %%ymm7, %%ymm7\n\t"
+       "vpxor %%ymm8, %%ymm8, %%ymm8\n\t" "vpxor %%ymm9, %%ymm9, %%ymm9\n\t" "vpxor %%ymm10, %%ymm10, %%ymm10\n\t" "vpxor %%ymm11, %%ymm11, %%ymm11\n\t"
+      
+      "1:\n\t"
+      "vpmovsxbw (%[b]), %%ymm12\n\t"
+      "vpmovsxbw 16(%[b]), %%ymm13\n\t"
+      "vpbroadcastd (%[a]), %%ymm14\n\t"
+      "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"
+      "vpaddd %%ymm15, %%ymm0, %%ymm0\n\t"
+      "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"
+      "vpaddd %%ymm15, %%ymm1, %%ymm1\n\t"
+      "vpbroadcastd (%[a],%[s],1), %%ymm14\n\t"
+      "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"
+      "vpaddd %%ymm15, %%ymm2, %%ymm2\n\t"
+      "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"
+      "vpaddd %%ymm15, %%ymm3, %%ymm3\n\t"
+      "vpbroadcastd (%[a],%[s],2), %%ymm14\n\t"
+      "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"
+      "vpaddd %%ymm15, %%ymm4, %%ymm4\n\t"
+      "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"
+      "vpaddd %%ymm15, %%ymm5, %%ymm5\n\t"
+      "vpbroadcastd (%[a3]), %%ymm14\n\t"
+      "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"
+      "vpaddd %%ymm15, %%ymm6, %%ymm6\n\t"
+      "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"
+      "vpaddd %%ymm15, %%ymm7, %%ymm7\n\t"
+      "vpbroadcastd (%[a3],%[s],1), %%ymm14\n\t"
+      "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"
+      "vpaddd %%ymm15, %%ymm8, %%ymm8\n\t"
+      "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"
+      "vpaddd %%ymm15, %%ymm9, %%ymm9\n\t"
+      "vpbroadcastd (%[a3],%[s],2), %%ymm14\n\t"
+      "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"
+      "vpaddd %%ymm15, %%ymm10, %%ymm10\n\t"
+      "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"
+      "vpaddd %%ymm15, %%ymm11, %%ymm11\n\t"
+      "addq $32, %[b]\n\t"
+      "addq $4, %[a]\n\t"
+      "addq $4, %[a3]\n\t"
+      "decq %[n]\n\t"
+      "jnz 1b\n\t"
+      "vmovdqu %%ymm0, 0(%[o])\n\t"
+      "vmovdqu %%ymm1, 32(%[o])\n\t"
+      "vmovdqu %%ymm2, 64(%[o])\n\t"
+      "vmovdqu %%ymm3, 96(%[o])\n\t"
+      "vmovdqu %%ymm4, 128(%[o])\n\t"
+      "vmovdqu %%ymm5, 160(%[o])\n\t"
+      "vmovdqu %%ymm6, 192(%[o])\n\t"
+      "vmovdqu %%ymm7, 224(%[o])\n\t"
+      "vmovdqu %%ymm8, 256(%[o])\n\t"
+      "vmovdqu %%ymm9, 288(%[o])\n\t"
+      "vmovdqu %%ymm10, 320(%[o])\n\t"
+      "vmovdqu %%ymm11, 352(%[o])\n\t"
+      "vzeroupper\n\t"
+      : [a] "+r"(a), [a3] "+r"(a3), [b] "+r"(b), [n] "+r"(kk2)
+      : [s] "r"(s), [o] "r"(out)
+      : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+        "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+#else
+  for (int i = 0; i < GM * GN; ++i) out[i] = 0;
+  for (int64_t j = 0; j < kk2; ++j)
+    for (int r = 0; r < GM; ++r)
+      for (int i = 0; i < GN; ++i)
+        out[r * GN + i] += (int32_t)a[r * lda + 2 * j] * b[j * 2 * GN + 2 * i]
+                           + (int32_t)a[r * lda + 2 * j + 1] * b[j * 2 * GN + 2 * i + 1];
+#endif
+}
+
+// Runs work(i) for i in [0, parts) on up to `threads` threads (this one included).
+template <class F>
+static void parallel(int64_t parts, int threads, F work) {
+  const int64_t used = threads < 1 ? 1 : (threads > parts ? parts : threads);
+  std::vector<std::thread> pool;
+  for (int64_t i = 1; i < used; ++i) pool.emplace_back([&work, i, used, parts] {
+    for (int64_t p = parts * i / used; p < parts * (i + 1) / used; ++p) work(p);
+  });
+  for (int64_t p = 0; p < parts / used; ++p) work(p);
+  for (auto& th : pool) th.join();
+}
+
+extern "C" void masquant_gemm(const int8_t* q, int64_t m, int64_t k, const float* t, const int8_t* wp, int64_t n,
+                              const float* ws, int64_t ws_stride, const float* bias, float* y, int threads) {
+  const int64_t k2 = (k + 1) / 2, lda = 2 * k2, tiles = (m + GM - 1) / GM, panels = (n + GN - 1) / GN;
+  std::vector<int16_t> a(tiles * GM * lda, 0);  // the codes widened, rows padded to whole tiles
+  parallel(tiles, threads, [&](int64_t i) {
+    for (int64_t r = i * GM; r < m && r < (i + 1) * GM; ++r)
+      for (int64_t j = 0; j < k; ++j) a[r * lda + j] = q[r * k + j];
+  });
+  const int64_t used = threads < 1 ? 1 : (threads > panels ? panels : threads);
+  parallel(used, threads, [&](int64_t part) {
+    const int64_t p0 = panels * part / used, p1 = panels * (part + 1) / used, cols = (p1 - p0) * GN;
+    std::vector<int32_t> c(MC * cols);
+    alignas(32) int32_t out[GM * GN];
+    for (int64_t i0 = 0; i0 < tiles * GM; i0 += MC) {
+      const int64_t i1 = i0 + MC < tiles * GM ? i0 + MC : tiles * GM;
+      for (int64_t pc = 0; pc < k2; pc += KC / 2) {
+        const int64_t kk2 = k2 - pc < KC / 2 ? k2 - pc : KC / 2;
+        for (int64_t p = p0; p < p1; ++p)
+          for (int64_t i = i0; i < i1; i += GM) {
+            gemm_tile(a.data() + i * lda + 2 * pc, lda, wp + (p * k2 + pc) * 2 * GN, kk2, out);
+            int32_t* ci = c.data() + (i - i0) * cols + (p - p0) * GN;
+            for (int r = 0; r < GM; ++r)
+              for (int o = 0; o < GN; ++o)
+                ci[r * cols + o] = pc ? (int32_t)((uint32_t)ci[r * cols + o] + (uint32_t)out[r * GN + o])
+                                      : out[r * GN + o];
+          }
+      }
+      const int64_t o1 = p1 * GN < n ? p1 * GN : n;
+      for (int64_t r = i0; r < i1 && r < m; ++r)
+        for (int64_t o = p0 * GN; o < o1; ++o) {
+          const float v = ((float)c[(r - i0) * cols + o - p0 * GN] * t[r]) * ws[o * ws_stride];
+          y[r * n + o] = bias ? v + bias[o] : v;
+        }
+    }
+  });
 }

@@ -4,7 +4,9 @@ One C++ call replaces the eager path's dozen PyTorch ops, whose fixed costs domi
 Bit-identical to ``kernels.quantize_tokens`` + ``kernels.int_linear`` (same float32 order, no FMA
 contraction), except low-rank patches, which differ in the last bits (fixed order, not MKL).
 Built for ``-march=native`` with ``CXX``, ``g++`` or ``clang++`` and cached under ``$XDG_CACHE_HOME/masquant``;
-without a compiler the eager kernels run (one warning). ``MASQUANT_NATIVE=0`` skips it.
+without a compiler the eager kernels run (one warning). ``MASQUANT_NATIVE=0`` skips it; ``avx2`` builds it
+for an AVX2-only CPU (``-march=x86-64-v3``) and ``portable`` as plain C++ loops: the code other CPU classes
+run, on this one.
 """
 
 from __future__ import annotations
@@ -47,19 +49,24 @@ def small(rows: int, in_features: int, out_features: int) -> bool:
 
 
 SOURCE = Path(__file__).with_name("native.cpp")  # the kernel (shipped as package data)
-FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+FLAGS = ("-std=c++17", "-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+BUILDS = {"auto": ((), "native"), "avx2": (("MASQUANT_NO_VNNI",), "x86-64-v3"),
+          "portable": (("MASQUANT_PORTABLE",), "native")}  # MASQUANT_NATIVE -> (defines, -march)
 
 
 def describe() -> str:
     """What runs the native calls here, in words (for logs and benchmark pages)."""
-    if switches().native == "0":
+    mode = switches().native
+    if mode == "0":
         return "off (MASQUANT_NATIVE=0)"
     lib = library()
-    return "unavailable (eager kernels)" if lib is None else ISAS[lib.isa]
+    if lib is None:
+        return "unavailable (eager kernels)"
+    return ISAS[lib.isa] + ("" if mode == "auto" else f" (MASQUANT_NATIVE={mode})")
 
 
 def enabled() -> bool:
-    return switches().native == "auto" and library() is not None
+    return switches().native != "0" and library() is not None
 
 
 def usable(x: torch.Tensor, out_features: int) -> bool:
@@ -90,6 +97,42 @@ def int_linear(rows: torch.Tensor, bits: int, weight: torch.Tensor, weight_scale
     wsum = w.sum(1, dtype=torch.int32) if row_sums is None else row_sums
     scale, b = weight_scale.float().reshape(-1, 1).contiguous(), None if bias is None else bias.float().contiguous()
     return Plan(w, w, scale, b, None, bits, wsum, packed)(rows.float().contiguous())
+
+
+def pack_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """Signed int8 codes ``[n, k]`` in the blocked GEMM's layout (see ``native.cpp``): panels of 16
+    outputs, and in each panel the two codes of every output for each pair of inputs, zero-padded."""
+    n, k = codes.shape
+    n16, k2 = -(-n // LANES) * LANES, -(-k // 2)
+    padded = torch.nn.functional.pad(codes, (0, 2 * k2 - k, 0, n16 - n))
+    return padded.reshape(n16 // LANES, LANES, k2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def gemm_ready() -> bool:
+    """Whether the blocked GEMM for many rows runs here (a built kernel with its AVX2 code)."""
+    lib = library() if switches().native != "0" else None
+    return lib is not None and lib.gemm
+
+
+def gemm(codes: torch.Tensor, scale: torch.Tensor, packed: torch.Tensor, out_features: int,
+         weight_scale: torch.Tensor, bias: torch.Tensor | None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``kernels.int_linear(codes, scale, weight, weight_scale, None, 0, bias)`` by the blocked native
+    GEMM on ``torch.get_num_threads()`` threads: int8 ``codes [m, k]`` with float32 ``scale [m, 1]``,
+    ``packed = pack_pairs(weight)``, one weight scale per output or per tensor -> float32 ``[m, n]``,
+    bit-identical."""
+    m, k = codes.shape
+    n = out_features
+    if packed.shape != (-(-n // LANES), -(-k // 2), LANES, 2) or packed.dtype != torch.int8:
+        raise ValueError(f"packed weight of shape {tuple(packed.shape)} does not pack a [{n}, {k}] int8 weight "
+                         "(native.pack_pairs)")
+    codes, t = codes.contiguous(), scale.float().reshape(-1).contiguous()
+    ws = weight_scale.float().reshape(-1).contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    (lib or library()).masquant_gemm(codes.data_ptr(), m, k, t.data_ptr(), packed.data_ptr(), n, ws.data_ptr(),
+                                     1 if ws.numel() == n else 0, None if b is None else b.data_ptr(), y.data_ptr(),
+                                     torch.get_num_threads())
+    return y
 
 
 class _Patch(ctypes.Structure):  # the C++ side's ``Patch``
@@ -191,16 +234,25 @@ def _no_plan() -> None:
     return None
 
 
-@functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel (built or found in the cache), or None where it cannot be built."""
+    """The compiled kernel (built or found in the cache) for ``MASQUANT_NATIVE``, or None where it
+    cannot be built."""
+    return _library(switches().native)
+
+
+@functools.cache
+def _library(mode: str) -> ctypes.CDLL | None:
     compiler = find_compiler()
     if compiler is None:
         log.warning("no C++ compiler found: the integer runtime decodes with its eager kernels "
                     "(install g++ for the native one, or set MASQUANT_NATIVE=0 to skip this check)")
         return None
+    if mode == "avx2" and "avx2" not in _cpu_flags().split():
+        raise RuntimeError("MASQUANT_NATIVE=avx2 builds the kernel for AVX2, which this CPU does not have: unset it "
+                           "or use MASQUANT_NATIVE=portable")
+    defines, march = BUILDS.get(mode, BUILDS["auto"])
     try:
-        return load(compiler)
+        return load(compiler, defines, march)
     except (OSError, subprocess.SubprocessError) as err:
         log.warning("the native integer kernel could not be built (%s: %s); running the eager kernels "
                     "(MASQUANT_NATIVE=0 skips the attempt)", type(err).__name__, str(err)[:300])
@@ -214,16 +266,21 @@ def find_compiler() -> str | None:
     return next((c for c in (switches().cxx, "g++", "clang++") if c and shutil.which(c)), None)
 
 
-def load(compiler: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Build (or find in the cache) and load the kernel; ``defines`` are extra ``-D`` flags
-    (``MASQUANT_NO_VNNI``: the AVX2 code even where the CPU has AVX-512 VNNI; ``MASQUANT_PORTABLE``:
-    the plain C++ loops; for tests)."""
-    lib = ctypes.CDLL(str(_build(compiler, tuple(f"-D{d}" for d in defines))))
+def load(compiler: str, defines: tuple[str, ...] = (), march: str = "native") -> ctypes.CDLL:
+    """Build (or find in the cache) and load the kernel for ``-march`` (``native``: this CPU);
+    ``defines`` are extra ``-D`` flags (``MASQUANT_NO_VNNI``: the AVX2 code even where the CPU has
+    AVX-512 VNNI; ``MASQUANT_PORTABLE``: the plain C++ loops)."""
+    lib = ctypes.CDLL(str(_build(compiler, (f"-march={march}", *(f"-D{d}" for d in defines)))))
     ptr = ctypes.c_void_p
     lib.masquant_layer.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ptr]  # (Python ints: 64-bit pointers and sizes)
     lib.masquant_layer.restype = ctypes.c_int
     lib.masquant_isa.restype = ctypes.c_int
     lib.isa = lib.masquant_isa()
+    i64 = ctypes.c_int64
+    lib.masquant_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.masquant_gemm.restype = None
+    lib.masquant_gemm_isa.restype = ctypes.c_int
+    lib.gemm = bool(lib.masquant_gemm_isa())
     return lib
 
 

@@ -64,6 +64,10 @@ class IntWeight(nn.Module):
         """The codes in the native kernel's layout (``native.pack``), cached like ``int8()``."""
         return self._cached("native", lambda: native.pack(self.int8()))
 
+    def gemm_codes(self) -> torch.Tensor:
+        """The codes in the blocked native GEMM's layout (``native.pack_pairs``), cached like ``int8()``."""
+        return self._cached("pairs", lambda: native.pack_pairs(self.int8()))
+
     def float32(self) -> torch.Tensor:
         """The dequantized weight in float32, cached (the ``dequant`` kernels, where integer GEMMs are slow)."""
         return self._cached("float32", lambda: self.dequantize(torch.float32), (self.codes, self.scale, self.zero))
