@@ -210,23 +210,27 @@ needs_compiler = pytest.mark.skipif(not masquant.runtime.kernels.fusion_availabl
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-@pytest.mark.parametrize(("group_size", "symmetric"), [(0, True), (16, True), (16, False)])
-def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size, symmetric, device, monkeypatch):
+@pytest.mark.parametrize(("group_size", "symmetric", "tokens", "width"),
+                         [(0, True, 30, 64), (16, True, 30, 64), (16, False, 30, 64), (0, True, 300, 256)])
+def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size, symmetric, tokens, width, device,
+                                                                      monkeypatch):
     """MAS's compiled fake quantization (large weights and activations) against the eager one:
     the same values, and gradients for the smoothing vectors and the inputs equal up to
-    summation order (abs-max ties included). On CUDA the compiled form is Triton's."""
+    summation order (abs-max ties included). On CUDA the compiled form is Triton's. 300 x 256:
+    with the table's gather inside the compiled region, its backward wrote outside its buffers
+    (heap corruption, then NaN smoothing factors or a crash) for such row counts."""
     from masquant.methods import mas
     from masquant.runtime.primitives import IntGrid
 
     if not masquant.runtime.kernels.fusion_available(torch.device(device)):
         pytest.skip(f"no code generator for torch.compile on {device}")
     gen = torch.Generator().manual_seed(group_size)
-    weight = torch.randn(24, 64, generator=gen)
+    weight = torch.randn(24, width, generator=gen)
     weight[0, :3] = 4.0  # an abs-max tie
-    rows = torch.randn(30, 64, generator=gen) * torch.logspace(-1, 1, 30)[:, None]
-    table = torch.rand(3, 64, generator=gen) + 0.5
-    ids = torch.randint(0, 3, (30,), generator=gen)
-    grad_w, grad_x = torch.randn(24, 64, generator=gen), torch.randn(30, 64, generator=gen)
+    rows = torch.randn(tokens, width, generator=gen) * torch.logspace(-1, 1, tokens)[:, None]
+    table = torch.rand(3, width, generator=gen) + 0.5
+    ids = torch.randint(0, 3, (tokens,), generator=gen)
+    grad_w, grad_x = torch.randn(24, width, generator=gen), torch.randn(tokens, width, generator=gen)
     weight, rows, table, ids, grad_w, grad_x = (t.to(device) for t in (weight, rows, table, ids, grad_w, grad_x))
 
     def run_both(threshold):
@@ -237,6 +241,17 @@ def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size
         ((wq * grad_w).sum() + (xq * grad_x).sum()).backward()
         return wq.detach(), xq.detach(), s.grad, x.grad
 
+    def table_only(threshold):  # (as in MAS's training: the inputs need no gradient)
+        monkeypatch.setattr(mas, "COMPILE_MIN_ELEMENTS", threshold)
+        grads = []
+        for _ in range(3):
+            s = table.clone().requires_grad_()
+            (mas._smoothed_tokens(rows, s, ids, 8) * grad_x).sum().backward()
+            grads.append(s.grad)
+        return grads
+
+    for e, c in zip(table_only(1 << 62), table_only(0), strict=True):
+        assert torch.allclose(e, c, rtol=1e-4, atol=1e-4), float((e - c).abs().max())
     eager = run_both(1 << 62)
     compiled = run_both(0)
     assert mas._weight_body in masquant.runtime.kernels._compiled

@@ -166,8 +166,8 @@ def _smoothed_fake_quant(weight: torch.Tensor, smooth: torch.Tensor, grid: IntGr
 
 def _smoothed_tokens(rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor, bits: int) -> torch.Tensor:
     """Each row divided by its modality's vector, then fake-quantized per token (differentiable)."""
-    if bits < 16 and _compile(rows):
-        return kernels.compiled(_tokens_body, rows.device, rows, smooth, ids, IntGrid(bits, symmetric=True))
+    if bits < 16 and _compile(rows):  # (the gather stays eager: see _tokens_body)
+        return kernels.compiled(_tokens_body, rows.device, rows, smooth.index_select(0, ids), IntGrid(bits, True))
     return fake_quantize_per_token(rows / smooth.index_select(0, ids), bits)
 
 
@@ -188,8 +188,10 @@ def _weight_body(weight, smooth, grid, group_size):
     return _rows_body(group_rows(smoothed, group_size), grid).reshape(smoothed.shape)
 
 
-def _tokens_body(rows, smooth, ids, grid):
-    return _rows_body(rows / smooth.index_select(0, ids), grid)
+def _tokens_body(rows, divisors, grid):
+    # (divisors gathered outside: with the table's index_select inside, torch 2.13's inductor
+    # compiled a backward that wrote outside its buffers for row counts off a multiple of 256)
+    return _rows_body(rows / divisors, grid)
 
 
 def initial_table(ctx: LayerContext, group) -> torch.Tensor:

@@ -110,9 +110,11 @@ def probe_int_gemm() -> bool:
         log.info("integer GEMMs: torch._int_mm (%.2f ms against FP32's %.2f ms on a 128x512x512 probe)", int_ms,
                  float_ms)
     else:
+        instead = ("masquant's native AVX2 GEMM" if native.gemm_ready() else
+                   "their weights dequantized once to float32 (the model still stores integers)")
         log.warning("torch._int_mm is %.0fx slower than FP32 on this CPU (no AVX-512 VNNI / AMX path): quantized "
-                    "linears multiply their weights dequantized once to float32 (the model still stores integers; "
-                    "MASQUANT_INT_GEMM=int forces the integer GEMM)", int_ms / float_ms)
+                    "linears with many rows run %s instead (MASQUANT_INT_GEMM=int forces torch._int_mm)",
+                    int_ms / float_ms, instead)
     return fast
 
 
