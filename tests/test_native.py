@@ -343,27 +343,36 @@ def test_a_plan_follows_storage_moved_under_the_same_tensor():
 @pytest.mark.parametrize("per_row", [True, False])
 def test_the_blocked_gemm_is_bit_identical_to_the_eager_kernels(m, k, n, per_row, kernel_library):
     """The many-row GEMM (``native.gemm``, where ``torch._int_mm`` is slow) gives the eager kernels'
-    exact values: odd widths (a last pair of inputs padded, a partial panel of outputs, a partial
-    tile of rows), more rows than a block (144) and more inputs than a block (1024), extreme codes
-    (-128 and 127 in both operands), per-row or per-tensor weight scales, with bias; its AVX2
-    assembly and its plain C++ loops alike."""
+    exact values, activation quantization included: odd widths (a last pair of inputs padded, a
+    partial panel of outputs, a partial tile of rows), more rows than a block (144) and more inputs
+    than a block (1024), rows of zeros, exact halves (round to even), huge, tiny and infinite rows,
+    extreme weight codes, per-row or per-tensor weight scales, with bias; W8 and W4 activation
+    grids; its AVX2 assembly and its plain C++ loops alike."""
     from masquant.runtime import native
 
     g = torch.Generator().manual_seed(m * 1000 + k + n)
-    codes = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
-    codes[0] = -128
+    x = torch.randn(m, k, generator=g) * torch.logspace(-20, 20, m)[:, None]
+    x[0, : k // 2] = 0
+    if m > 1:
+        x[1] = 0
+    if m > 2 and k >= 4:
+        x[2] = 0
+        x[2, :4] = torch.tensor([127.0, 2.5, -3.5, 0.5])
+    if m > 3:
+        x[3, 0] = float("inf")
     weight = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     weight[0] = -128
     if n > 1:
         weight[1] = 127
-    scale = torch.rand(m, 1, generator=g) + 1e-3
     weight_scale = torch.rand(n if per_row else 1, 1, generator=g) + 1e-3
     bias = torch.randn(n, generator=g) if per_row else None
-    expected = int_linear(codes, scale, weight, weight_scale, None, 0 if per_row else -1, bias)
     packed = native.pack_pairs(weight)
-    assert torch.equal(native.gemm(codes, scale, packed, n, weight_scale, bias, lib=kernel_library), expected)
+    for bits in (8, 6):
+        expected = int_linear(*quantize_tokens(x, bits), weight, weight_scale, None, 0 if per_row else -1, bias)
+        got = native.gemm(x, bits, packed, n, weight_scale, bias, lib=kernel_library)
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and torch.equal(got.isnan(), expected.isnan())
     with pytest.raises(ValueError, match="does not pack a"):
-        native.gemm(codes, scale, packed, n + 16, weight_scale, bias, lib=kernel_library)
+        native.gemm(x, 8, packed, n + 16, weight_scale, bias, lib=kernel_library)
 
 
 @needs_native

@@ -177,10 +177,10 @@ def _matmul(layer: QuantLinear, rows: torch.Tensor, smooth: torch.Tensor, routes
     if kind == "native":  # a few tokens (decoding): one native call per product
         return native.int_linear(xs, layer.a_bits, weight.int8(), weight.scale, layer.bias,
                                  weight.row_sums(), weight.native_codes()).to(layer.compute_dtype)
-    codes, scale = kernels.quantize_tokens(xs, layer.a_bits)
-    if kind == "gemm":
-        return native.gemm(codes, scale, weight.gemm_codes(), layer.out_features, weight.scale,
+    if kind == "gemm":  # (quantized per token in the same native call)
+        return native.gemm(xs, layer.a_bits, weight.gemm_codes(), layer.out_features, weight.scale,
                            layer.bias).to(layer.compute_dtype)
+    codes, scale = kernels.quantize_tokens(xs, layer.a_bits)
     if kind == "dequant":  # the same codes, times the float32 weight
         bias = None if layer.bias is None else layer.bias.float()
         return F.linear(codes.float().mul_(scale), weight.float32(), bias).to(layer.compute_dtype)

@@ -370,7 +370,7 @@ extern "C" int masquant_layer(const Layer* l, const float* x, const int64_t* ids
 #define MASQUANT_GEMM 0
 #endif
 constexpr int GM = 6, GN = 16;
-constexpr int64_t KC = 512, MC = 144;
+constexpr int64_t KC = 512, MC = 144, NP = 16;
 
 extern "C" int masquant_gemm_isa() { return MASQUANT_GEMM; }
 
@@ -449,9 +449,14 @@ static void gemm_tile(const int16_t* a, int64_t lda, const int8_t* b, int64_t kk
 #endif
 }
 
-// Runs work(i) for i in [0, parts) on up to `threads` threads (this one included).
+// Runs work(i) for i in [0, parts) on up to `threads` threads: OpenMP's, which in a PyTorch process are PyTorch's
+// own (the runtime is loaded once), so no second pool competes with its spinning workers; else new threads.
 template <class F>
 static void parallel(int64_t parts, int threads, F work) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static)
+  for (int64_t p = 0; p < parts; ++p) work(p);
+#else
   const int64_t used = threads < 1 ? 1 : (threads > parts ? parts : threads);
   std::vector<std::thread> pool;
   for (int64_t i = 1; i < used; ++i) pool.emplace_back([&work, i, used, parts] {
@@ -459,41 +464,77 @@ static void parallel(int64_t parts, int threads, F work) {
   });
   for (int64_t p = 0; p < parts / used; ++p) work(p);
   for (auto& th : pool) th.join();
+#endif
 }
 
-extern "C" void masquant_gemm(const int8_t* q, int64_t m, int64_t k, const float* t, const int8_t* wp, int64_t n,
-                              const float* ws, int64_t ws_stride, const float* bias, float* y, int threads) {
+// Codes of one float32 row widened to int16 (a[0:k]) and its scale (*t): kernels.quantize_tokens's float32
+// operations element by element (abs-max with NaN propagated, floor eps, division, rounding half to even, clamp;
+// a NaN code is 0, as torch's conversion to int8 gives).
+static void quantize_row16(const float* x, int64_t k, float qmax, float eps, int16_t* a, float* t) {
+  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // (8 running maxima: vectorisable)
+  int nan = 0;
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8)
+    for (int i = 0; i < 8; ++i) {
+      const float v = std::fabs(x[j + i]);
+      nan |= v != v;
+      part[i] = v > part[i] ? v : part[i];
+    }
+  for (; j < k; ++j) {
+    const float v = std::fabs(x[j]);
+    nan |= v != v;
+    part[0] = v > part[0] ? v : part[0];
+  }
+  float amax = part[0];
+  for (int i = 1; i < 8; ++i) amax = part[i] > amax ? part[i] : amax;
+  if (nan) amax = NAN;
+  const float scale = ((amax < eps) ? eps : amax) / qmax, lo = -qmax - 1.0f;
+  for (int64_t i = 0; i < k; ++i) {
+    float v = std::nearbyint(x[i] / scale);
+    v = v < lo ? lo : (v > qmax ? qmax : v);
+    a[i] = v != v ? 0 : (int16_t)v;
+  }
+  *t = scale;
+}
+
+extern "C" void masquant_gemm(const float* x, int64_t m, int64_t k, int64_t qmax, double eps, const int8_t* wp,
+                              int64_t n, const float* ws, int64_t ws_stride, const float* bias, float* y,
+                              int threads) {
   const int64_t k2 = (k + 1) / 2, lda = 2 * k2, tiles = (m + GM - 1) / GM, panels = (n + GN - 1) / GN;
-  std::vector<int16_t> a(tiles * GM * lda, 0);  // the codes widened, rows padded to whole tiles
+  std::vector<int16_t> a(tiles * GM * lda, 0);  // the rows' codes, 16-bit, rows padded to whole tiles
+  std::vector<float> t(m);
   parallel(tiles, threads, [&](int64_t i) {
     for (int64_t r = i * GM; r < m && r < (i + 1) * GM; ++r)
-      for (int64_t j = 0; j < k; ++j) a[r * lda + j] = q[r * k + j];
+      quantize_row16(x + r * k, k, (float)qmax, (float)eps, a.data() + r * lda, t.data() + r);
   });
   const int64_t used = threads < 1 ? 1 : (threads > panels ? panels : threads);
   parallel(used, threads, [&](int64_t part) {
-    const int64_t p0 = panels * part / used, p1 = panels * (part + 1) / used, cols = (p1 - p0) * GN;
-    std::vector<int32_t> c(MC * cols);
+    const int64_t p0 = panels * part / used, p1 = panels * (part + 1) / used;
+    std::vector<int32_t> c(MC * NP * GN);
     alignas(32) int32_t out[GM * GN];
-    for (int64_t i0 = 0; i0 < tiles * GM; i0 += MC) {
-      const int64_t i1 = i0 + MC < tiles * GM ? i0 + MC : tiles * GM;
-      for (int64_t pc = 0; pc < k2; pc += KC / 2) {
-        const int64_t kk2 = k2 - pc < KC / 2 ? k2 - pc : KC / 2;
-        for (int64_t p = p0; p < p1; ++p)
-          for (int64_t i = i0; i < i1; i += GM) {
-            gemm_tile(a.data() + i * lda + 2 * pc, lda, wp + (p * k2 + pc) * 2 * GN, kk2, out);
-            int32_t* ci = c.data() + (i - i0) * cols + (p - p0) * GN;
-            for (int r = 0; r < GM; ++r)
-              for (int o = 0; o < GN; ++o)
-                ci[r * cols + o] = pc ? (int32_t)((uint32_t)ci[r * cols + o] + (uint32_t)out[r * GN + o])
-                                      : out[r * GN + o];
+    for (int64_t q0 = p0; q0 < p1; q0 += NP) {  // NP panels of outputs at a time: their sums stay in L2
+      const int64_t q1 = q0 + NP < p1 ? q0 + NP : p1, cols = (q1 - q0) * GN;
+      for (int64_t i0 = 0; i0 < tiles * GM; i0 += MC) {
+        const int64_t i1 = i0 + MC < tiles * GM ? i0 + MC : tiles * GM;
+        for (int64_t pc = 0; pc < k2; pc += KC / 2) {
+          const int64_t kk2 = k2 - pc < KC / 2 ? k2 - pc : KC / 2;
+          for (int64_t p = q0; p < q1; ++p)
+            for (int64_t i = i0; i < i1; i += GM) {
+              gemm_tile(a.data() + i * lda + 2 * pc, lda, wp + (p * k2 + pc) * 2 * GN, kk2, out);
+              int32_t* ci = c.data() + (i - i0) * cols + (p - q0) * GN;
+              for (int r = 0; r < GM; ++r)
+                for (int o = 0; o < GN; ++o)
+                  ci[r * cols + o] = pc ? (int32_t)((uint32_t)ci[r * cols + o] + (uint32_t)out[r * GN + o])
+                                        : out[r * GN + o];
+            }
+        }
+        const int64_t o1 = q1 * GN < n ? q1 * GN : n;
+        for (int64_t r = i0; r < i1 && r < m; ++r)
+          for (int64_t o = q0 * GN; o < o1; ++o) {
+            const float v = ((float)c[(r - i0) * cols + o - q0 * GN] * t[r]) * ws[o * ws_stride];
+            y[r * n + o] = bias ? v + bias[o] : v;
           }
       }
-      const int64_t o1 = p1 * GN < n ? p1 * GN : n;
-      for (int64_t r = i0; r < i1 && r < m; ++r)
-        for (int64_t o = p0 * GN; o < o1; ++o) {
-          const float v = ((float)c[(r - i0) * cols + o - p0 * GN] * t[r]) * ws[o * ws_stride];
-          y[r * n + o] = bias ? v + bias[o] : v;
-        }
     }
   });
 }

@@ -49,7 +49,7 @@ def small(rows: int, in_features: int, out_features: int) -> bool:
 
 
 SOURCE = Path(__file__).with_name("native.cpp")  # the kernel (shipped as package data)
-FLAGS = ("-std=c++17", "-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+FLAGS = ("-std=c++17", "-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 BUILDS = {"auto": ((), "native"), "avx2": (("MASQUANT_NO_VNNI",), "x86-64-v3"),
           "portable": (("MASQUANT_PORTABLE",), "native")}  # MASQUANT_NATIVE -> (defines, -march)
 
@@ -114,24 +114,24 @@ def gemm_ready() -> bool:
     return lib is not None and lib.gemm
 
 
-def gemm(codes: torch.Tensor, scale: torch.Tensor, packed: torch.Tensor, out_features: int,
-         weight_scale: torch.Tensor, bias: torch.Tensor | None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """``kernels.int_linear(codes, scale, weight, weight_scale, None, 0, bias)`` by the blocked native
-    GEMM on ``torch.get_num_threads()`` threads: int8 ``codes [m, k]`` with float32 ``scale [m, 1]``,
-    ``packed = pack_pairs(weight)``, one weight scale per output or per tensor -> float32 ``[m, n]``,
-    bit-identical."""
-    m, k = codes.shape
+def gemm(rows: torch.Tensor, bits: int, packed: torch.Tensor, out_features: int, weight_scale: torch.Tensor,
+         bias: torch.Tensor | None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``kernels.int_linear(*kernels.quantize_tokens(rows, bits), weight, weight_scale, None, 0, bias)`` by
+    the blocked native GEMM on ``torch.get_num_threads()`` threads, bit-identical: float32 ``rows [m, k]``
+    quantized per token in the same call, ``packed = pack_pairs(weight)``, one weight scale per
+    output or per tensor -> float32 ``[m, n]``."""
+    m, k = rows.shape
     n = out_features
     if packed.shape != (-(-n // LANES), -(-k // 2), LANES, 2) or packed.dtype != torch.int8:
         raise ValueError(f"packed weight of shape {tuple(packed.shape)} does not pack a [{n}, {k}] int8 weight "
                          "(native.pack_pairs)")
-    codes, t = codes.contiguous(), scale.float().reshape(-1).contiguous()
+    x = rows.float().contiguous()
     ws = weight_scale.float().reshape(-1).contiguous()
     b = None if bias is None else bias.float().contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
-    (lib or library()).masquant_gemm(codes.data_ptr(), m, k, t.data_ptr(), packed.data_ptr(), n, ws.data_ptr(),
-                                     1 if ws.numel() == n else 0, None if b is None else b.data_ptr(), y.data_ptr(),
-                                     torch.get_num_threads())
+    (lib or library()).masquant_gemm(x.data_ptr(), m, k, 2 ** (bits - 1) - 1, EPS, packed.data_ptr(), n,
+                                     ws.data_ptr(), 1 if ws.numel() == n else 0, None if b is None else b.data_ptr(),
+                                     y.data_ptr(), torch.get_num_threads())
     return y
 
 
@@ -277,7 +277,7 @@ def load(compiler: str, defines: tuple[str, ...] = (), march: str = "native") ->
     lib.masquant_isa.restype = ctypes.c_int
     lib.isa = lib.masquant_isa()
     i64 = ctypes.c_int64
-    lib.masquant_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.masquant_gemm.argtypes = [ptr, i64, i64, i64, ctypes.c_double, ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.masquant_gemm.restype = None
     lib.masquant_gemm_isa.restype = ctypes.c_int
     lib.gemm = bool(lib.masquant_gemm_isa())
