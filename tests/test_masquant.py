@@ -208,6 +208,31 @@ needs_compiler = pytest.mark.skipif(not masquant.runtime.kernels.fusion_availabl
                                     reason="no C++ compiler for torch.compile on this machine")
 
 
+@needs_compiler
+def test_compiled_weight_fake_quantization_of_a_wide_layer_matches_the_eager_one(monkeypatch):
+    """1024-wide weights through MAS's compiled fake quantization and its backward, several times:
+    the eager values and gradients. With the grid and group size passed to the compiled function
+    as arguments, dynamo made their ints symbolic and the compiled backward wrote outside its
+    buffers here (heap corruption: a crash, or NaN smoothing factors later)."""
+    from masquant.methods import mas
+    from masquant.runtime.primitives import IntGrid
+
+    gen = torch.Generator().manual_seed(0)
+    for rows, width in ((1024, 1024), (2816, 1024), (1024, 2816)):
+        weight = torch.randn(rows, width, generator=gen)
+        table = torch.rand(width, generator=gen) + 0.5
+        grad = torch.randn(rows, width, generator=gen)
+        results = []
+        for threshold in (1 << 62, 0):
+            monkeypatch.setattr(mas, "COMPILE_MIN_ELEMENTS", threshold)
+            s = table.clone().requires_grad_()
+            wq = mas._smoothed_fake_quant(weight, s, IntGrid(4, True), 0)
+            (wq * grad).sum().backward()
+            results.append((wq.detach(), s.grad))
+        (ew, es), (cw, cs) = results
+        assert torch.equal(ew, cw) and torch.allclose(es, cs, rtol=1e-4, atol=1e-4 * float(es.abs().max()))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize(("group_size", "symmetric", "tokens", "width"),
