@@ -83,11 +83,14 @@ def test_both_line_formats_become_model_inputs(media, processor, caplog):
     ({"text": "hi", "audio": "broken.wav"}, "cannot read audio"),
     ({"text": "hi", "image": 3}, "'image' must be a file path"),
     ({"messages": "hello"}, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": [{"type": "table"}]}]},
+     "content items must have type text, image, audio or video"),
     ({"messages": [{"role": "user", "content": [{"type": "video"}]}]},
-     "content items must have type text, image or audio"),
+     "a chat item of type video names no video"),
+    ({"messages": [{"role": "user", "content": "hi"}], "text": "also"}, "'messages' cannot be combined"),
 ])
 @pytest.mark.reliability(
-    case='bad JSONL line (bad JSON, wrong field, missing or corrupt image/audio)',
+    case='bad JSONL line (bad JSON, wrong field, missing or corrupt image/audio, chat item without media)',
     expect='CalibrationError `file:line: problem`')
 def test_bad_lines_name_the_file_and_line(media, processor, line, message):
     calib = _write(media / "calib.jsonl", [{"text": "fine"}, line])
@@ -137,7 +140,7 @@ def test_images_in_the_formats_people_have_read_as_a_viewer_shows_them(tmp_path)
     grey levels kept (a plain conversion clipped 16-bit grey to white), transparency over white."""
     from PIL import Image
 
-    from masquant.io.calibfile import _image
+    from masquant.io.media import image as _image
 
     rng = np.random.default_rng(0)
     wide = Image.fromarray((rng.random((20, 40, 3)) * 255).astype(np.uint8))

@@ -108,6 +108,8 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
             state.save_ratios(ratios)
         samples = [dataclasses.replace(s, hidden=s.hidden.clone()) for s in captured] if cache is not None else captured
         del inputs
+        tokens = _token_counts(samples)
+        data = _data_record(calib, tokens, model, adapter)
         reports = quantize_layers(model, adapter, samples, config, router, method, ratios, progress, state,
                                   source, store)
     finally:
@@ -116,10 +118,22 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
         _reset_position_cache(model)
     attach_router(model, router)
     model.masquant_config = config
-    tokens = _token_counts(samples)
     seconds = time.perf_counter() - start
     log.info("quantized %d layers with %s in %.1fs", len(reports), config.method, seconds)
-    return QuantReport(config.to_dict(), adapter.name, n_samples, tokens, reports, seconds)
+    return QuantReport(config.to_dict(), adapter.name, n_samples, tokens, reports, seconds, data)
+
+
+def _data_record(calib, tokens: dict[str, int], model: nn.Module, adapter: Adapter) -> dict:
+    """What the calibration data held (the reader's summary, when it came from ``read_calibration``)
+    and the modalities with fewer tokens than twice the layer width, warned about once."""
+    first = next(m for m in adapter.decoder_layers(model)[0].modules() if isinstance(m, nn.Linear))
+    width = first.in_features
+    thin = sorted(m for m, n in tokens.items() if m != "text" and n < 2 * width)
+    for m in thin:
+        log.warning("only %d %s calibration tokens for layers %d wide (fewer than twice the width): its statistics, "
+                    "smoothing vectors and MASQuant's whitened patches may fit these samples rather than the "
+                    "modality; add samples (or raise `ridge` for MASQuant)", tokens[m], m, width)
+    return {**dict(getattr(calib, "summary", None) or {}), "layer_width": width, "thin_modalities": thin}
 
 
 def _cached(cache: dict | None, key: tuple, compute, *args):

@@ -81,6 +81,7 @@ class QuantReport:
     tokens: dict[str, int]
     layers: list[LayerReport]
     seconds: float
+    data: dict[str, Any] = field(default_factory=dict)  # what the calibration data held (see _data_record)
 
     def to_dict(self) -> dict[str, Any]:
         return _finite(asdict(self))
@@ -98,10 +99,24 @@ class QuantReport:
         return {k: sum(lr.output_sqnr[k] for lr in self.layers if k in lr.output_sqnr)
                 / sum(k in lr.output_sqnr for lr in self.layers) for k in keys}
 
+    def data_summary(self) -> str:
+        """One line on the calibration data: samples, media, tokens per modality, truncations."""
+        d = self.data
+        media = ", ".join(f"{n} {k}" for k, n in d.get("with", {}).items() if n)
+        line = f"calibration: {self.samples} samples" + (f" from {d['source']}" if d.get("source") else "")
+        line += f" ({media})" if media else ""
+        line += "; tokens " + ", ".join(f"{k} {n}" for k, n in self.tokens.items())
+        if d.get("truncated"):
+            line += f"; {d['truncated']} truncated to {d['max_seq_len']} tokens"
+        if d.get("thin_modalities"):
+            line += (f"; fewer than twice the layer width ({d['layer_width']}) of "
+                     + ", ".join(d["thin_modalities"]) + " tokens")
+        return line
+
     def summary(self) -> str:
-        """A markdown table of layer-output SQNR per modality."""
+        """The calibration data in a line, then a markdown table of layer-output SQNR per modality."""
         keys = sorted({k for lr in self.layers for k in lr.output_sqnr})
-        lines = ["| layer | " + " | ".join(f"SQNR {k} (dB)" for k in keys) + " |",
+        lines = [self.data_summary(), "", "| layer | " + " | ".join(f"SQNR {k} (dB)" for k in keys) + " |",
                  "|---|" + "---|" * len(keys)]
         for lr in self.layers:
             lines.append(f"| {lr.index} | " + " | ".join(f"{lr.output_sqnr.get(k, math.nan):.2f}" for k in keys) + " |")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import method_names
-from .options import add_quant_options
+from .options import add_data_options, add_quant_options
 from .quantize import calibration, check_architecture, compute_device, deterministic, process_backend, run_quantize
 
 log = logging.getLogger("masquant")
@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reference model name (ref-vl, ref-omni) or a local Hugging Face checkpoint directory "
                             "(full precision)")
     quant.add_argument("--calib", type=Path, default=None,
-                       help="calibration JSONL (optional for the reference models, which ship a default set)")
+                       help="calibration data: a JSONL file, a dataset saved by save_to_disk, parquet / JSON / CSV "
+                            "files, or an imagefolder / audiofolder directory (optional for the reference models, "
+                            "which ship a default set)")
+    add_data_options(quant)
     quant.add_argument("--out", type=Path, required=True, help="output directory")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     quant.add_argument("--resume", action="store_true",
@@ -76,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "SQNR under unified vs per-modality smoothing, CMC residual spectra; "
                                     "writes report.md, analysis.json and PNG plots.")
     an.add_argument("--model", required=True, help="reference model name or a local Hugging Face checkpoint")
-    an.add_argument("--calib", type=Path, default=None, help="calibration JSONL (optional for reference models)")
+    an.add_argument("--calib", type=Path, default=None,
+                    help="calibration data, as for quantize (optional for reference models)")
+    add_data_options(an)
     an.add_argument("--w-bits", type=int, default=4)
     an.add_argument("--a-bits", type=int, default=8)
     an.add_argument("--out", type=Path, required=True)

@@ -81,3 +81,27 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
         raise ValueError(f"--method {args.method} takes no {', '.join(_flag(n) for n in foreign)}; its own settings: "
                          f"{', '.join(_flag(n) for n in method_options(args.method)) or 'none'}")
     return QuantConfig(method=args.method, **common, **given)
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """How ``--calib`` is read: which columns hold what, and which rows and how much of them."""
+    group = parser.add_argument_group("calibration data (--calib)")
+    for role, names in (("text", "text, question, prompt, caption, ..."), ("image", "image, images, img, ..."),
+                        ("audio", "audio, speech, ..."), ("video", "video, videos, ..."),
+                        ("answer", "answer, answers, response, ..."), ("messages", "messages, conversations")):
+        group.add_argument(f"--{role}-column", default=None, metavar="NAME",
+                           help=f"the column holding the {role} (default: the first present of {names})")
+    group.add_argument("--num-samples", type=int, default=None, metavar="N", help="use N rows (default: all)")
+    group.add_argument("--shuffle-seed", type=int, default=None, metavar="S",
+                       help="shuffle the rows with seed S before taking --num-samples (default: file order)")
+    group.add_argument("--max-seq-len", type=int, default=None, metavar="L",
+                       help="cut samples to L tokens (never inside an image, clip or video; such samples stay whole)")
+
+
+def data_options(args: argparse.Namespace) -> dict:
+    """``read_calibration``'s keyword arguments from the flags of ``add_data_options``."""
+    from ..io.calibfile import Columns
+
+    roles = ("text", "image", "audio", "video", "answer", "messages")
+    return {"columns": Columns(**{r: getattr(args, f"{r}_column") for r in roles}), "num_samples": args.num_samples,
+            "shuffle_seed": args.shuffle_seed, "max_seq_len": args.max_seq_len}

@@ -199,13 +199,14 @@ def prepare_output(out: Path, overwrite: bool, resume: bool) -> tuple[Path, bool
 def calibration(args: argparse.Namespace, processor, reference: str | None) -> list[dict]:
     """The samples ``--calib`` names, or the reference model's own calibration slice."""
     from ..io.calibfile import read_calibration
+    from .options import data_options
 
     if args.calib is not None and processor is None:
         raise ValueError(f"{args.model} has no processor files; masquant needs the model's processor to read --calib")
     if args.calib is not None:
-        return read_calibration(args.calib, processor)
+        return read_calibration(args.calib, processor, **data_options(args))
     if reference is not None:
         from ..refmodels.evaluate import calibration_inputs
 
         return calibration_inputs(processor, reference)
-    raise ValueError("--calib FILE.jsonl is required for models other than the reference models")
+    raise ValueError("--calib (a JSONL file or a dataset) is required for models other than the reference models")

@@ -22,6 +22,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif c['type'] == 'audio' %}<|audio_start|><|AUDIO|><|audio_end|>"
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -79,30 +80,56 @@ class RefProcessor:
         self.image_processor = images or image_processor()
         self.feature_extractor = WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=SAMPLE_RATE)
         self.image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.video_pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        # (this module's template, also for models saved before it knew video items)
+        return self.tokenizer.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
 
     def __call__(self, text: list[str], images: list | None = None, audio: list | None = None,
-                 return_tensors: str = "pt") -> dict:
+                 videos: list | None = None, fps: list[float] | None = None, return_tensors: str = "pt") -> dict:
         out: dict = {}
         per_image: list[int] = []
         per_clip: list[int] = []
+        per_video: list[int] = []
         if images:
             vision = self.image_processor(images=images, return_tensors="pt")
             out["pixel_values"], out["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
             per_image = (vision["image_grid_thw"].prod(-1) // MERGE**2).tolist()
+        if videos:
+            out.update(self._videos(videos, fps or [2.0] * len(videos)))
+            per_video = (out["video_grid_thw"].prod(-1) // MERGE**2).tolist()
         if audio:
             feats = self.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_attention_mask=True,
                                            padding="longest", return_tensors="pt")
             out["input_features"], out["feature_attention_mask"] = feats["input_features"], feats["attention_mask"]
             per_clip = [audio_tokens(int(n)) for n in feats["attention_mask"].sum(-1)]
-        text = _expand(_expand(text, "<|image_pad|>", per_image), "<|AUDIO|>", per_clip)
+        text = _expand(_expand(_expand(text, "<|image_pad|>", per_image), "<|video_pad|>", per_video), "<|AUDIO|>",
+                       per_clip)
         enc = self.tokenizer(text, return_tensors="pt", padding=True, padding_side="left")
         out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
-        if self.family == "vl":
-            out["mm_token_type_ids"] = (enc["input_ids"] == self.image_pad).long()
+        if self.family == "vl":  # 1 image, 2 video, as Qwen2.5-VL's processor marks them
+            out["mm_token_type_ids"] = (enc["input_ids"] == self.image_pad).long() + 2 * (
+                enc["input_ids"] == self.video_pad).long()
         return out
+
+    def _videos(self, videos: list, fps: list[float]) -> dict:
+        """Qwen2.5-VL's video inputs: each pair of frames one temporal patch (the image processor
+        patches each frame, repeated in time; the pairs take one copy of each frame)."""
+        values, grids = [], []
+        for frames in videos:
+            frames = [to_rgb(np.asarray(f)) if np.asarray(f).ndim == 2 else _square(f) for f in frames]
+            if len(frames) % 2:
+                frames.append(frames[-1])
+            vision = self.image_processor(images=frames, return_tensors="pt")
+            (_, h, w), per = vision["image_grid_thw"][0].tolist(), int(vision["image_grid_thw"][0].prod())
+            patches = vision["pixel_values"].reshape(len(frames), per, 3, 2, PATCH, PATCH)[:, :, :, 0]
+            pairs = patches.reshape(len(frames) // 2, 2, per, 3, PATCH, PATCH).permute(0, 2, 3, 1, 4, 5)
+            values.append(pairs.reshape(len(frames) // 2 * per, 3 * 2 * PATCH * PATCH))
+            grids.append([len(frames) // 2, h, w])
+        return {"pixel_values_videos": torch.cat(values), "video_grid_thw": torch.tensor(grids),
+                "second_per_grid_ts": torch.tensor([2.0 / f for f in fps])}
 
     def decode(self, ids: torch.Tensor | list[int], **kw) -> str:
         return self.tokenizer.decode(ids, **kw)
@@ -122,6 +149,14 @@ class RefProcessor:
         meta = json.loads((Path(path) / "masquant_processor.json").read_text())
         return cls(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path),
                    family=meta.get("family", "vl"))
+
+
+def _square(frame):
+    """An RGB frame (array or image) as a ``IMAGE_SIZE`` square RGB PIL image."""
+    from PIL import Image
+
+    image = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, dtype=np.uint8))
+    return image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
 
 
 def _expand(texts: list[str], pad: str, counts: list[int]) -> list[str]:
