@@ -210,10 +210,8 @@ needs_compiler = pytest.mark.skipif(not masquant.runtime.kernels.fusion_availabl
 
 @needs_compiler
 def test_compiled_weight_fake_quantization_of_a_wide_layer_matches_the_eager_one(monkeypatch):
-    """1024-wide weights through MAS's compiled fake quantization and its backward, several times:
-    the eager values and gradients. With the grid and group size passed to the compiled function
-    as arguments, dynamo made their ints symbolic and the compiled backward wrote outside its
-    buffers here (heap corruption: a crash, or NaN smoothing factors later)."""
+    """1024- and 2816-wide weights through MAS's compiled fake quantization and its backward: the
+    eager values and gradients (the widths of 3B models' layers, beside the small ones below)."""
     from masquant.methods import mas
     from masquant.runtime.primitives import IntGrid
 
@@ -241,9 +239,8 @@ def test_compiled_fake_quantization_of_training_matches_the_eager_one(group_size
                                                                       monkeypatch):
     """MAS's compiled fake quantization (large weights and activations) against the eager one:
     the same values, and gradients for the smoothing vectors and the inputs equal up to
-    summation order (abs-max ties included). On CUDA the compiled form is Triton's. 300 x 256:
-    with the table's gather inside the compiled region, its backward wrote outside its buffers
-    (heap corruption, then NaN smoothing factors or a crash) for such row counts."""
+    summation order (abs-max ties included), also for the table alone, as MAS trains it, and for
+    a row count off any power of two. On CUDA the compiled form is Triton's."""
     from masquant.methods import mas
     from masquant.runtime.primitives import IntGrid
 

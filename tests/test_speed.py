@@ -244,7 +244,6 @@ def test_the_avx2_class_reproduces_the_slow_int_mm_and_takes_the_native_gemm():
     """In the child's environment: ATen at AVX2, ``torch._int_mm`` slower than FP32 (plain
     loops), the native kernel built for AVX2, and large products through its blocked GEMM."""
     import json
-    import os
     import subprocess
     import sys
 
@@ -261,7 +260,8 @@ x = torch.randn(300, 512)
 print(json.dumps({"aten": torch.backends.cpu.get_cpu_capability(), "fast": dispatch.probe_int_gemm(),
                   "native": native.describe(), "kind": dispatch.kernel(q, x)}))
 """
-    env = {**os.environ, **cpuclass.CLASSES["avx2"][0], cpuclass.MARK: "avx2", "MASQUANT_INT_GEMM": "auto"}
+    env = {**cpuclass.environment("avx2"), "MASQUANT_INT_GEMM": "auto"}
+    assert env["TORCHINDUCTOR_CACHE_DIR"].endswith("avx2") and env["ATEN_CPU_CAPABILITY"] == "avx2"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])

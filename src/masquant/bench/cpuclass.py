@@ -63,8 +63,19 @@ def enter() -> None:
 
 def run_as(name: str, argv: list[str]) -> int:
     """Run ``masquant argv`` in a child process limited to class ``name``; its exit status."""
-    env = {**os.environ, **CLASSES[name][0], MARK: name}
-    return subprocess.run([sys.executable, "-m", "masquant", *argv], env=env).returncode
+    return subprocess.run([sys.executable, "-m", "masquant", *argv], env=environment(name)).returncode
+
+
+def environment(name: str) -> dict[str, str]:
+    """The child's environment: the class's limits, the mark, and an inductor cache of its own.
+    (torch 2.13's inductor picks its vector width from ``ATEN_CPU_CAPABILITY`` but does not key its
+    on-disk cache by it: kernels compiled for one width and run with the other gave wrong values
+    and heap corruption, hence NaN smoothing factors in MAS calibration.)"""
+    from ..switches import switches
+
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    cache = f"{base}-{name}" if base else str(switches().cache / f"inductor-{name}")
+    return {**os.environ, **CLASSES[name][0], MARK: name, "TORCHINDUCTOR_CACHE_DIR": cache}
 
 
 def _flags() -> set[str]:

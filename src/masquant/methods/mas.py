@@ -166,8 +166,8 @@ def _smoothed_fake_quant(weight: torch.Tensor, smooth: torch.Tensor, grid: IntGr
 
 def _smoothed_tokens(rows: torch.Tensor, smooth: torch.Tensor, ids: torch.Tensor, bits: int) -> torch.Tensor:
     """Each row divided by its modality's vector, then fake-quantized per token (differentiable)."""
-    if bits < 16 and _compile(rows):  # (the gather stays eager: see _tokens_body)
-        return kernels.compiled(_tokens_body, rows.device, rows, smooth.index_select(0, ids), IntGrid(bits, True))
+    if bits < 16 and _compile(rows):
+        return kernels.compiled(_tokens_body, rows.device, rows, smooth, ids, IntGrid(bits, symmetric=True))
     return fake_quantize_per_token(rows / smooth.index_select(0, ids), bits)
 
 
@@ -188,10 +188,8 @@ def _weight_body(weight, smooth, grid, group_size):
     return _rows_body(group_rows(smoothed, group_size), grid).reshape(smoothed.shape)
 
 
-def _tokens_body(rows, divisors, grid):
-    # (divisors gathered outside the compiled region: its backward is then elementwise and a
-    # row-wise reduction, the pattern checked against the eager one in the tests)
-    return _rows_body(rows / divisors, grid)
+def _tokens_body(rows, smooth, ids, grid):
+    return _rows_body(rows / smooth.index_select(0, ids), grid)
 
 
 def initial_table(ctx: LayerContext, group) -> torch.Tensor:

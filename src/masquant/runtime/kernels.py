@@ -128,7 +128,7 @@ def _unrouted_int_linear(x, smooth, qmax, weight, weight_scale, bias, dtype):
 
 
 FUSE_MIN_ELEMENTS = 1 << 17  # fewer activations run eagerly (e.g. 64 tokens x 2048 features)
-_compiled: dict[Callable, dict[tuple, Callable]] = {}  # fn -> its compiled forms, one per set of constant arguments
+_compiled: dict[Callable, Callable] = {}
 _broken: set[str] = set()  # device types on which compiling failed once
 _qmax: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -184,24 +184,15 @@ def _allow_variants() -> None:
 def compiled(fn: Callable, device: torch.device, *args):
     """``fn(*args)``, through ``torch.compile`` (dynamic shapes, compiled once per process) where
     ``fusion_available(device)``; eagerly otherwise, or after the compiler failed once on this
-    device type (logged). Differentiable ``fn`` get a compiled backward too.
-
-    Arguments other than tensors (grids, group sizes, dtypes, None) are bound as constants, one
-    compiled form per set of them: passed as arguments under dynamic shapes, dynamo made their
-    ints symbolic, and torch 2.13's inductor then compiled fake-quantization backwards that wrote
-    outside their buffers (1024-wide weights, 256-wide token rows: heap corruption, NaN smoothing
-    factors, crashes)."""
+    device type (logged). Differentiable ``fn`` get a compiled backward too."""
     if fusion_available(device):
-        constants = tuple((i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
-        variants = _compiled.setdefault(fn, {})
-        if constants not in variants:
-            if not variants:
-                log.info("compiling the %s kernel for %s (once per process; cached on disk)", fn.__name__,
-                         device.type)
+        if fn not in _compiled:
+            log.info("compiling the %s kernel for %s (once per process; cached on disk)", fn.__name__,
+                     device.type)
             _allow_variants()
-            variants[constants] = torch.compile(_bind(fn, dict(constants), len(args)), dynamic=True)
+            _compiled[fn] = torch.compile(fn, dynamic=True)
         try:
-            return variants[constants](*(a for a in args if isinstance(a, torch.Tensor)))
+            return _compiled[fn](*args)
         except torch.OutOfMemoryError:
             raise  # not the compiler's fault: the eager kernels would need the memory too
         except Exception as err:  # no working compiler after all: fall back, say so once
@@ -209,15 +200,6 @@ def compiled(fn: Callable, device: torch.device, *args):
             log.warning("fused kernels unavailable on %s (%s: %s); running the eager kernels "
                         "(MASQUANT_FUSE=0 skips the attempt)", device.type, type(err).__name__, str(err)[:200])
     return fn(*args)
-
-
-def _bind(fn: Callable, constants: dict[int, object], count: int) -> Callable:
-    """``fn`` taking only its tensor arguments, the others fixed to ``constants`` (by position)."""
-    @functools.wraps(fn)
-    def bound(*tensors):
-        rest = iter(tensors)
-        return fn(*(constants[i] if i in constants else next(rest) for i in range(count)))
-    return bound
 
 
 def fused_linear(x: torch.Tensor, bits: int, smooth: torch.Tensor, ids: torch.Tensor | None, weight: torch.Tensor,

@@ -374,17 +374,45 @@ constexpr int64_t KC = 512, MC = 144, NP = 16;
 
 extern "C" int masquant_gemm_isa() { return MASQUANT_GEMM; }
 
-// out[r][i] = sum over kk2 pairs j of a[r][2j, 2j + 1] . b[j][i]: a's rows lda int16 apart, b one panel.
-static void gemm_tile(const int16_t* a, int64_t lda, const int8_t* b, int64_t kk2, int32_t* out) {
+// c[r][0:16] = (first ? 0 : c[r][0:16]) + the sum over kk2 pairs j of a[r][2j, 2j + 1] . b[j][0:16] for the GM rows
+// of a (lda int16 apart) and of c (ldc int32 apart); b is one panel. The sums stay in registers for the whole call.
+static void gemm_tile(const int16_t* a, int64_t lda, const int8_t* b, int64_t kk2, int32_t* c, int64_t ldc,
+                      bool first) {
 #if MASQUANT_GEMM
-  const int64_t s = lda * (int64_t)sizeof(int16_t);
+  const int64_t s = lda * (int64_t)sizeof(int16_t), t = ldc * (int64_t)sizeof(int32_t);
   const int16_t* a3 = a + 3 * lda;
+  int32_t* c3 = c + 3 * ldc;
+  const int64_t start = first ? 1 : 0;
   asm volatile(
-      "vpxor %%ymm0, %%ymm0, %%ymm0\n\t" "vpxor %%ymm1, %%ymm1, %%ymm1\n\t" "vpxor %%ymm2, %%ymm2, %%ymm2\n\t" "vpxor %%ymm3, %%ymm3, %%ymm3\n\t"
-       "vpxor %%ymm4, %%ymm4, %%ymm4\n\t" "vpxor %%ymm5, %%ymm5, %%ymm5\n\t" "vpxor %%ymm6, %%ymm6, %%ymm6\n\t" "vpxor %%ymm7, %%ymm7, %%ymm7\n\t"
-       "vpxor %%ymm8, %%ymm8, %%ymm8\n\t" "vpxor %%ymm9, %%ymm9, %%ymm9\n\t" "vpxor %%ymm10, %%ymm10, %%ymm10\n\t" "vpxor %%ymm11, %%ymm11, %%ymm11\n\t"
-      
-      "1:\n\t"
+      "testq %[first], %[first]\n\t"
+      "jz 2f\n\t"
+      "vpxor %%ymm0, %%ymm0, %%ymm0\n\t"
+      "vpxor %%ymm1, %%ymm1, %%ymm1\n\t"
+      "vpxor %%ymm2, %%ymm2, %%ymm2\n\t"
+      "vpxor %%ymm3, %%ymm3, %%ymm3\n\t"
+      "vpxor %%ymm4, %%ymm4, %%ymm4\n\t"
+      "vpxor %%ymm5, %%ymm5, %%ymm5\n\t"
+      "vpxor %%ymm6, %%ymm6, %%ymm6\n\t"
+      "vpxor %%ymm7, %%ymm7, %%ymm7\n\t"
+      "vpxor %%ymm8, %%ymm8, %%ymm8\n\t"
+      "vpxor %%ymm9, %%ymm9, %%ymm9\n\t"
+      "vpxor %%ymm10, %%ymm10, %%ymm10\n\t"
+      "vpxor %%ymm11, %%ymm11, %%ymm11\n\t"
+      "jmp 3f\n\t"
+      "2:\n\t"
+      "vmovdqu (%[c]), %%ymm0\n\t"
+      "vmovdqu 32(%[c]), %%ymm1\n\t"
+      "vmovdqu (%[c],%[t],1), %%ymm2\n\t"
+      "vmovdqu 32(%[c],%[t],1), %%ymm3\n\t"
+      "vmovdqu (%[c],%[t],2), %%ymm4\n\t"
+      "vmovdqu 32(%[c],%[t],2), %%ymm5\n\t"
+      "vmovdqu (%[c3]), %%ymm6\n\t"
+      "vmovdqu 32(%[c3]), %%ymm7\n\t"
+      "vmovdqu (%[c3],%[t],1), %%ymm8\n\t"
+      "vmovdqu 32(%[c3],%[t],1), %%ymm9\n\t"
+      "vmovdqu (%[c3],%[t],2), %%ymm10\n\t"
+      "vmovdqu 32(%[c3],%[t],2), %%ymm11\n\t"
+      "3:\n\t"
       "vpmovsxbw (%[b]), %%ymm12\n\t"
       "vpmovsxbw 16(%[b]), %%ymm13\n\t"
       "vpbroadcastd (%[a]), %%ymm14\n\t"
@@ -421,31 +449,33 @@ static void gemm_tile(const int16_t* a, int64_t lda, const int8_t* b, int64_t kk
       "addq $4, %[a]\n\t"
       "addq $4, %[a3]\n\t"
       "decq %[n]\n\t"
-      "jnz 1b\n\t"
-      "vmovdqu %%ymm0, 0(%[o])\n\t"
-      "vmovdqu %%ymm1, 32(%[o])\n\t"
-      "vmovdqu %%ymm2, 64(%[o])\n\t"
-      "vmovdqu %%ymm3, 96(%[o])\n\t"
-      "vmovdqu %%ymm4, 128(%[o])\n\t"
-      "vmovdqu %%ymm5, 160(%[o])\n\t"
-      "vmovdqu %%ymm6, 192(%[o])\n\t"
-      "vmovdqu %%ymm7, 224(%[o])\n\t"
-      "vmovdqu %%ymm8, 256(%[o])\n\t"
-      "vmovdqu %%ymm9, 288(%[o])\n\t"
-      "vmovdqu %%ymm10, 320(%[o])\n\t"
-      "vmovdqu %%ymm11, 352(%[o])\n\t"
+      "jnz 3b\n\t"
+      "vmovdqu %%ymm0, (%[c])\n\t"
+      "vmovdqu %%ymm1, 32(%[c])\n\t"
+      "vmovdqu %%ymm2, (%[c],%[t],1)\n\t"
+      "vmovdqu %%ymm3, 32(%[c],%[t],1)\n\t"
+      "vmovdqu %%ymm4, (%[c],%[t],2)\n\t"
+      "vmovdqu %%ymm5, 32(%[c],%[t],2)\n\t"
+      "vmovdqu %%ymm6, (%[c3])\n\t"
+      "vmovdqu %%ymm7, 32(%[c3])\n\t"
+      "vmovdqu %%ymm8, (%[c3],%[t],1)\n\t"
+      "vmovdqu %%ymm9, 32(%[c3],%[t],1)\n\t"
+      "vmovdqu %%ymm10, (%[c3],%[t],2)\n\t"
+      "vmovdqu %%ymm11, 32(%[c3],%[t],2)\n\t"
       "vzeroupper\n\t"
       : [a] "+r"(a), [a3] "+r"(a3), [b] "+r"(b), [n] "+r"(kk2)
-      : [s] "r"(s), [o] "r"(out)
+      : [s] "r"(s), [t] "r"(t), [c] "r"(c), [c3] "r"(c3), [first] "r"(start)
       : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
         "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
 #else
-  for (int i = 0; i < GM * GN; ++i) out[i] = 0;
-  for (int64_t j = 0; j < kk2; ++j)
-    for (int r = 0; r < GM; ++r)
-      for (int i = 0; i < GN; ++i)
-        out[r * GN + i] += (int32_t)a[r * lda + 2 * j] * b[j * 2 * GN + 2 * i]
-                           + (int32_t)a[r * lda + 2 * j + 1] * b[j * 2 * GN + 2 * i + 1];
+  for (int r = 0; r < GM; ++r)
+    for (int i = 0; i < GN; ++i) {
+      uint32_t sum = first ? 0u : (uint32_t)c[r * ldc + i];  // (wrapping, as the vector adds do)
+      for (int64_t j = 0; j < kk2; ++j)
+        sum += (uint32_t)((int32_t)a[r * lda + 2 * j] * b[j * 2 * GN + 2 * i]
+                          + (int32_t)a[r * lda + 2 * j + 1] * b[j * 2 * GN + 2 * i + 1]);
+      c[r * ldc + i] = (int32_t)sum;
+    }
 #endif
 }
 
@@ -511,7 +541,6 @@ extern "C" void masquant_gemm(const float* x, int64_t m, int64_t k, int64_t qmax
   parallel(used, threads, [&](int64_t part) {
     const int64_t p0 = panels * part / used, p1 = panels * (part + 1) / used;
     std::vector<int32_t> c(MC * NP * GN);
-    alignas(32) int32_t out[GM * GN];
     for (int64_t q0 = p0; q0 < p1; q0 += NP) {  // NP panels of outputs at a time: their sums stay in L2
       const int64_t q1 = q0 + NP < p1 ? q0 + NP : p1, cols = (q1 - q0) * GN;
       for (int64_t i0 = 0; i0 < tiles * GM; i0 += MC) {
@@ -519,14 +548,9 @@ extern "C" void masquant_gemm(const float* x, int64_t m, int64_t k, int64_t qmax
         for (int64_t pc = 0; pc < k2; pc += KC / 2) {
           const int64_t kk2 = k2 - pc < KC / 2 ? k2 - pc : KC / 2;
           for (int64_t p = q0; p < q1; ++p)
-            for (int64_t i = i0; i < i1; i += GM) {
-              gemm_tile(a.data() + i * lda + 2 * pc, lda, wp + (p * k2 + pc) * 2 * GN, kk2, out);
-              int32_t* ci = c.data() + (i - i0) * cols + (p - q0) * GN;
-              for (int r = 0; r < GM; ++r)
-                for (int o = 0; o < GN; ++o)
-                  ci[r * cols + o] = pc ? (int32_t)((uint32_t)ci[r * cols + o] + (uint32_t)out[r * GN + o])
-                                        : out[r * GN + o];
-            }
+            for (int64_t i = i0; i < i1; i += GM)
+              gemm_tile(a.data() + i * lda + 2 * pc, lda, wp + (p * k2 + pc) * 2 * GN, kk2,
+                        c.data() + (i - i0) * cols + (p - q0) * GN, cols, pc == 0);
         }
         const int64_t o1 = q1 * GN < n ? q1 * GN : n;
         for (int64_t r = i0; r < i1 && r < m; ++r)
