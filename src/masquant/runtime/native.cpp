@@ -50,6 +50,27 @@ constexpr int LANES = 16;
 
 extern "C" int masquant_isa() { return MASQUANT_ISA; }
 
+// max |x[0:k]| (exact in any order; NaN propagates, as in torch's amax).
+static float abs_max(const float* x, int64_t k) {
+  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // (8 running maxima: vectorisable)
+  int nan = 0;
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8)
+    for (int i = 0; i < 8; ++i) {
+      const float a = std::fabs(x[j + i]);
+      nan |= a != a;
+      part[i] = a > part[i] ? a : part[i];
+    }
+  for (; j < k; ++j) {
+    const float a = std::fabs(x[j]);
+    nan |= a != a;
+    part[0] = a > part[0] ? a : part[0];
+  }
+  float amax = part[0];
+  for (int i = 1; i < 8; ++i) amax = part[i] > amax ? part[i] : amax;
+  return nan ? NAN : amax;
+}
+
 // Codes of one row (x / s when s is given) into codes[0:kp] (the padding is the code of 0), its scale into *t.
 // The same float32 operations as the eager kernels, element by element: a division by the smoothing factor, the
 // abs-max (exact in any order; NaN propagates), a division by the scale, rounding half to even and clamping.
@@ -76,23 +97,7 @@ static void quantize_row(const Layer* l, const float* x, const float* s, float* 
     for (int64_t j = 0; j < k; ++j) xs[j] = x[j] / s[j];
     x = xs;
   }
-  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // (8 running maxima: vectorisable)
-  int nan = 0;
-  int64_t j = 0;
-  for (; j + 8 <= k; j += 8)
-    for (int i = 0; i < 8; ++i) {
-      const float a = std::fabs(x[j + i]);
-      nan |= a != a;
-      part[i] = a > part[i] ? a : part[i];
-    }
-  for (; j < k; ++j) {
-    const float a = std::fabs(x[j]);
-    nan |= a != a;
-    part[0] = a > part[0] ? a : part[0];
-  }
-  float amax = part[0];
-  for (int i = 1; i < 8; ++i) amax = part[i] > amax ? part[i] : amax;
-  if (nan) amax = NAN;  // NaN propagates, as in amax
+  const float amax = abs_max(x, k);
 #endif
   float scale = (amax < (float)l->eps) ? (float)l->eps : amax;
   scale = scale / qmax;
@@ -501,23 +506,7 @@ static void parallel(int64_t parts, int threads, F work) {
 // operations element by element (abs-max with NaN propagated, floor eps, division, rounding half to even, clamp;
 // a NaN code is 0, as torch's conversion to int8 gives).
 static void quantize_row16(const float* x, int64_t k, float qmax, float eps, int16_t* a, float* t) {
-  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // (8 running maxima: vectorisable)
-  int nan = 0;
-  int64_t j = 0;
-  for (; j + 8 <= k; j += 8)
-    for (int i = 0; i < 8; ++i) {
-      const float v = std::fabs(x[j + i]);
-      nan |= v != v;
-      part[i] = v > part[i] ? v : part[i];
-    }
-  for (; j < k; ++j) {
-    const float v = std::fabs(x[j]);
-    nan |= v != v;
-    part[0] = v > part[0] ? v : part[0];
-  }
-  float amax = part[0];
-  for (int i = 1; i < 8; ++i) amax = part[i] > amax ? part[i] : amax;
-  if (nan) amax = NAN;
+  const float amax = abs_max(x, k);
   const float scale = ((amax < eps) ? eps : amax) / qmax, lo = -qmax - 1.0f;
   for (int64_t i = 0; i < k; ++i) {
     float v = std::nearbyint(x[i] / scale);
