@@ -27,7 +27,10 @@ MARK = "MASQUANT_CPU_CLASS"  # set in the child: the class it runs as
 
 def machine_class(flags: set[str] | None = None) -> str:
     """This CPU's class: ``amx`` (AMX int8 tiles), ``avx512-vnni``, ``avx2`` or ``plain``."""
-    flags = _flags() if flags is None else flags
+    if flags is None:  # (the line the native kernel's build is keyed by)
+        from ..runtime.native import _cpu_flags
+
+        flags = set(_cpu_flags().partition(":")[2].split())
     if "amx_int8" in flags:
         return "amx"
     if "avx512_vnni" in flags:
@@ -76,11 +79,3 @@ def environment(name: str) -> dict[str, str]:
     base = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     cache = f"{base}-{name}" if base else str(switches().cache / f"inductor-{name}")
     return {**os.environ, **CLASSES[name][0], MARK: name, "TORCHINDUCTOR_CACHE_DIR": cache}
-
-
-def _flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
-    except OSError:
-        return set()

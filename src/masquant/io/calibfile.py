@@ -120,8 +120,8 @@ def _rows(source, columns: Columns, num_samples: int | None, seed: int | None):
     elif _is_dataset(source):
         dataset, root, label = source, Path("."), f"a datasets.{type(source).__name__}"
     elif isinstance(source, Iterable) and not isinstance(source, (dict, bytes)):
-        rows = [(f"row {i}", row, None, Path(".")) for i, row in enumerate(source)]
-        rows = [(w, r, _roles(r.keys() if isinstance(r, dict) else (), columns, w), root) for w, r, _, root in rows]
+        rows = [(f"row {i}", row, _roles(row.keys() if isinstance(row, dict) else (), columns, f"row {i}"),
+                 Path(".")) for i, row in enumerate(source)]
         return _pick(rows, num_samples, seed), f"{len(rows)} rows", len(rows)
     else:
         raise CalibrationError(f"cannot read calibration data from a {type(source).__name__}: give a JSONL file, "

@@ -119,7 +119,7 @@ class RefProcessor:
         patches each frame, repeated in time; the pairs take one copy of each frame)."""
         values, grids = [], []
         for frames in videos:
-            frames = [to_rgb(np.asarray(f)) if np.asarray(f).ndim == 2 else _square(f) for f in frames]
+            frames = [_square(f) for f in frames]
             if len(frames) % 2:
                 frames.append(frames[-1])
             vision = self.image_processor(images=frames, return_tensors="pt")
@@ -152,7 +152,7 @@ class RefProcessor:
 
 
 def _square(frame):
-    """An RGB frame (array or image) as a ``IMAGE_SIZE`` square RGB PIL image."""
+    """A frame (grey or RGB, array or image) as a ``IMAGE_SIZE`` square RGB PIL image."""
     from PIL import Image
 
     image = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, dtype=np.uint8))
