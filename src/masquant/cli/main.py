@@ -86,9 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--a-bits", type=int, default=8)
     an.add_argument("--out", type=Path, required=True)
     an.add_argument("--no-progress", action="store_true")
-    ex = sub.add_parser("export", help="export a saved model for serving (compressed-tensors, as vLLM loads)")
+    ex = sub.add_parser("export", help="export a saved model for serving (vLLM with masquant's plugin, or "
+                                       "compressed-tensors' text path)")
     ex.add_argument("source", type=Path, help="a directory written by masquant quantize")
-    ex.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
+    ex.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "vllm"],
+                    help="vllm: every linear as stored, with per-token routing, for vLLM with masquant installed; "
+                         "compressed-tensors: the text path any compressed-tensors loader reads, plus a sidecar")
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--overwrite", action="store_true")
     demo = sub.add_parser("demo", help="offline demo (no downloads)")
@@ -185,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
                 run_quantize(args)
         elif args.command == "analyze":
             _analyze(args)
+        elif args.command == "export" and args.format == "vllm":
+            from ..io.export_vllm import export_vllm
+
+            spec = export_vllm(args.source, args.out, overwrite=args.overwrite)
+            patched = sum(bool(lay["patches"]) for lay in spec["linears"].values())
+            print(f"exported for vLLM: {len(spec['linears'])} quantized linears ({patched} with patches) to "
+                  f"{args.out}; serve it with masquant installed beside vLLM: vllm serve {args.out}")
         elif args.command == "export":
             from ..io.export import export_compressed_tensors
 

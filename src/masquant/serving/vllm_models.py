@@ -1,0 +1,42 @@
+"""vLLM's multimodal models with masquant's per-token routing: at every step the model records
+which scheduled tokens receive encoder outputs (vLLM's ``is_multimodal`` mask, correct across
+batched requests, chunked prefill and prefix caching) in the checkpoint's ``StepRouter``, which its
+quantized linears read. A model without masquant's quantization runs unchanged."""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.models.qwen2_5_omni_thinker import Qwen2_5OmniThinkerForConditionalGeneration
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+from .vllm_quant import MasquantConfig
+
+
+class _Routed:
+    """Mixed in before a vLLM model class."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = vllm_config.quant_config
+        self.masquant_router = config.router if isinstance(config, MasquantConfig) else None
+
+    def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, *,
+                        is_multimodal: torch.Tensor | None = None) -> torch.Tensor:
+        if self.masquant_router is not None:
+            self.masquant_router.record(input_ids, is_multimodal)
+        return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+
+    def forward(self, *args, **kwargs):
+        try:
+            return super().forward(*args, **kwargs)
+        finally:  # (a later forward without an embedding call, e.g. a dummy run, is text)
+            if self.masquant_router is not None:
+                self.masquant_router.ids = None
+
+
+class MasquantQwen2_5_VLForConditionalGeneration(_Routed, Qwen2_5_VLForConditionalGeneration):
+    pass
+
+
+class MasquantQwen2_5OmniThinkerForConditionalGeneration(_Routed, Qwen2_5OmniThinkerForConditionalGeneration):
+    pass
