@@ -59,7 +59,11 @@ def answer_labels(input_ids: torch.Tensor, processor: RefProcessor) -> torch.Ten
 def rank_answers(model, processor: RefProcessor, prompts: list[tuple[list[dict], dict]],
                  candidates: tuple[str, ...], chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """For each ``(messages, media)`` prompt (user turn; processor ``images`` / ``audio`` lists): the most likely
-    candidate and every candidate's log-likelihood, ``chunk`` prompts per forward."""
+    candidate and every candidate's log-likelihood, ``chunk`` prompts per forward. A serving engine
+    (``token_logprobs``, e.g. ``masquant.serving.vllm_eval.VllmEngine``) scores the same token ids."""
+    if hasattr(model, "token_logprobs"):
+        scores = _engine_answer_scores(model, processor, prompts, candidates).reshape(-1, len(candidates))
+        return scores.argmax(1), scores
     scores = []
     for first in range(0, len(prompts), chunk):
         texts, media = [], {}
@@ -91,13 +95,30 @@ def image_accuracy(model, processor: RefProcessor, dataset: ImageSet, n: int, te
     return accuracy(model, processor, prompts, dataset.labels[:n], dataset.classes)
 
 
+def _engine_answer_scores(engine, processor: RefProcessor, prompts: list[tuple[list[dict], dict]],
+                          candidates: tuple[str, ...]) -> np.ndarray:
+    """Each prompt x candidate's answer log-likelihood from an engine's per-token log-probabilities of
+    the processor's token ids (the positions ``answer_labels`` keeps, as ``rank_answers`` sums)."""
+    requests, keep = [], []
+    for messages, items in prompts:
+        for c in candidates:
+            text = processor.apply_chat_template([*messages, {"role": "assistant", "content": c}])
+            ids = processor([text], **items)["input_ids"]
+            requests.append((ids[0].tolist(), items))
+            keep.append((answer_labels(ids, processor)[0] != -100).numpy())
+    return np.array([lp[k].sum() for lp, k in zip(engine.token_logprobs(requests), keep, strict=True)])
+
+
 @torch.no_grad()
 def prose_perplexity(model, processor: RefProcessor, paragraphs: list[str], max_tokens: int = 96) -> float:
     total, count = 0.0, 0
-    for text in paragraphs:
-        ids = processor.tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens]
-        if ids.shape[1] < 2:
-            continue
+    rows = [processor.tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens] for text in paragraphs]
+    rows = [ids for ids in rows if ids.shape[1] >= 2]
+    if hasattr(model, "token_logprobs"):  # a serving engine: the same tokens' log-probabilities
+        for lp in model.token_logprobs([(ids[0].tolist(), {}) for ids in rows]):
+            total, count = total - float(lp[1:].sum()), count + len(lp) - 1
+        return float(np.exp(total / max(count, 1)))
+    for ids in rows:
         out = model(input_ids=ids, labels=ids, use_cache=False)
         total += float(out.loss) * (ids.shape[1] - 1)
         count += ids.shape[1] - 1

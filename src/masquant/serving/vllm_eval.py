@@ -1,0 +1,109 @@
+"""A vLLM engine that scores what masquant's evaluation scores: the log-probability of every token of
+given token ids (``token_logprobs``, which ``masquant.refmodels.tasks`` uses for answer ranking and
+prose perplexity) and full next-token distributions (``next_token_logprobs``, for the KL against
+masquant's own runtime). Prompts are the token ids masquant's processor makes (placeholders already
+expanded) with the raw images and audio, which vLLM's processor turns into the same pixel values."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+Request = tuple[Sequence[int], Mapping[str, list]]  # (token ids, masquant processor media: images / audio)
+
+
+class VllmEngine:
+    """``vllm.LLM`` on a model directory (eager, float32 unless ``dtype``), closed by ``close`` or ``with``."""
+
+    def __init__(self, model: str | Path, *, dtype: str = "float32", max_model_len: int = 1024,
+                 sample_rate: int = 16000, **engine):
+        from vllm import LLM
+
+        config = json.loads((Path(model) / "config.json").read_text())
+        limits = {"image": 2, "video": 0, **({"audio": 1} if _has_audio(config) else {})}
+        self.placeholders, self.sample_rate = _placeholders(config), sample_rate
+        self.llm = LLM(model=str(model), dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
+                       max_logprobs=-1, limit_mm_per_prompt=limits, seed=0, **engine)
+        self.vocab = self.llm.llm_engine.model_config.get_vocab_size()
+
+    def _prompt(self, ids: Sequence[int], items: Mapping[str, list]) -> dict:
+        """What a client sends: one placeholder per image or clip (vLLM expands it again)."""
+        collapsed = [t for i, t in enumerate(ids) if not (t in self.placeholders and i and ids[i - 1] == t)]
+        prompt: dict = {"prompt_token_ids": collapsed}
+        media = {}
+        if items.get("images"):
+            images = list(items["images"])
+            media["image"] = images[0] if len(images) == 1 else images
+        if items.get("audio"):
+            media["audio"] = [(np.asarray(a, dtype=np.float32), self.sample_rate) for a in items["audio"]]
+        if media:
+            prompt["multi_modal_data"] = media
+        return prompt
+
+    def token_logprobs(self, requests: Sequence[Request]) -> list[np.ndarray]:
+        """Per request, ``log p(token_t | tokens before t)`` for every position (position 0: NaN)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outs = self.llm.generate([self._prompt(ids, items) for ids, items in requests], params, use_tqdm=False)
+        result = []
+        for (ids, _), out in zip(requests, outs, strict=True):
+            _same_tokens(ids, out.prompt_token_ids)
+            row = [np.nan] + [step[token].logprob for step, token in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
+            result.append(np.asarray(row, dtype=np.float64))
+        return result
+
+    def next_token_logprobs(self, requests: Sequence[Request]) -> np.ndarray:
+        """``[requests, vocab]``: the log-probabilities of the token after each prompt."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1)
+        outs = self.llm.generate([self._prompt(ids, items) for ids, items in requests], params, use_tqdm=False)
+        dense = np.full((len(requests), self.vocab), -np.inf)
+        for row, out in enumerate(outs):
+            for token, lp in out.outputs[0].logprobs[0].items():
+                if token < self.vocab:
+                    dense[row, token] = lp.logprob
+        return dense
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+    def __enter__(self) -> VllmEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _has_audio(config: dict) -> bool:
+    return "audio_config" in config or "audio_config" in config.get("thinker_config", {})
+
+
+_PLACEHOLDER_KEYS = {f"{m}_token_{s}" for m in ("image", "video", "audio") for s in ("id", "index")}
+
+
+def _placeholders(config: dict) -> set[int]:
+    """The image / video / audio placeholder token ids a config names (also in an Omni thinker config)."""
+    found = set()
+    for part in (config, config.get("thinker_config", {})):
+        for key, value in part.items():
+            if isinstance(value, int) and key in _PLACEHOLDER_KEYS:
+                found.add(value)
+    return found
+
+
+def _same_tokens(ours: Sequence[int], theirs: Sequence[int]) -> None:
+    if list(ours) != list(theirs):
+        raise ValueError(f"vLLM's processor made {len(theirs)} prompt tokens where masquant's made {len(ours)} "
+                         "(a different number of placeholders per image or clip): the scores would not compare")
