@@ -21,8 +21,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
-
 from ..arch import get_adapter
 from ..version import __version__
 from .serialization import QUANT_CONFIG, read_meta, refuse_nonempty, staged_directory, weight_files

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class VllmEngine:
                  sample_rate: int = 16000, **engine):
         from vllm import LLM
 
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on the CPU (vLLM's default: most RAM)
         config = json.loads((Path(model) / "config.json").read_text())
         limits = {"image": 2, "video": 0, **({"audio": 1} if _has_audio(config) else {})}
         self.placeholders, self.sample_rate = _placeholders(config), sample_rate
