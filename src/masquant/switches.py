@@ -16,6 +16,7 @@ class Switches:
     cxx: str | None  # CXX: the C++ compiler to try first (then g++, clang++)
     cache: Path  # where the built native kernel is kept: $XDG_CACHE_HOME/masquant (~/.cache/masquant)
     node_modules: Path  # MASQUANT_NODE_MODULES: the npm packages the reference data are built from
+    routing: bool = True  # MASQUANT_ROUTING: 0 serves every token on the text path in vLLM (what routing costs)
 
 
 _read: Switches | None = None
@@ -40,8 +41,11 @@ def _from_environment() -> Switches:
     if int_gemm not in ("auto", "int", "float"):
         raise ValueError(f"MASQUANT_INT_GEMM must be auto, int or float, got {int_gemm!r}")
     cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "masquant"
+    routing = env.get("MASQUANT_ROUTING", "1")
+    if routing not in ("0", "1"):
+        raise ValueError(f"MASQUANT_ROUTING must be 0 or 1, got {routing!r}")
     return Switches(fuse, native, int_gemm, env.get("CXX") or None, cache,
-                    Path(env.get("MASQUANT_NODE_MODULES", "data/node_modules")))
+                    Path(env.get("MASQUANT_NODE_MODULES", "data/node_modules")), routing == "1")
 
 
 def reload() -> None:

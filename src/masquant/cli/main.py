@@ -33,6 +33,7 @@ EPILOG = """examples:
   masquant bench --speed --device cuda   the same linear / whole-model rows on a GPU
   masquant bench --export --models ref-vl ref-omni --results docs/results/EXPORT.md   export with vs without sidecar
   masquant bench --memory --results docs/results/MEMORY.md   peak memory of calibration, in memory vs streamed
+  .venv-vllm/bin/masquant bench --serving --results docs/SERVING.md   served by vLLM vs masquant's runtime
   masquant quantize --model path/to/Qwen2.5-VL-72B-Instruct --calib calib.jsonl --stream --out q   larger than memory
   masquant eval --model q-vl-ct --no-sidecar   an exported model as a server without the sidecar runs it
 """
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="measure speed, checkpoint bytes and calibration cost instead of accuracy")
     kind.add_argument("--export", action="store_true",
                       help="accuracy of the compressed-tensors export with and without its sidecar")
+    kind.add_argument("--serving", action="store_true",
+                      help="served by vLLM with masquant's plugin against masquant's runtime (in the venv of "
+                           "scripts/setup_vllm.sh)")
     kind.add_argument("--memory", action="store_true",
                       help="peak memory of calibration, in memory vs --stream (ref-vl and a 3B-wide random model)")
     bench.add_argument("--device", default="cpu",
@@ -215,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
 
             rows = run_export_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress)
             command = " ".join(["masquant bench --export", *(["--quick"] if args.quick else []), "--models",
+                                *args.models, *([f"--results {args.results}"] if args.results else [])])
+            print(write(rows, args.out, args.results, command))
+        elif args.command == "bench" and args.serving:
+            from ..bench.serving import run_serving_bench, write
+
+            rows = run_serving_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress)
+            command = " ".join(["masquant bench --serving", *(["--quick"] if args.quick else []), "--models",
                                 *args.models, *([f"--results {args.results}"] if args.results else [])])
             print(write(rows, args.out, args.results, command))
         elif args.command == "bench" and args.memory:

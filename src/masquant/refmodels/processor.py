@@ -101,10 +101,8 @@ class RefProcessor:
             out.update(self._videos(videos, fps or [2.0] * len(videos)))
             per_video = (out["video_grid_thw"].prod(-1) // MERGE**2).tolist()
         if audio:
-            feats = self.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_attention_mask=True,
-                                           padding="longest", return_tensors="pt")
-            out["input_features"], out["feature_attention_mask"] = feats["input_features"], feats["attention_mask"]
-            per_clip = [audio_tokens(int(n)) for n in feats["attention_mask"].sum(-1)]
+            out["input_features"], out["feature_attention_mask"] = self._audio(audio)
+            per_clip = [audio_tokens(int(n)) for n in out["feature_attention_mask"].sum(-1)]
         text = _expand(_expand(_expand(text, "<|image_pad|>", per_image), "<|video_pad|>", per_video), "<|AUDIO|>",
                        per_clip)
         enc = self.tokenizer(text, return_tensors="pt", padding=True, padding_side="left")
@@ -113,6 +111,19 @@ class RefProcessor:
             out["mm_token_type_ids"] = (enc["input_ids"] == self.image_pad).long() + 2 * (
                 enc["input_ids"] == self.video_pad).long()
         return out
+
+    def _audio(self, clips: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mel features and their mask as Qwen2.5-Omni's processor makes them: ``ceil(samples / hop)``
+        frames per clip, the last one partly padding (it pads every clip to 30 s); here the clips are
+        padded to just past that frame, which gives the same values (the zeros never raise a clip's
+        maximum, the only thing the normalization reads)."""
+        hop = self.feature_extractor.hop_length
+        frames = [-(-len(c) // hop) for c in clips]
+        width = (max(frames) + 1) * hop
+        padded = [np.pad(np.asarray(c, dtype=np.float32), (0, width - len(c))) for c in clips]
+        feats = self.feature_extractor(padded, sampling_rate=SAMPLE_RATE, padding="longest", return_tensors="pt")
+        mask = (torch.arange(max(frames))[None] < torch.tensor(frames)[:, None]).long()
+        return feats["input_features"][:, :, : max(frames)], mask
 
     def _videos(self, videos: list, fps: list[float]) -> dict:
         """Qwen2.5-VL's video inputs: each pair of frames one temporal patch (the image processor

@@ -87,7 +87,7 @@ def accuracy(model, processor: RefProcessor, prompts: list, labels: np.ndarray, 
     picks, scores = rank_answers(model, processor, prompts, candidates)
     n = len(labels)
     return {"accuracy": float((picks == labels).mean()), "answer_nll": float(-scores[np.arange(n), labels].mean()),
-            "n": n}
+            "n": n, "picks": picks.tolist()}
 
 
 def image_accuracy(model, processor: RefProcessor, dataset: ImageSet, n: int, template: int = 0) -> dict:

@@ -106,6 +106,11 @@ def _placeholders(config: dict) -> set[int]:
 
 
 def _same_tokens(ours: Sequence[int], theirs: Sequence[int]) -> None:
-    if list(ours) != list(theirs):
-        raise ValueError(f"vLLM's processor made {len(theirs)} prompt tokens where masquant's made {len(ours)} "
-                         "(a different number of placeholders per image or clip): the scores would not compare")
+    ours, theirs = list(ours), list(theirs)
+    if ours != theirs:
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                  min(len(ours), len(theirs)))
+        near = slice(max(at - 3, 0), at + 3)
+        raise ValueError(f"vLLM's processor made {len(theirs)} prompt tokens where masquant's made {len(ours)}, first "
+                         f"differing at {at} (ours {ours[near]}, vLLM's {theirs[near]}): a different number of "
+                         "placeholders per image or clip; the scores would not compare")

@@ -12,7 +12,7 @@ def register() -> None:
 
     from . import vllm_quant  # noqa: F401  (registers the quantization method)
 
-    for arch in SERVABLE.values():
+    for arch in SERVABLE:
         name = ROUTED_PREFIX + arch
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, f"masquant.serving.vllm_models:{name}")

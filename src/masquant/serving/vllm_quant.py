@@ -26,6 +26,7 @@ from ..io.export_vllm import FORMAT_VERSION, QUANT_METHOD
 from ..modality import NUM_MODALITIES, Modality, ModalityRouter, Routes, ids_from_tokens, routes_of
 from ..runtime.qlinear import QuantLinear
 from ..runtime.stored import LowRankPatch
+from ..switches import switches
 
 log = logging.getLogger("masquant")
 
@@ -41,11 +42,12 @@ class StepRouter(ModalityRouter):
     def __init__(self, table):
         super().__init__(table)
         self._last: tuple = ()  # (ids, rows, device, routes): one step's routes, made by its first linear
+        self.enabled = switches().routing  # (off: every token on the text path, to measure what routing costs)
 
     # (cached by identity: vLLM runs in inference mode, whose tensors have no version counter for ``Derived``)
 
     def record(self, input_ids: torch.Tensor, is_multimodal: torch.Tensor | None) -> None:
-        if is_multimodal is None or not bool(is_multimodal.any()):
+        if is_multimodal is None or not self.enabled or not bool(is_multimodal.any()):
             self.ids = None
             return
         ids = ids_from_tokens(input_ids, self.table)

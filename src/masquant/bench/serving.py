@@ -1,0 +1,223 @@
+"""``masquant bench --serving`` (in the venv of scripts/setup_vllm.sh): the reference models served by
+vLLM with masquant's plugin, against masquant's own runtime on the same token ids.
+
+Per setting (full precision, SmoothQuant and MASQuant at W8A8 / W4A8): the reference tasks scored by
+both (answer ranking, NLL, prose perplexity); the KL between their next-token distributions on held-out
+image and text prompts; each one's KL against full precision (the non-text gain, served); and vLLM's
+throughput on image prefill and on decoding, with the routing switched off (``MASQUANT_ROUTING=0``:
+every token on the text path, no patches) for the cost of routing.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..calibration.quantize import quantize
+from ..config import QuantConfig
+from ..io.export_vllm import export_vllm
+from ..io.serialization import save
+from ..refmodels import registry
+from ..refmodels.evaluate import FULL, QUICK, calibration_inputs, evaluate_reference
+from ..refmodels.processor import to_rgb
+from ..refmodels.tasks import qa_messages
+
+log = logging.getLogger("masquant")
+
+SETTINGS = (("FP32", "fp"), ("W8A8", "smoothquant"), ("W8A8", "masquant"), ("W4A8", "smoothquant"),
+            ("W4A8", "masquant"))
+BITS = {"W8A8": (8, 8), "W4A8": (4, 8)}
+DECODE_TOKENS = 32
+
+
+def next_token_requests(processor, name: str, n: int) -> dict[str, list]:
+    """Held-out prompts by modality, ending where the model answers: image questions (test images)
+    and prose prefixes."""
+    test = registry.slices(name, "test")
+    images = []
+    for i, image in enumerate(test["item"][0][:n]):
+        text = processor.apply_chat_template(qa_messages("item", i % 5), add_generation_prompt=True)
+        items = {"images": [to_rgb(image)]}
+        images.append((processor([text], **items)["input_ids"][0].tolist(), items))
+    prose = [(processor.tokenizer(p)["input_ids"][:48], {}) for p in test["prose"][:n]]
+    return {"image": images, "text": prose}
+
+
+@torch.no_grad()
+def runtime_next_token(model, processor, requests) -> np.ndarray:
+    """``[requests, vocab]`` next-token log-probabilities from a transformers model (masquant's runtime)."""
+    rows = []
+    for ids, items in requests:
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        if items:
+            media = processor(["<|vision_start|><|image_pad|><|vision_end|>"], **items)
+            batch.update({k: v for k, v in media.items() if k in ("pixel_values", "image_grid_thw")})
+            batch["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).long()
+        logits = model(**batch, use_cache=False).logits[0, -1]
+        rows.append(torch.log_softmax(logits.double(), -1).numpy())
+    return np.stack(rows)
+
+
+def kl(p: np.ndarray, q: np.ndarray) -> float:
+    """Mean ``KL(p || q)`` over rows of log-probabilities, each row renormalized first (vLLM returns
+    float32 log-probabilities); a token ``q`` gives no mass to costs +inf."""
+    p, q = (x - np.logaddexp.reduce(x, axis=-1, keepdims=True) for x in (p, q))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        terms = np.where(np.isneginf(p), 0.0, np.exp(p) * (p - q))
+    return float(terms.sum(-1).mean())
+
+
+def throughput(engine, requests: list) -> dict[str, float]:
+    """Tokens per second: prefill of the image prompts (one token generated), and decoding
+    ``DECODE_TOKENS`` more for the same batch (the difference of the two runs)."""
+    from vllm import SamplingParams
+
+    prompts = [engine._prompt(ids, items) for ids, items in requests]
+    tokens = sum(len(ids) for ids, _ in requests)
+    timings = {}
+    for steps in (1, 1 + DECODE_TOKENS):
+        params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+        engine.llm.generate(prompts, params, use_tqdm=False)  # (warm: kernels compiled for these shapes)
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            engine.llm.generate(prompts, params, use_tqdm=False)
+            runs.append(time.perf_counter() - start)
+        timings[steps] = min(runs)
+    decode = max(timings[1 + DECODE_TOKENS] - timings[1], 1e-9)
+    return {"prefill_tok_s": tokens / timings[1], "decode_tok_s": len(prompts) * DECODE_TOKENS / decode}
+
+
+def _serve(directory: Path, processor, name, sizes, requests, speed_requests) -> dict:
+    """Scores, next-token distributions and throughput of ``directory`` served by vLLM (float32)."""
+    from ..serving.vllm_eval import VllmEngine
+
+    with VllmEngine(directory, enable_prefix_caching=False) as engine:
+        return {"scores": evaluate_reference(engine, processor, name, sizes),
+                "next": {m: engine.next_token_logprobs(r) for m, r in requests.items()},
+                "speed": throughput(engine, speed_requests)}
+
+
+def _speed_only(directory: Path, speed_requests, dtype: str = "float32", routing: bool = True) -> dict:
+    """Throughput alone, in ``dtype``, with or without masquant's routing (``MASQUANT_ROUTING``)."""
+    from ..serving.vllm_eval import VllmEngine
+
+    os.environ["MASQUANT_ROUTING"] = "1" if routing else "0"  # (read in the engine's worker)
+    try:
+        with VllmEngine(directory, dtype=dtype, enable_prefix_caching=False) as engine:
+            return throughput(engine, speed_requests)
+    finally:
+        os.environ.pop("MASQUANT_ROUTING", None)
+
+
+def run_serving_bench(models: tuple[str, ...] = ("ref-vl",), quick: bool = False, progress: bool = True
+                      ) -> list[dict]:
+    sizes = QUICK if quick else FULL
+    rows = []
+    for name in models:
+        fp, processor = registry.load(name)
+        calib = calibration_inputs(processor, name)
+        if quick:
+            calib = calib[::4]
+        requests = next_token_requests(processor, name, 8 if quick else 24)
+        fp_next = {m: runtime_next_token(fp, processor, r) for m, r in requests.items()}
+        speed_requests = requests["image"][:8]
+        with tempfile.TemporaryDirectory() as tmp:
+            for bits, method in SETTINGS:
+                if method == "fp":
+                    model, directory = fp, registry.model_dir(name)
+                else:
+                    model = copy.deepcopy(fp)
+                    w, a = BITS[bits]
+                    quantize(model, calib, QuantConfig(method=method, w_bits=w, a_bits=a, calib_batch=1,
+                                                       **({"rank": 32, "epochs": 1 if quick else 2}
+                                                          if method == "masquant" else {})), progress=progress)
+                    saved, directory = Path(tmp) / f"{bits}-{method}", Path(tmp) / f"{bits}-{method}-vllm"
+                    save(model, saved, processor=processor, reference=name)
+                    export_vllm(saved, directory)
+                runtime = {"scores": evaluate_reference(model, processor, name, sizes),
+                           "next": {m: runtime_next_token(model, processor, r) for m, r in requests.items()}}
+                served = _serve(directory, processor, name, sizes, requests, speed_requests)
+                flips = sum(a != b for t in runtime["scores"] if isinstance(runtime["scores"][t], dict)
+                            for a, b in zip(runtime["scores"][t]["picks"], served["scores"][t]["picks"], strict=True))
+                row = {"model": name, "bits": bits, "method": method, "quick": quick, "flips": int(flips),
+                       "runtime": runtime["scores"], "served": served["scores"], "speed": served["speed"],
+                       "kl_served_runtime": {m: kl(runtime["next"][m], served["next"][m]) for m in requests},
+                       "kl_fp_runtime": {m: kl(fp_next[m], runtime["next"][m]) for m in requests},
+                       "kl_fp_served": {m: kl(fp_next[m], served["next"][m]) for m in requests}}
+                if method == "fp":
+                    row["speed_bf16"] = _speed_only(directory, speed_requests, dtype="bfloat16")
+                elif method == "masquant":
+                    row["speed_unrouted"] = _speed_only(directory, speed_requests, routing=False)
+                log.info("%s %s %s: served %s", name, bits, method, row["served"])
+                rows.append(row)
+    return rows
+
+
+HEADER = """# Serving in vLLM with per-token modality routing
+
+Generated by `{command}` in the venv of `scripts/setup_vllm.sh` (vLLM {vllm}, CPU build, torch {torch},
+{cpu}); do not edit by hand. Each quantized model is exported with `masquant export --format vllm`
+and served by vLLM with masquant's plugin (`masquant.serving`): one stored weight per linear, the
+smoothing vectors and CMC patches applied to the tokens vLLM marks as image / audio placeholders.
+"runtime" is masquant's own PyTorch runtime on the same token ids. Accuracy ranks the answers by
+their prompt log-probabilities (vLLM's `prompt_logprobs`), in % on the reference test slices.
+"""
+
+
+def markdown(rows: list[dict]) -> str:
+    tasks = [t for t in ("item", "digit", "word", "match") if any(t in r["runtime"] for r in rows)]
+    mods = list(dict.fromkeys(m for r in rows for m in r["kl_served_runtime"]))
+    head = ["model", "bits", "method", *(f"{t} runtime / served" for t in tasks), "prose ppl runtime / served",
+            "max |acc gap| (points)", "answers ranked differently", *(f"KL served vs runtime, {m}" for m in mods)]
+    lines = ["## Parity with masquant's runtime", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        run, srv = r["runtime"], r["served"]
+        gap = max(abs(100 * (run[t]["accuracy"] - srv[t]["accuracy"])) for t in tasks)
+        lines.append("| " + " | ".join([r["model"], r["bits"], r["method"],
+                                        *(f"{100 * run[t]['accuracy']:.1f} / {100 * srv[t]['accuracy']:.1f}"
+                                          for t in tasks),
+                                        f"{run['prose_ppl']:.3f} / {srv['prose_ppl']:.3f}", f"{gap:.1f}",
+                                        str(r.get("flips", "-")),
+                                        *(f"{r['kl_served_runtime'][m]:.1e}" for m in mods)]) + " |")
+    lines += ["", "## What quantization costs, served and in the runtime (KL against full precision)", "",
+              "| model | bits | method | " + " | ".join(f"{m}: runtime / served" for m in mods) + " |",
+              "|---" * (3 + len(mods)) + "|"]
+    for r in rows:
+        if r["method"] != "fp":
+            lines.append(f"| {r['model']} | {r['bits']} | {r['method']} | " + " | ".join(
+                f"{r['kl_fp_runtime'][m]:.4f} / {r['kl_fp_served'][m]:.4f}" for m in mods) + " |")
+    lines += ["", "## Throughput in vLLM (tokens/s; 8 image prompts, prefill, then "
+              f"{DECODE_TOKENS} decoded tokens each)", "",
+              "| model | setting | prefill tok/s | decode tok/s |", "|---|---|---|---|"]
+    for r in rows:
+        label = "FP32" if r["method"] == "fp" else f"{r['method']} {r['bits']}"
+        speeds = [(label, r["speed"])]
+        if "speed_bf16" in r:
+            speeds.append(("BF16", r["speed_bf16"]))
+        if "speed_unrouted" in r:
+            speeds.append((f"{label}, routing off (every token text, no patches)", r["speed_unrouted"]))
+        lines += [f"| {r['model']} | {lab} | {s['prefill_tok_s']:.0f} | {s['decode_tok_s']:.0f} |" for lab, s in speeds]
+    return "\n".join(lines)
+
+
+def write(rows: list[dict], out: Path, results: Path | None, command: str) -> str:
+    import platform
+
+    import vllm
+
+    from .pages import write_page
+    from .perf import cpu_name
+
+    cpu = f"{cpu_name()}, {os.cpu_count()} cores, {platform.machine()}"
+    text = HEADER.format(command=command, vllm=vllm.__version__, torch=torch.__version__, cpu=cpu)
+    text += "\n" + markdown(rows) + "\n"
+    write_page(out, "serving_bench", rows, text, results)
+    return text
