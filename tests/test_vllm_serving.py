@@ -1,10 +1,10 @@
 """Serving in vLLM with masquant's plugin (needs the vLLM venv: scripts/setup_vllm.sh, then
 ``.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_serving.py``; skipped elsewhere).
 
-One MASQuant W4A8 ref-vl model, exported with ``--format vllm`` and served by one engine whose
-steps take at most 16 tokens, so every prompt is prefilled in chunks (an image split across two),
-requests share steps, and prefix caching is on. Every served log-probability is compared with
-masquant's own runtime on the same token ids."""
+A MASQuant W4A8 ref-vl and ref-omni model, each exported with ``--format vllm`` and served by an
+engine whose steps take at most 16 tokens, so every prompt is prefilled in chunks (an image or a
+clip split across two), requests share steps, and prefix caching is on. Every served
+log-probability is compared with masquant's own runtime on the same token ids."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import torch
 pytest.importorskip("vllm")
 
 from masquant import Modality, QuantConfig, modality_scope, quantize, save
+from masquant.bench.serving import runtime_inputs
 from masquant.io.export_vllm import export_vllm
 from masquant.refmodels import registry
-from masquant.refmodels.evaluate import calibration_inputs
+from masquant.refmodels.evaluate import audio_messages, calibration_inputs, match_messages
 from masquant.refmodels.processor import to_rgb
 from masquant.refmodels.tasks import qa_messages
 
@@ -28,42 +29,40 @@ N_IMAGES = 8
 BLOCK = 32  # KV-cache block (the CPU backend takes multiples of 32): prefix caching reuses whole blocks
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=["ref-vl", "ref-omni"])
+def served(request, tmp_path_factory):
     from masquant.serving.vllm_eval import VllmEngine
 
-    root = tmp_path_factory.mktemp("vllm")
-    model, processor = registry.load("ref-vl")
-    calib = calibration_inputs(processor, "ref-vl")[::4]
+    name, root = request.param, tmp_path_factory.mktemp("vllm")
+    model, processor = registry.load(name)
+    calib = calibration_inputs(processor, name)[::4]
     quantize(model, calib, QuantConfig(method="masquant", w_bits=4, a_bits=8, rank=32, epochs=1), progress=False)
-    save(model, root / "q", processor=processor, reference="ref-vl")
+    save(model, root / "q", processor=processor, reference=name)
     export_vllm(root / "q", root / "served")
     with VllmEngine(root / "served", max_model_len=256, max_num_batched_tokens=STEP_TOKENS,
                     enable_prefix_caching=True, block_size=BLOCK) as engine:
-        yield model, processor, engine
+        yield model, processor, engine, name
 
 
-def _requests(processor, n_images: int = N_IMAGES, answer: bool = True):
-    images = registry.slices("ref-vl", "test")["item"][0]
-    out = []
-    for i in range(n_images):
-        messages = qa_messages("item", i % 5, "bag" if answer else None)
-        text = processor.apply_chat_template(messages, add_generation_prompt=not answer)
-        items = {"images": [to_rgb(images[i])]}
+def _requests(processor, name: str, answer: bool = True) -> list:
+    """Media prompts (image questions; with audio: spoken words, and image + word pairs), then prose."""
+    test = registry.slices(name, "test")
+    media = [(qa_messages("item", i % 5), {"images": [to_rgb(test["item"][0][i])]}) for i in range(N_IMAGES)]
+    if "word" in test:
+        clips = test["word"][0]
+        media = media[: N_IMAGES // 2] + [(audio_messages(i % 5), {"audio": [clips[i]]}) for i in range(3)] + [
+            (match_messages(0), {"images": [to_rgb(test["item"][0][0])], "audio": [clips[5]]})]
+    out, reply = [], [{"role": "assistant", "content": "bag"}] if answer else []
+    for messages, items in media:
+        text = processor.apply_chat_template([*messages, *reply], add_generation_prompt=not answer)
         out.append((processor([text], **items)["input_ids"][0].tolist(), items))
-    prose = registry.slices("ref-vl", "test")["prose"][:2]
-    out += [(processor.tokenizer(p)["input_ids"][:40], {}) for p in prose]
-    return out
+    return out + [(processor.tokenizer(p)["input_ids"][:40], {}) for p in test["prose"][:2]]
 
 
 @torch.no_grad()
 def _runtime_logprobs(model, processor, ids, items, text_only: bool = False) -> np.ndarray:
     """masquant's runtime on the same token ids: ``[tokens, vocab]`` log-probabilities of the next token."""
-    batch = processor.tokenizer.pad({"input_ids": [ids]}, return_tensors="pt")
-    if items:
-        media = processor(["<|vision_start|><|image_pad|><|vision_end|>"], **items)
-        batch.update({k: v for k, v in media.items() if k in ("pixel_values", "image_grid_thw")})
-        batch["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).long()
+    batch = runtime_inputs(model, processor, ids, items)
     if text_only:
         with modality_scope(model, torch.full_like(batch["input_ids"], int(Modality.TEXT))):
             logits = model(**batch, use_cache=False).logits[0]
@@ -73,8 +72,8 @@ def _runtime_logprobs(model, processor, ids, items, text_only: bool = False) -> 
 
 
 def _gaps(served, text_only: bool = False) -> list[float]:
-    model, processor, engine = served
-    requests = _requests(processor)
+    model, processor, engine, name = served
+    requests = _requests(processor, name)
     gaps = []
     for (ids, items), lp in zip(requests, engine.token_logprobs(requests), strict=True):
         ours = _runtime_logprobs(model, processor, ids, items, text_only)
@@ -83,16 +82,16 @@ def _gaps(served, text_only: bool = False) -> list[float]:
 
 
 def test_served_log_probabilities_match_the_runtime(served):
-    """Batched, chunked (an image split across steps) prefill of image and text prompts: every token's
-    log-probability as masquant's runtime gives it, up to activation codes that float noise (other
-    summation orders in the engine's threads) rounds the other way now and then; routing the image
-    tokens as text is far off."""
-    gaps = _gaps(served)
-    images, texts = np.array(gaps[:N_IMAGES]), np.array(gaps[N_IMAGES:])
-    assert np.median(images) < 1e-4 and images.max() < 2e-2 and texts.max() < 1e-4, gaps
+    """Batched, chunked (an image or clip split across steps) prefill of media and text prompts: every
+    token's log-probability as masquant's runtime gives it, up to activation codes that float noise
+    (other summation orders in the engine's threads) rounds the other way now and then; routing the
+    media tokens as text is far off."""
+    gaps = np.array(_gaps(served))
+    media, texts = gaps[:-2], gaps[-2:]
+    assert np.median(media) < 1e-4 and media.max() < 2e-2 and texts.max() < 1e-4, gaps
     unrouted = np.array(_gaps(served, text_only=True))
-    assert unrouted[:N_IMAGES].mean() > 5 * images.mean(), (gaps, unrouted)  # the image prompts need their routes
-    assert np.abs(unrouted[N_IMAGES:] - texts).max() < 1e-6  # text prompts: one route either way
+    assert unrouted[:-2].mean() > 5 * media.mean(), (gaps, unrouted)  # the media prompts need their routes
+    assert np.abs(unrouted[-2:] - texts).max() < 1e-6  # text prompts: one route either way
 
 
 def test_prefix_cache_and_decoding_keep_the_routes(served):
@@ -100,8 +99,8 @@ def test_prefix_cache_and_decoding_keep_the_routes(served):
     the runtime's next-token distributions."""
     from vllm import SamplingParams
 
-    model, processor, engine = served
-    ids, items = _requests(processor, n_images=1, answer=False)[0]
+    model, processor, engine, name = served
+    ids, items = _requests(processor, name, answer=False)[0]
     prompt = engine._prompt(ids, items)
     engine.llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)  # fills the cache
     out = engine.llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0, logprobs=-1),

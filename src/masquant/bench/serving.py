@@ -25,7 +25,7 @@ from ..config import QuantConfig
 from ..io.export_vllm import export_vllm
 from ..io.serialization import save
 from ..refmodels import registry
-from ..refmodels.evaluate import FULL, QUICK, calibration_inputs, evaluate_reference
+from ..refmodels.evaluate import FULL, QUICK, audio_messages, calibration_inputs, evaluate_reference
 from ..refmodels.processor import to_rgb
 from ..refmodels.tasks import qa_messages
 
@@ -38,16 +38,36 @@ DECODE_TOKENS = 32
 
 
 def next_token_requests(processor, name: str, n: int) -> dict[str, list]:
-    """Held-out prompts by modality, ending where the model answers: image questions (test images)
-    and prose prefixes."""
+    """Held-out prompts by modality, ending where the model answers: image questions (test images),
+    spoken-word questions (test clips, models with audio) and prose prefixes."""
     test = registry.slices(name, "test")
-    images = []
+    out: dict[str, list] = {"image": []}
     for i, image in enumerate(test["item"][0][:n]):
-        text = processor.apply_chat_template(qa_messages("item", i % 5), add_generation_prompt=True)
-        items = {"images": [to_rgb(image)]}
-        images.append((processor([text], **items)["input_ids"][0].tolist(), items))
-    prose = [(processor.tokenizer(p)["input_ids"][:48], {}) for p in test["prose"][:n]]
-    return {"image": images, "text": prose}
+        out["image"].append(_request(processor, qa_messages("item", i % 5), {"images": [to_rgb(image)]}))
+    if "word" in test:
+        out["audio"] = [_request(processor, audio_messages(i % 5), {"audio": [clip]})
+                        for i, clip in enumerate(test["word"][0][:n])]
+    out["text"] = [(processor.tokenizer(p)["input_ids"][:48], {}) for p in test["prose"][:n]]
+    return out
+
+
+def _request(processor, messages: list[dict], items: dict) -> tuple[list[int], dict]:
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor([text], **items)["input_ids"][0].tolist(), items
+
+
+MEDIA_TEXT = {"images": "<|vision_start|><|image_pad|><|vision_end|>", "audio": "<|audio_start|><|AUDIO|><|audio_end|>"}
+
+
+def runtime_inputs(model, processor, ids: list[int], items: dict) -> dict:
+    """A transformers forward's inputs for token ids (placeholders expanded) and their media."""
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    if items:
+        media = processor(["".join(MEDIA_TEXT[k] for k in items)], **items)
+        batch.update({k: v for k, v in media.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")})
+        if "mm_token_type_ids" in media:  # (Qwen2.5-VL marks its image tokens)
+            batch["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).long()
+    return batch
 
 
 @torch.no_grad()
@@ -55,12 +75,7 @@ def runtime_next_token(model, processor, requests) -> np.ndarray:
     """``[requests, vocab]`` next-token log-probabilities from a transformers model (masquant's runtime)."""
     rows = []
     for ids, items in requests:
-        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-        if items:
-            media = processor(["<|vision_start|><|image_pad|><|vision_end|>"], **items)
-            batch.update({k: v for k, v in media.items() if k in ("pixel_values", "image_grid_thw")})
-            batch["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).long()
-        logits = model(**batch, use_cache=False).logits[0, -1]
+        logits = model(**runtime_inputs(model, processor, ids, items), use_cache=False).logits[0, -1]
         rows.append(torch.log_softmax(logits.double(), -1).numpy())
     return np.stack(rows)
 
@@ -128,11 +143,12 @@ def run_serving_bench(models: tuple[str, ...] = ("ref-vl",), quick: bool = False
             calib = calib[::4]
         requests = next_token_requests(processor, name, 8 if quick else 24)
         fp_next = {m: runtime_next_token(fp, processor, r) for m, r in requests.items()}
-        speed_requests = requests["image"][:8]
+        speed_requests = requests["image"][:8]  # (the throughput of image prompts: the routed, patched rows)
         with tempfile.TemporaryDirectory() as tmp:
             for bits, method in SETTINGS:
                 if method == "fp":
-                    model, directory = fp, registry.model_dir(name)
+                    model, directory = fp, Path(tmp) / "fp-vllm"
+                    export_vllm(registry.model_dir(name), directory)  # (as vLLM reads it: the Omni thinker wrapped)
                 else:
                     model = copy.deepcopy(fp)
                     w, a = BITS[bits]
