@@ -224,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench" and args.serving:
             from ..bench.serving import run_serving_bench, write
 
-            rows = run_serving_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress)
+            result = run_serving_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress,
+                                       wide=not args.quick)
             command = " ".join(["masquant bench --serving", *(["--quick"] if args.quick else []), "--models",
                                 *args.models, *([f"--results {args.results}"] if args.results else [])])
-            print(write(rows, args.out, args.results, command))
+            print(write(result, args.out, args.results, command))
         elif args.command == "bench" and args.memory:
             from ..bench.memory import run_memory_bench, write
 
