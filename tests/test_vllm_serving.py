@@ -114,3 +114,19 @@ def test_prefix_cache_and_decoding_keep_the_routes(served):
             theirs[token] = lp.logprob
         kl = float((np.exp(ours[step]) * (ours[step] - theirs)).sum())
         assert kl < 1e-3, (step, kl)
+
+
+def test_a_compiling_engine_runs_the_routes_eagerly(served, tmp_path):
+    """vLLM's CPU default traces the model once with torch.compile, which would freeze one step's
+    routes: the routed model turns compilation off, and the engine gives the eager one's values."""
+    from masquant.serving.vllm_eval import VllmEngine
+
+    _, processor, engine, name = served
+    if name != "ref-vl":
+        pytest.skip("one model is enough")
+    requests = _requests(processor, name)[:2]
+    directory = engine.llm.llm_engine.model_config.model
+    with VllmEngine(directory, max_model_len=256, enforce_eager=False) as compiling:
+        theirs = compiling.token_logprobs(requests)
+    for ours, lp in zip(engine.token_logprobs(requests), theirs, strict=True):
+        assert np.abs(ours[1:] - lp[1:]).max() < 1e-4

@@ -134,19 +134,32 @@ def _speed_only(directory: Path, speed_requests, dtype: str = "float32", routing
 
 
 def run_serving_bench(models: tuple[str, ...] = ("ref-vl",), quick: bool = False, progress: bool = True,
-                      wide: bool = True) -> dict:
-    """``{"models": rows per reference model and setting, "wide": the 3B-wide throughput rows}``."""
-    rows = model_rows(models, quick, progress)
-    if not wide:
-        return {"models": rows, "wide": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        return {"models": rows, "wide": wide_rows(Path(tmp))}
+                      wide: bool = True, done: dict | None = None, on_update=None) -> dict:
+    """``{"models": rows per reference model and setting, "wide": the 3B-wide throughput rows}``.
+    Rows in ``done`` (an earlier result: same model, setting and ``quick``) are reused; ``on_update(result)``
+    is called after every new row (the command writes its page there, so a failure loses nothing)."""
+    done = done or {"models": [], "wide": []}
+    result = {"models": [], "wide": list(done["wide"]) if wide else []}
+    update = on_update or (lambda _: None)
+    if wide and not result["wide"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["wide"] = wide_rows(Path(tmp))
+        update(result)
+    previous = {(r["model"], r["bits"], r["method"]): r for r in done["models"] if r["quick"] == quick}
+    for row in model_rows(models, quick, progress, previous):
+        result["models"].append(row)
+        update(result)
+    return result
 
 
-def model_rows(models: tuple[str, ...], quick: bool, progress: bool) -> list[dict]:
+def model_rows(models: tuple[str, ...], quick: bool, progress: bool, previous: dict | None = None):
+    """Yield a row per reference model and setting (``previous`` ones as they are)."""
+    previous = previous or {}
     sizes = QUICK if quick else FULL
-    rows = []
     for name in models:
+        if all((name, bits, method) in previous for bits, method in SETTINGS):
+            yield from (previous[name, bits, method] for bits, method in SETTINGS)
+            continue
         fp, processor = registry.load(name)
         calib = calibration_inputs(processor, name)
         if quick:
@@ -156,6 +169,9 @@ def model_rows(models: tuple[str, ...], quick: bool, progress: bool) -> list[dic
         speed_requests = requests["image"][:8]  # (the throughput of image prompts: the routed, patched rows)
         with tempfile.TemporaryDirectory() as tmp:
             for bits, method in SETTINGS:
+                if (name, bits, method) in previous:
+                    yield previous[name, bits, method]
+                    continue
                 if method == "fp":
                     model, directory = fp, Path(tmp) / "fp-vllm"
                     export_vllm(registry.model_dir(name), directory)  # (as vLLM reads it: the Omni thinker wrapped)
@@ -183,8 +199,7 @@ def model_rows(models: tuple[str, ...], quick: bool, progress: bool) -> list[dic
                 elif method == "masquant":
                     row["speed_unrouted"] = _speed_only(directory, speed_requests, routing=False)
                 log.info("%s %s %s: served %s", name, bits, method, row["served"])
-                rows.append(row)
-    return rows
+                yield row
 
 
 HEADER = """# Serving in vLLM with per-token modality routing
@@ -223,6 +238,8 @@ if __name__ == "__main__":              # vLLM spawns its engine
 
 def markdown(result: dict) -> str:
     rows = result["models"]
+    if not rows:
+        return wide_markdown(result)
     tasks = [t for t in ("item", "digit", "word", "match") if any(t in r["runtime"] for r in rows)]
     mods = list(dict.fromkeys(m for r in rows for m in r["kl_served_runtime"]))
     head = ["model", "bits", "method", *(f"{t} runtime / served" for t in tasks), "prose ppl runtime / served",
@@ -230,20 +247,22 @@ def markdown(result: dict) -> str:
     lines = ["## Parity with masquant's runtime", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         run, srv = r["runtime"], r["served"]
-        gap = max(abs(100 * (run[t]["accuracy"] - srv[t]["accuracy"])) for t in tasks)
+        gap = max(abs(100 * (run[t]["accuracy"] - srv[t]["accuracy"])) for t in tasks if t in run)
         lines.append("| " + " | ".join([r["model"], r["bits"], r["method"],
                                         *(f"{100 * run[t]['accuracy']:.1f} / {100 * srv[t]['accuracy']:.1f}"
-                                          for t in tasks),
+                                          if t in run else "-" for t in tasks),
                                         f"{run['prose_ppl']:.3f} / {srv['prose_ppl']:.3f}", f"{gap:.1f}",
                                         str(r.get("flips", "-")),
-                                        *(f"{r['kl_served_runtime'][m]:.1e}" for m in mods)]) + " |")
+                                        *(f"{r['kl_served_runtime'][m]:.1e}" if m in r["kl_served_runtime"]
+                                          else "-" for m in mods)]) + " |")
     lines += ["", "## What quantization costs, served and in the runtime (KL against full precision)", "",
               "| model | bits | method | " + " | ".join(f"{m}: runtime / served" for m in mods) + " |",
               "|---" * (3 + len(mods)) + "|"]
     for r in rows:
         if r["method"] != "fp":
             lines.append(f"| {r['model']} | {r['bits']} | {r['method']} | " + " | ".join(
-                f"{r['kl_fp_runtime'][m]:.4f} / {r['kl_fp_served'][m]:.4f}" for m in mods) + " |")
+                f"{r['kl_fp_runtime'][m]:.4f} / {r['kl_fp_served'][m]:.4f}" if m in r["kl_fp_runtime"] else "-"
+                for m in mods) + " |")
     lines += ["", "## Throughput in vLLM (tokens/s; 8 image prompts, prefill, then "
               f"{DECODE_TOKENS} decoded tokens each)", "",
               "| model | setting | prefill tok/s | decode tok/s |", "|---|---|---|---|"]
@@ -255,6 +274,11 @@ def markdown(result: dict) -> str:
         if "speed_unrouted" in r:
             speeds.append((f"{label}, routing off (every token text, no patches)", r["speed_unrouted"]))
         lines += [f"| {r['model']} | {lab} | {s['prefill_tok_s']:.0f} | {s['decode_tok_s']:.0f} |" for lab, s in speeds]
+    return "\n".join(lines) + "\n" + wide_markdown(result)
+
+
+def wide_markdown(result: dict) -> str:
+    lines = []
     if result["wide"]:
         first = result["wide"][0]
         lines += ["", f"## Throughput at Qwen2.5-VL-3B width (random weights, 2 decoder layers; 8 prompts of "
@@ -304,6 +328,7 @@ def wide_checkpoints(root: Path) -> dict[str, Path]:
     ref = registry.model_dir("ref-vl")
     config = json.loads((ref / "config.json").read_text())
     config["text_config"].update(WIDE)
+    config["text_config"]["layer_types"] = ["full_attention"] * WIDE["num_hidden_layers"]
     config["text_config"]["rope_parameters"]["mrope_section"] = [16, 24, 24]  # (head dim 128, as Qwen's)
     config["vision_config"]["out_hidden_size"] = WIDE["hidden_size"]
     torch.manual_seed(0)

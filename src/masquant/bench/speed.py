@@ -19,6 +19,7 @@ import copy
 import logging
 import statistics
 import time
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -77,12 +78,13 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = ROUNDS, **ti
 
 
 def quant_linear(linear: nn.Linear, w_bits: int, a_bits: int = 8, rank: int = 0,
-                 router: ModalityRouter | None = None) -> QuantLinear:
-    """A W{w_bits}A{a_bits} ``QuantLinear`` of ``linear``; with ``rank``, a distinct vision vector and
-    a random rank-``rank`` vision patch (MASQuant's runtime cost, not its accuracy)."""
+                 router: ModalityRouter | None = None, seed: int = 0) -> QuantLinear:
+    """A W{w_bits}A{a_bits} ``QuantLinear`` of ``linear``; with ``rank``, a distinct vision vector (drawn
+    from ``seed``: linears reading one input share it, as calibrated models do) and a random
+    rank-``rank`` vision patch (MASQuant's runtime cost, not its accuracy)."""
     smooth = torch.ones(NUM_MODALITIES, linear.in_features)
     if rank:
-        smooth[Modality.VISION] = torch.rand(linear.in_features) + 0.5
+        smooth[Modality.VISION] = torch.rand(linear.in_features, generator=torch.Generator().manual_seed(seed)) + 0.5
     config = QuantConfig(method="masquant" if rank else "rtn", w_bits=w_bits, a_bits=a_bits)
     q = QuantLinear.from_linear(linear, smooth, config, router)
     if rank:
@@ -153,8 +155,8 @@ def synthetic_quantize(model: nn.Module, w_bits: int, a_bits: int = 8, rank: int
     from ..modality import attach_router
 
     router = get_adapter(model).router(model.config)
-    _swap_decoder_linears(model, lambda linear, group: quant_linear(linear, w_bits, a_bits, rank if group.smooth else 0,
-                                                                    router))
+    _swap_decoder_linears(model, lambda linear, group: quant_linear(
+        linear, w_bits, a_bits, rank if group.smooth else 0, router, seed=zlib.crc32(group.name.encode())))
     attach_router(model, router)
     return model
 

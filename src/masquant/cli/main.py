@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "ATen, MKL, oneDNN and the native kernel limited to it); the page keeps one section "
                             "per class")
     bench.add_argument("--resume", action="store_true",
-                       help="reuse the rows already saved in OUT/bench.json (after an interrupted run)")
+                       help="reuse the rows already saved in OUT/bench.json (OUT/serving_bench.json with --serving) "
+                            "after an interrupted run")
     bench.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -224,10 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench" and args.serving:
             from ..bench.serving import run_serving_bench, write
 
-            result = run_serving_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress,
-                                       wide=not args.quick)
             command = " ".join(["masquant bench --serving", *(["--quick"] if args.quick else []), "--models",
                                 *args.models, *([f"--results {args.results}"] if args.results else [])])
+            saved = args.out / "serving_bench.json"
+            done = json.loads(saved.read_text()) if args.resume and saved.exists() else None
+            result = run_serving_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress,
+                                       wide=not args.quick, done=done,
+                                       on_update=lambda partial: write(partial, args.out, None, command))
             print(write(result, args.out, args.results, command))
         elif args.command == "bench" and args.memory:
             from ..bench.memory import run_memory_bench, write

@@ -19,7 +19,8 @@ Request = tuple[Sequence[int], Mapping[str, list]]  # (token ids, masquant proce
 
 
 class VllmEngine:
-    """``vllm.LLM`` on a model directory (eager, float32 unless ``dtype``), closed by ``close`` or ``with``."""
+    """``vllm.LLM`` on a model directory (float32 unless ``dtype``; eager unless ``enforce_eager=False``;
+    other keywords go to ``vllm.LLM``), closed by ``close`` or ``with``."""
 
     def __init__(self, model: str | Path, *, dtype: str = "float32", max_model_len: int = 1024,
                  sample_rate: int = 16000, **engine):
@@ -29,8 +30,8 @@ class VllmEngine:
         config = json.loads((Path(model) / "config.json").read_text())
         limits = {"image": 2, "video": 0, **({"audio": 1} if _has_audio(config) else {})}
         self.placeholders, self.sample_rate = _placeholders(config), sample_rate
-        self.llm = LLM(model=str(model), dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
-                       max_logprobs=-1, limit_mm_per_prompt=limits, seed=0, **engine)
+        engine = {"enforce_eager": True, "max_logprobs": -1, "limit_mm_per_prompt": limits, "seed": 0, **engine}
+        self.llm = LLM(model=str(model), dtype=dtype, max_model_len=max_model_len, **engine)
         self.vocab = self.llm.llm_engine.model_config.get_vocab_size()
 
     def _prompt(self, ids: Sequence[int], items: Mapping[str, list]) -> dict:

@@ -5,20 +5,27 @@ quantized linears read. A model without masquant's quantization runs unchanged."
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from vllm.model_executor.models.qwen2_5_omni_thinker import Qwen2_5OmniThinkerForConditionalGeneration
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
 from .vllm_quant import MasquantConfig
 
+log = logging.getLogger("masquant")
+
 
 class _Routed:
     """Mixed in before a vLLM model class."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = vllm_config.quant_config
-        self.masquant_router = config.router if isinstance(config, MasquantConfig) else None
+        routed = isinstance(config, MasquantConfig)
+        if routed:
+            _eager(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.masquant_router = config.router if routed else None
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, *,
                         is_multimodal: torch.Tensor | None = None) -> torch.Tensor:
@@ -32,6 +39,18 @@ class _Routed:
         finally:  # (a later forward without an embedding call, e.g. a dummy run, is text)
             if self.masquant_router is not None:
                 self.masquant_router.ids = None
+
+
+def _eager(vllm_config) -> None:
+    """The routes change at every step and are read in Python, which a graph traced once would freeze:
+    the decoder runs eagerly (as with ``--enforce-eager``; logged when vLLM would have compiled it)."""
+    from vllm.config import CompilationMode
+
+    compilation = vllm_config.compilation_config
+    if compilation.mode != CompilationMode.NONE:
+        log.warning("masquant: per-token modality routing runs eagerly; torch.compile is off for this model "
+                    "(pass --enforce-eager / enforce_eager=True to say so)")
+        compilation.mode = CompilationMode.NONE
 
 
 class MasquantQwen2_5_VLForConditionalGeneration(_Routed, Qwen2_5_VLForConditionalGeneration):
