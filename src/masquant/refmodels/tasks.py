@@ -68,8 +68,8 @@ def rank_answers(model, processor: RefProcessor, prompts: list[tuple[list[dict],
     for first in range(0, len(prompts), chunk):
         texts, media = [], {}
         for messages, items in prompts[first: first + chunk]:
-            for c in candidates:
-                texts.append(processor.apply_chat_template([*messages, {"role": "assistant", "content": c}]))
+            for text in _answered(processor, messages, candidates):
+                texts.append(text)
                 for key, values in items.items():
                     media.setdefault(key, []).extend(values)
         batch = processor(texts, **media)
@@ -95,14 +95,18 @@ def image_accuracy(model, processor: RefProcessor, dataset: ImageSet, n: int, te
     return accuracy(model, processor, prompts, dataset.labels[:n], dataset.classes)
 
 
+def _answered(processor: RefProcessor, messages: list[dict], candidates: tuple[str, ...]) -> list[str]:
+    """The chat of ``messages`` answered by each candidate, as text."""
+    return [processor.apply_chat_template([*messages, {"role": "assistant", "content": c}]) for c in candidates]
+
+
 def _engine_answer_scores(engine, processor: RefProcessor, prompts: list[tuple[list[dict], dict]],
                           candidates: tuple[str, ...]) -> np.ndarray:
     """Each prompt x candidate's answer log-likelihood from an engine's per-token log-probabilities of
     the processor's token ids (the positions ``answer_labels`` keeps, as ``rank_answers`` sums)."""
     requests, keep = [], []
     for messages, items in prompts:
-        for c in candidates:
-            text = processor.apply_chat_template([*messages, {"role": "assistant", "content": c}])
+        for text in _answered(processor, messages, candidates):
             ids = processor([text], **items)["input_ids"]
             requests.append((ids[0].tolist(), items))
             keep.append((answer_labels(ids, processor)[0] != -100).numpy())

@@ -37,14 +37,14 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 class StepRouter(ModalityRouter):
     """The modality of every token of the vLLM step in flight (flat, in vLLM's token order): a
     placeholder is media where vLLM merges encoder outputs into it (``is_multimodal``), else text,
-    as decoded tokens and cached prompts are. Rows beyond the recorded ones (padding) are text."""
+    as decoded tokens and cached prompts are. Rows beyond the recorded ones (padding) are text.
+    A step's routes are cached by the identity of its ids (vLLM runs in inference mode, whose tensors
+    have no version counter for ``Derived``)."""
 
     def __init__(self, table):
         super().__init__(table)
         self._last: tuple = ()  # (ids, rows, device, routes): one step's routes, made by its first linear
         self.enabled = switches().routing  # (off: every token on the text path, to measure what routing costs)
-
-    # (cached by identity: vLLM runs in inference mode, whose tensors have no version counter for ``Derived``)
 
     def record(self, input_ids: torch.Tensor, is_multimodal: torch.Tensor | None) -> None:
         if is_multimodal is None or not self.enabled or not bool(is_multimodal.any()):
