@@ -71,6 +71,21 @@ def test_a_full_precision_checkpoint_is_exported_unquantized(tmp_path):
     assert tokens["audio_token"] == "<|AUDIO|>" and tokens["image_token"] == "<|image_pad|>"
 
 
+def test_a_reference_vl_checkpoint_gets_the_video_processor_of_its_image_processor(tmp_path):
+    """vLLM builds Qwen2-VL's video processor from video_preprocessor_config.json: the reference
+    model's image patching, frames as given (served videos: tests/test_vllm_serving.py)."""
+    from masquant.refmodels import registry
+
+    export_vllm(registry.model_dir("ref-vl"), tmp_path / "fp")
+    image = json.loads((tmp_path / "fp" / "preprocessor_config.json").read_text())
+    video = json.loads((tmp_path / "fp" / "video_preprocessor_config.json").read_text())
+    assert video["video_processor_type"] == "Qwen2VLVideoProcessor" and video["do_sample_frames"] is False
+    assert all(video[k] == image[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "size",
+                                                  "image_mean", "image_std"))
+    export_vllm(registry.model_dir("ref-omni"), tmp_path / "fp-omni")
+    assert not (tmp_path / "fp-omni" / "video_preprocessor_config.json").exists()  # (the Omni thinker's: not served)
+
+
 def test_refusals(vl_model, fresh, tmp_path):
     with pytest.raises(ValueError, match="MAS-only"):
         _export(fresh(vl_model), vl_samples(range(2)), tmp_path / "a", method="mas", w_bits=4, epochs=0)

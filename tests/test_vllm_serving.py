@@ -2,8 +2,8 @@
 ``.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_serving.py``; skipped elsewhere).
 
 A MASQuant W4A8 ref-vl and ref-omni model, each exported with ``--format vllm`` and served by an
-engine whose steps take at most 16 tokens, so every prompt is prefilled in chunks (an image or a
-clip split across two), requests share steps, and prefix caching is on. Every served
+engine whose steps take at most 16 tokens, so every prompt is prefilled in chunks (an image, a video
+or a spoken clip split across two), requests share steps, and prefix caching is on. Every served
 log-probability is compared with masquant's own runtime on the same token ids."""
 
 from __future__ import annotations
@@ -44,11 +44,20 @@ def served(request, tmp_path_factory):
         yield model, processor, engine, name
 
 
+# (frames, frames per second): clips whose text after the video gets the same positions from
+# transformers 5 (start + the frame side) and vLLM (the last video position + 1)
+CLIPS = ((2, 2.0), (4, 4.0))
+
+
 def _requests(processor, name: str, answer: bool = True) -> list:
-    """Media prompts (image questions; with audio: spoken words, and image + word pairs), then prose."""
+    """Media prompts (image questions; without audio: short videos, with audio: spoken words, and
+    image + word pairs), then prose."""
     test = registry.slices(name, "test")
     media = [(qa_messages("item", i % 5), {"images": [to_rgb(test["item"][0][i])]}) for i in range(N_IMAGES)]
-    if "word" in test:
+    if "word" not in test:
+        clip = [to_rgb(image) for image in test["item"][0][10:14]]
+        media += [(qa_messages("item", n, media="video"), {"videos": [clip[:n]], "fps": [fps]}) for n, fps in CLIPS]
+    else:
         clips = test["word"][0]
         media = media[: N_IMAGES // 2] + [(audio_messages(i % 5), {"audio": [clips[i]]}) for i in range(3)] + [
             (match_messages(0), {"images": [to_rgb(test["item"][0][0])], "audio": [clips[5]]})]
@@ -90,7 +99,7 @@ def test_served_log_probabilities_match_the_runtime(served):
     media, texts = gaps[:-2], gaps[-2:]
     assert np.median(media) < 1e-4 and media.max() < 2e-2 and texts.max() < 1e-4, gaps
     unrouted = np.array(_gaps(served, text_only=True))
-    assert unrouted[:-2].mean() > 5 * media.mean(), (gaps, unrouted)  # the media prompts need their routes
+    assert (unrouted[:-2] > 5 * media).all(), (gaps, unrouted)  # every media prompt (videos too) needs its routes
     assert np.abs(unrouted[-2:] - texts).max() < 1e-6  # text prompts: one route either way
 
 

@@ -39,7 +39,8 @@ DECODE_TOKENS = 32
 
 def next_token_requests(processor, name: str, n: int) -> dict[str, list]:
     """Held-out prompts by modality, ending where the model answers: image questions (test images),
-    spoken-word questions (test clips, models with audio) and prose prefixes."""
+    spoken-word questions (test clips, models with audio) or video questions (clips of test
+    images, models without), and prose prefixes."""
     test = registry.slices(name, "test")
     out: dict[str, list] = {"image": []}
     for i, image in enumerate(test["item"][0][:n]):
@@ -47,6 +48,10 @@ def next_token_requests(processor, name: str, n: int) -> dict[str, list]:
     if "word" in test:
         out["audio"] = [_request(processor, audio_messages(i % 5), {"audio": [clip]})
                         for i, clip in enumerate(test["word"][0][:n])]
+    else:  # (Qwen2.5-VL: 4-frame clips at 4 fps, where transformers and vLLM place the text after them alike)
+        frames = [to_rgb(image) for image in test["item"][0][n: 5 * n]]
+        out["video"] = [_request(processor, qa_messages("item", i % 5, media="video"),
+                                 {"videos": [frames[4 * i: 4 * i + 4]], "fps": [4.0]}) for i in range(n)]
     out["text"] = [(processor.tokenizer(p)["input_ids"][:48], {}) for p in test["prose"][:n]]
     return out
 
@@ -56,17 +61,20 @@ def _request(processor, messages: list[dict], items: dict) -> tuple[list[int], d
     return processor([text], **items)["input_ids"][0].tolist(), items
 
 
-MEDIA_TEXT = {"images": "<|vision_start|><|image_pad|><|vision_end|>", "audio": "<|audio_start|><|AUDIO|><|audio_end|>"}
+MEDIA_TEXT = {"images": "<|vision_start|><|image_pad|><|vision_end|>",
+              "videos": "<|vision_start|><|video_pad|><|vision_end|>", "audio": "<|audio_start|><|AUDIO|><|audio_end|>"}
 
 
 def runtime_inputs(model, processor, ids: list[int], items: dict) -> dict:
     """A transformers forward's inputs for token ids (placeholders expanded) and their media."""
     batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     if items:
-        media = processor(["".join(MEDIA_TEXT[k] for k in items)], **items)
+        media = processor(["".join(MEDIA_TEXT[k] * len(v) for k, v in items.items() if k in MEDIA_TEXT)], **items)
         batch.update({k: v for k, v in media.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")})
-        if "mm_token_type_ids" in media:  # (Qwen2.5-VL marks its image tokens)
-            batch["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).long()
+        if "mm_token_type_ids" in media:  # (Qwen2.5-VL marks its image tokens 1, its video tokens 2)
+            ids = batch["input_ids"]
+            batch["mm_token_type_ids"] = ((ids == model.config.image_token_id).long()
+                                          + 2 * (ids == model.config.video_token_id).long())
     return batch
 
 

@@ -82,6 +82,8 @@ def export_vllm(source: str | Path, out: str | Path, overwrite: bool = False) ->
                 shutil.copy2(path, tmp / path.name)
         if arch == _OMNI:
             _omni_processor_files(tmp, hf_config["thinker_config"]["audio_config"]["num_mel_bins"])
+        else:
+            _video_processor_file(tmp)
     log.info("exported %s for vLLM to %s", f"{len(quantization['linears'])} quantized linears" if quantization
              else "a full-precision model", out)
     return quantization
@@ -165,3 +167,22 @@ def _omni_processor_files(directory: Path, mel_bins: int) -> None:
                 json.dumps(t) in known for t in _OMNI_TOKENS.values()):
             tokenizer["extra_special_tokens"] = _OMNI_TOKENS
             tok.write_text(json.dumps(tokenizer, indent=1))
+
+
+_VIDEO_KEYS = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std", "merge_size",
+               "patch_size", "resample", "rescale_factor", "size", "temporal_patch_size")
+
+
+def _video_processor_file(directory: Path) -> None:
+    """Qwen2-VL's video processor settings where a checkpoint has only its image processor's (the
+    reference models): the same patching and normalization, frames taken as given (no resampling
+    in time), 2 frames per second as masquant's processor assumes."""
+    pre, video = directory / "preprocessor_config.json", directory / "video_preprocessor_config.json"
+    if video.exists() or not pre.exists():
+        return
+    image = json.loads(pre.read_text())
+    if not str(image.get("image_processor_type", "")).startswith("Qwen2VLImageProcessor"):
+        return
+    settings = {k: image[k] for k in _VIDEO_KEYS if k in image}
+    video.write_text(json.dumps({**settings, "video_processor_type": "Qwen2VLVideoProcessor", "do_sample_frames": False,
+                                 "fps": 2.0}, indent=1))

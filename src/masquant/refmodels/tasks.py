@@ -27,8 +27,9 @@ TEMPLATES = {
 }
 
 
-def qa_messages(task: str, template: int, answer: str | None = None) -> list[dict]:
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TEMPLATES[task][template]}]}]
+def qa_messages(task: str, template: int, answer: str | None = None, media: str = "image") -> list[dict]:
+    """A question about an image (or, ``media="video"``, a clip) in the task's ``template``-th wording."""
+    msgs = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": TEMPLATES[task][template]}]}]
     if answer is not None:
         msgs.append({"role": "assistant", "content": answer})
     return msgs

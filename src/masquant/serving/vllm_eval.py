@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-Request = tuple[Sequence[int], Mapping[str, list]]  # (token ids, masquant processor media: images / audio)
+# (token ids, masquant processor media: images / videos / fps / audio)
+Request = tuple[Sequence[int], Mapping[str, list]]
 
 
 class VllmEngine:
@@ -28,7 +29,8 @@ class VllmEngine:
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on the CPU (vLLM's default: most RAM)
         config = json.loads((Path(model) / "config.json").read_text())
-        limits = {"image": 2, "video": 0, **({"audio": 1} if _has_audio(config) else {})}
+        video = 0 if _has_audio(config) else 1  # (Qwen2.5-VL's videos; the Omni thinker's are not compared here)
+        limits = {"image": 2, "video": video, **({"audio": 1} if _has_audio(config) else {})}
         self.placeholders, self.sample_rate = _placeholders(config), sample_rate
         engine = {"enforce_eager": True, "max_logprobs": -1, "limit_mm_per_prompt": limits, "seed": 0, **engine}
         self.llm = LLM(model=str(model), dtype=dtype, max_model_len=max_model_len, **engine)
@@ -42,6 +44,9 @@ class VllmEngine:
         if items.get("images"):
             images = list(items["images"])
             media["image"] = images[0] if len(images) == 1 else images
+        if items.get("videos"):
+            fps = list(items.get("fps") or [2.0] * len(items["videos"]))
+            media["video"] = [_video(frames, rate) for frames, rate in zip(items["videos"], fps, strict=True)]
         if items.get("audio"):
             media["audio"] = [(np.asarray(a, dtype=np.float32), self.sample_rate) for a in items["audio"]]
         if media:
@@ -87,6 +92,18 @@ class VllmEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _video(frames: Sequence, fps: float) -> tuple[np.ndarray, dict]:
+    """A clip as vLLM takes it: ``[frames, height, width, 3]`` uint8 and its metadata (the frames are
+    the sampled ones, ``fps`` their rate; vLLM resamples nothing)."""
+    from PIL import Image
+
+    images = [f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+    rgb = [np.asarray(image.convert("RGB")) for image in images]
+    meta = {"fps": float(fps), "duration": len(rgb) / fps, "total_num_frames": len(rgb),
+            "frames_indices": list(range(len(rgb))), "video_backend": "opencv", "do_sample_frames": False}
+    return np.stack(rgb), meta
 
 
 def _has_audio(config: dict) -> bool:
