@@ -12,12 +12,13 @@ from conftest import needs_native, set_switch
 
 @needs_native
 @pytest.mark.parametrize(("m", "k", "n"), [(1, 1, 1), (1, 7, 5), (2, 64, 33), (3, 300, 17), (1, 256, 768),
-                                           (6, 40, 70), (37, 256, 130)])
+                                           (6, 40, 70), (37, 256, 130), (5, 1030, 1041)])
 @pytest.mark.parametrize("bits", [8, 6, 4])
 @pytest.mark.parametrize(("per_row", "with_bias"), [(True, True), (False, False)])
 def test_native_kernel_is_bit_identical_to_the_eager_kernels(m, k, n, bits, per_row, with_bias, kernel_library):
     """The native kernel: the eager kernels' exact float32 values (codes, int32 sums, epilogue in
-    the same order), for odd widths (vector tails, partial blocks of outputs and rows), a row of
+    the same order), for odd widths (vector tails, partial blocks of outputs and rows), a weight
+    large enough for the threads to share its output blocks, a row of
     zeros (the scale's floor), exact halves (round to even), huge and tiny rows, per-row or
     per-tensor weight scales, with and without bias; each row by its own smoothing vector."""
     from masquant.runtime import native
@@ -193,27 +194,38 @@ def test_the_native_call_follows_state_dict_loads_copies_and_the_runtime(w_bits)
 
 
 @needs_native
-def test_small_layers_take_the_native_call_and_large_ones_the_eager_kernels(monkeypatch):
-    """Few rows of a small layer go native; a large layer stays on oneDNN (multi-threaded) even
-    for one row. Values identical either way."""
+def test_small_layers_and_decoding_rows_of_large_ones_take_the_native_call(monkeypatch):
+    """Few rows of a small layer go native; a large layer (3B-wide) goes native for decoding's
+    few rows, its output blocks shared among the threads, and to the GEMMs for more. Values
+    identical either way, on one thread or two."""
     from masquant.bench import speed
     from masquant.runtime import native
 
-    assert native.describe() == native.ISAS[native.library().isa]
-    max_weight, max_macs = native.LIMITS[native.library().isa]
+    isa = native.library().isa
+    assert native.describe() == native.ISAS[isa]
+    max_weight, max_macs = native.LIMITS[isa]
     assert native.small(max_macs // max_weight, 1, max_weight) and native.small(1, 1024, max_weight // 1024)
-    assert not native.small(1, 2048, max_weight // 1024) and not native.small(max_macs // 256 + 1, 16, 16)
-    assert not native.small(1, 4096, 4096)
+    assert not native.small(max_macs // 256 + 1, 16, 16)
+    decode = native.DECODE_ROWS[isa]
+    assert native.small(decode, 2048, 2048) == (decode > 0) and not native.small(decode + 1, 2048, 11008)
     torch.manual_seed(0)
     small, large = speed.quant_linear(torch.nn.Linear(256, 512), 8), speed.quant_linear(torch.nn.Linear(2048, 2048), 8)
-    inputs = [torch.randn(1, 1, layer.in_features) for layer in (small, large)]
-    with torch.no_grad():
-        outputs = [layer(x) for layer, x in zip((small, large), inputs, strict=True)]
-        assert isinstance(small._plan, native.Plan) and large._plan is None
-        set_switch(monkeypatch, "MASQUANT_NATIVE", "0")
-        assert native.describe() == "off (MASQUANT_NATIVE=0)"
-        for layer, x, y in zip((small, large), inputs, outputs, strict=True):
-            assert torch.equal(layer(x), y)
+    inputs = [torch.randn(1, 1, 256), torch.randn(1, max(decode, 1), 2048), torch.randn(1, decode + 1, 2048)]
+    layers = (small, large, large)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(2)
+            outputs = [layer(x) for layer, x in zip(layers, inputs, strict=True)]
+            assert isinstance(small._plan, native.Plan) and (large._plan is not None) == (decode > 0)
+            torch.set_num_threads(1)
+            assert torch.equal(large(inputs[1]), outputs[1])
+            set_switch(monkeypatch, "MASQUANT_NATIVE", "0")
+            assert native.describe() == "off (MASQUANT_NATIVE=0)"
+            for layer, x, y in zip(layers, inputs, outputs, strict=True):
+                assert torch.equal(layer(x), y)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_native

@@ -1,7 +1,8 @@
 """Which kernels run a quantized linear, decided in one place (``forward``).
 
-* ``native``: few contiguous float32 rows on the CPU through a small symmetric layer: the whole
-  linear, the smoothing vectors and the patches in one C++ call (``native.Plan``, bound once);
+* ``native``: few contiguous float32 rows on the CPU through a small symmetric layer, or
+  decoding's rows through a large one (``native.small``): the whole linear, the smoothing vectors
+  and the patches in one C++ call (``native.Plan``, bound once);
 * ``fused``: many rows where ``torch.compile`` works: smoothing, per-token quantization, the
   int8 GEMM and its epilogue as one compiled region (``kernels.fused_linear``);
 * ``eager``: the same integer arithmetic op by op (``kernels.int_linear``; asymmetric or
@@ -68,10 +69,10 @@ def kernel(layer: QuantLinear, rows: torch.Tensor) -> str:
     if layer.runtime != "int" or layer.a_bits >= 16:
         return "float"
     if layer.grid.symmetric and layer.w_group_size in (0, -1):  # (asymmetric and grouped codes: eager / dequant)
-        if kernels.use_fusion(rows) and int_gemm_fast(rows.device):
-            return "fused"
         if native.usable(rows, layer.out_features):
             return "native"
+        if kernels.use_fusion(rows) and int_gemm_fast(rows.device):
+            return "fused"
         if rows.is_cpu and not int_gemm_fast(rows.device) and not torch.compiler.is_compiling() \
                 and native.gemm_ready():
             return "gemm"

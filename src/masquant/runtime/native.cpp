@@ -333,9 +333,13 @@ static void add_patches(const Layer* l, const float* x, const int64_t* ids, int6
   }
 }
 
-// y = the rows' integer linear, plus each row's patch when ids are given and the layer has patches. Returns 0, or 1
-// when an id is not a row of the smoothing table (nothing is written then).
-extern "C" int masquant_layer(const Layer* l, const float* x, const int64_t* ids, int64_t m, float* y) {
+// Weights from this many elements up share their output blocks among the threads (decoding large layers: the weight
+// streams from memory, and one core's bandwidth is less than the machine's). native.THREADED_WEIGHT says the same.
+constexpr int64_t PARALLEL_WEIGHT = 1 << 20;
+
+// y = the rows' integer linear, plus each row's patch when ids are given and the layer has patches, on up to `threads`
+// threads. Returns 0, or 1 when an id is not a row of the smoothing table (nothing is written then).
+extern "C" int masquant_layer(const Layer* l, const float* x, const int64_t* ids, int64_t m, float* y, int threads) {
   const int64_t k = l->k, kp = 4 * l->k4, n = l->n;
   if (ids)
     for (int64_t r = 0; r < m; ++r)
@@ -348,6 +352,7 @@ extern "C" int masquant_layer(const Layer* l, const float* x, const int64_t* ids
     quantize_row(l, x + r * k, l->smooth ? l->smooth + (ids ? ids[r] : 0) * k : nullptr, xs, codes + r * kp, t + r);
   // Output tiles outside, rows inside: each tile's weights are read from memory once and reused from cache.
   const int64_t blocks = (n + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (threads > 1 && n * k >= PARALLEL_WEIGHT)
   for (int64_t b0 = 0; b0 < blocks; b0 += BLOCKS) {
     const int64_t nb = blocks - b0 < BLOCKS ? blocks - b0 : BLOCKS;
     int64_t r = 0;
