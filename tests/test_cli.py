@@ -114,3 +114,18 @@ def test_the_demo_runs_without_compiling_unless_asked(monkeypatch, capsys):
     monkeypatch.setenv("MASQUANT_FUSE", "1")
     assert main(["demo", "--tiny"]) == 0
     assert seen == ["0", "1"]
+
+
+def test_a_generated_pages_command_shows_no_absolute_path(tmp_path, monkeypatch):
+    """Pages print the command that regenerates them: an absolute ``--results`` path inside the
+    working directory is shown relative to it, one outside by its name."""
+    import argparse
+    from pathlib import Path
+
+    from masquant.cli.main import _results_flag
+
+    monkeypatch.chdir(tmp_path)
+    inside = argparse.Namespace(results=tmp_path / "docs" / "SERVING.md")
+    assert _results_flag(inside) == ["--results docs/SERVING.md"]
+    assert _results_flag(argparse.Namespace(results=Path("/elsewhere/PAGE.md"))) == ["--results PAGE.md"]
+    assert _results_flag(argparse.Namespace(results=None)) == []

@@ -177,6 +177,20 @@ def _eval(args: argparse.Namespace) -> None:
     print(json.dumps(rows, indent=1))
 
 
+
+def _results_flag(args) -> list[str]:
+    """``--results PAGE`` as a generated page's command line shows it: relative to the working
+    directory (the repository, where pages are regenerated), never a machine's absolute path."""
+    if not args.results:
+        return []
+    page = Path(args.results)
+    if page.is_absolute():
+        try:
+            page = page.relative_to(Path.cwd())
+        except ValueError:
+            page = Path(page.name)
+    return [f"--results {page.as_posix()}"]
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_json)
@@ -220,13 +234,13 @@ def main(argv: list[str] | None = None) -> int:
 
             rows = run_export_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress)
             command = " ".join(["masquant bench --export", *(["--quick"] if args.quick else []), "--models",
-                                *args.models, *([f"--results {args.results}"] if args.results else [])])
+                                *args.models, *_results_flag(args)])
             print(write(rows, args.out, args.results, command))
         elif args.command == "bench" and args.serving:
             from ..bench.serving import run_serving_bench, write
 
             command = " ".join(["masquant bench --serving", *(["--quick"] if args.quick else []), "--models",
-                                *args.models, *([f"--results {args.results}"] if args.results else [])])
+                                *args.models, *_results_flag(args)])
             saved = args.out / "serving_bench.json"
             done = json.loads(saved.read_text()) if args.resume and saved.exists() else None
             result = run_serving_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress,
@@ -238,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
             rows = run_memory_bench(quick=args.quick)
             command = " ".join(["masquant bench --memory", *(["--quick"] if args.quick else []),
-                                *([f"--results {args.results}"] if args.results else [])])
+                                *_results_flag(args)])
             print(write(rows, args.out, args.results, command))
         elif args.command == "bench" and args.speed:
             from ..bench import cpuclass
@@ -254,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             command = " ".join(["masquant bench --speed", *(["--quick"] if args.quick else []),
                                 *([f"--cpu-class {args.cpu_class}"] if args.cpu_class else []),
                                 *([f"--device {args.device}"] if args.device != "cpu" else []),
-                                *([f"--results {args.results}"] if args.results else [])])
+                                *_results_flag(args)])
             write(result, args.out, args.results, command)
             print(markdown(result))
         elif args.command == "bench":
@@ -263,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress, out=args.out,
                              resume=args.resume)
             command = " ".join(["masquant bench", *(["--quick"] if args.quick else []), "--models", *args.models,
-                                *([f"--results {args.results}"] if args.results else [])])
+                                *_results_flag(args)])
             write(rows, args.out, args.results, command)
             from ..bench.accuracy import markdown
 

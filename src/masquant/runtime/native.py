@@ -280,7 +280,8 @@ def load(compiler: str, defines: tuple[str, ...] = (), march: str = "native") ->
     AVX-512 VNNI; ``MASQUANT_PORTABLE``: the plain C++ loops)."""
     lib = ctypes.CDLL(str(_build(compiler, (f"-march={march}", *(f"-D{d}" for d in defines)))))
     ptr = ctypes.c_void_p
-    lib.masquant_layer.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int]  # (Python ints: 64-bit pointers and sizes)
+    # (Python ints: 64-bit pointers and sizes; the last argument is the thread count)
+    lib.masquant_layer.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ptr, ctypes.c_int]
     lib.masquant_layer.restype = ctypes.c_int
     lib.masquant_isa.restype = ctypes.c_int
     lib.isa = lib.masquant_isa()
