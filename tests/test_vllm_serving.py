@@ -139,3 +139,25 @@ def test_a_compiling_engine_runs_the_routes_eagerly(served, tmp_path):
         theirs = compiling.token_logprobs(requests)
     for ours, lp in zip(engine.token_logprobs(requests), theirs, strict=True):
         assert np.abs(ours[1:] - lp[1:]).max() < 1e-4
+
+
+def test_the_routed_model_turns_compilation_and_cuda_graphs_off(monkeypatch):
+    """What vLLM would trace or capture once (torch.compile, CUDA graphs) would replay one step's
+    routes: the routed model's config turns both off, and a forward inside a capture is refused."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationConfig, CompilationMode
+    from vllm.config.compilation import CUDAGraphMode
+
+    from masquant.serving import vllm_models
+
+    config = SimpleNamespace(compilation_config=CompilationConfig(mode=CompilationMode.VLLM_COMPILE,
+                                                                  cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
+    vllm_models._eager(config)
+    assert config.compilation_config.mode == CompilationMode.NONE
+    assert config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+    monkeypatch.setattr(vllm_models, "_capturing", lambda: True)
+    routed = object.__new__(vllm_models.MasquantQwen2_5_VLForConditionalGeneration)
+    routed.__dict__["masquant_router"] = object()
+    with pytest.raises(RuntimeError, match="enforce-eager"):
+        routed.forward()

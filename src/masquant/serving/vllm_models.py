@@ -34,6 +34,9 @@ class _Routed:
         return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
 
     def forward(self, *args, **kwargs):
+        if self.masquant_router is not None and _capturing():
+            raise RuntimeError("masquant: per-token modality routing cannot run inside a CUDA graph (it would replay "
+                               "the captured step's routes); serve with --enforce-eager / enforce_eager=True")
         try:
             return super().forward(*args, **kwargs)
         finally:  # (a later forward without an embedding call, e.g. a dummy run, is text)
@@ -42,15 +45,24 @@ class _Routed:
 
 
 def _eager(vllm_config) -> None:
-    """The routes change at every step and are read in Python, which a graph traced once would freeze:
-    the decoder runs eagerly (as with ``--enforce-eager``; logged when vLLM would have compiled it)."""
+    """The routes change at every step and are read in Python, which a graph traced or captured once
+    would freeze: the decoder runs eagerly, without torch.compile or CUDA graphs (as with
+    ``--enforce-eager``; logged when vLLM would have used either)."""
     from vllm.config import CompilationMode
+    from vllm.config.compilation import CUDAGraphMode
 
     compilation = vllm_config.compilation_config
-    if compilation.mode != CompilationMode.NONE:
-        log.warning("masquant: per-token modality routing runs eagerly; torch.compile is off for this model "
-                    "(pass --enforce-eager / enforce_eager=True to say so)")
+    graphs = compilation.cudagraph_mode not in (None, CUDAGraphMode.NONE)
+    if compilation.mode != CompilationMode.NONE or graphs:
+        log.warning("masquant: per-token modality routing runs eagerly; torch.compile and CUDA graphs are off for "
+                    "this model (pass --enforce-eager / enforce_eager=True to say so)")
         compilation.mode = CompilationMode.NONE
+        compilation.cudagraph_mode = CUDAGraphMode.NONE
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured (a model run eagerly must not be)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class MasquantQwen2_5_VLForConditionalGeneration(_Routed, Qwen2_5_VLForConditionalGeneration):
