@@ -71,7 +71,7 @@ def test_a_full_precision_checkpoint_is_exported_unquantized(tmp_path):
     assert tokens["audio_token"] == "<|AUDIO|>" and tokens["image_token"] == "<|image_pad|>"
 
 
-def test_a_reference_vl_checkpoint_gets_the_video_processor_of_its_image_processor(tmp_path):
+def test_a_reference_checkpoint_gets_the_video_processor_of_its_image_processor(tmp_path):
     """vLLM builds Qwen2-VL's video processor from video_preprocessor_config.json: the reference
     model's image patching, frames as given (served videos: tests/test_vllm_serving.py)."""
     from masquant.refmodels import registry
@@ -83,7 +83,8 @@ def test_a_reference_vl_checkpoint_gets_the_video_processor_of_its_image_process
     assert all(video[k] == image[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "size",
                                                   "image_mean", "image_std"))
     export_vllm(registry.model_dir("ref-omni"), tmp_path / "fp-omni")
-    assert not (tmp_path / "fp-omni" / "video_preprocessor_config.json").exists()  # (the Omni thinker's: not served)
+    omni = json.loads((tmp_path / "fp-omni" / "video_preprocessor_config.json").read_text())
+    assert omni["patch_size"] == image["patch_size"] and omni["size"] == image["size"]
 
 
 def test_refusals(vl_model, fresh, tmp_path):

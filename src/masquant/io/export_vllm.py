@@ -82,8 +82,7 @@ def export_vllm(source: str | Path, out: str | Path, overwrite: bool = False) ->
                 shutil.copy2(path, tmp / path.name)
         if arch == _OMNI:
             _omni_processor_files(tmp, hf_config["thinker_config"]["audio_config"]["num_mel_bins"])
-        else:
-            _video_processor_file(tmp)
+        _video_processor_file(tmp)
     log.info("exported %s for vLLM to %s", f"{len(quantization['linears'])} quantized linears" if quantization
              else "a full-precision model", out)
     return quantization

@@ -139,8 +139,9 @@ class RefProcessor:
             pairs = patches.reshape(len(frames) // 2, 2, per, 3, PATCH, PATCH).permute(0, 2, 3, 1, 4, 5)
             values.append(pairs.reshape(len(frames) // 2 * per, 3 * 2 * PATCH * PATCH))
             grids.append([len(frames) // 2, h, w])
+        seconds = "video_second_per_grid" if self.family == "omni" else "second_per_grid_ts"  # (each model's name)
         return {"pixel_values_videos": torch.cat(values), "video_grid_thw": torch.tensor(grids),
-                "second_per_grid_ts": torch.tensor([2.0 / f for f in fps])}
+                seconds: torch.tensor([2.0 / f for f in fps])}
 
     def decode(self, ids: torch.Tensor | list[int], **kw) -> str:
         return self.tokenizer.decode(ids, **kw)

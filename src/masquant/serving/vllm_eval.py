@@ -29,10 +29,10 @@ class VllmEngine:
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on the CPU (vLLM's default: most RAM)
         config = json.loads((Path(model) / "config.json").read_text())
-        video = 0 if _has_audio(config) else 1  # (Qwen2.5-VL's videos; the Omni thinker's are not compared here)
-        limits = {"image": 2, "video": video, **({"audio": 1} if _has_audio(config) else {})}
+        limits = {"image": 2, "video": 1, **({"audio": 1} if _has_audio(config) else {})}
         self.placeholders, self.sample_rate = _placeholders(config), sample_rate
-        engine = {"enforce_eager": True, "max_logprobs": -1, "limit_mm_per_prompt": limits, "seed": 0, **engine}
+        engine = {"enforce_eager": True, "max_logprobs": -1, "limit_mm_per_prompt": limits, "seed": 0,
+                  **_omni_pixels(Path(model), config), **engine}
         self.llm = LLM(model=str(model), dtype=dtype, max_model_len=max_model_len, **engine)
         self.vocab = self.llm.llm_engine.model_config.get_vocab_size()
 
@@ -104,6 +104,19 @@ def _video(frames: Sequence, fps: float) -> tuple[np.ndarray, dict]:
     meta = {"fps": float(fps), "duration": len(rgb) / fps, "total_num_frames": len(rgb),
             "frames_indices": list(range(len(rgb))), "video_backend": "opencv", "do_sample_frames": False}
     return np.stack(rgb), meta
+
+
+def _omni_pixels(model: Path, config: dict) -> dict:
+    """Qwen2.5-Omni's processor sizes videos by its own pixel bounds (128 to 768 patches of 28 x 28),
+    not by its video processor's: a checkpoint whose processor says otherwise (the reference
+    models' 56-pixel frames) needs them as ``mm_processor_kwargs`` (``--mm-processor-kwargs``)."""
+    pre = model / "preprocessor_config.json"
+    if "thinker_config" not in config or not pre.exists():
+        return {}
+    size = json.loads(pre.read_text()).get("size") or {}
+    if "shortest_edge" not in size or "longest_edge" not in size:
+        return {}
+    return {"mm_processor_kwargs": {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}}
 
 
 def _has_audio(config: dict) -> bool:
