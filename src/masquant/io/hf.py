@@ -36,8 +36,12 @@ def _hf_model(path: Path):
 def _hf_processor(path: Path):
     from transformers import AutoProcessor
 
+    from .pil_processor import fallback
+
     try:
         return AutoProcessor.from_pretrained(path)
     except Exception as err:
-        raise RuntimeError(f"cannot load the processor of {path} with AutoProcessor ({err}); the Qwen2.5-VL / "
-                           "Omni processors need torchvision installed") from err
+        processor = fallback(path, err)  # (a Qwen checkpoint on an install without torchvision)
+        if processor is not None:
+            return processor
+        raise RuntimeError(f"cannot load the processor of {path} with AutoProcessor ({err})") from err

@@ -73,12 +73,12 @@ class RefProcessor:
     ``family``: ``"vl"`` adds ``mm_token_type_ids`` (Qwen2.5-VL takes them), ``"omni"`` does not.
     """
 
-    def __init__(self, tokenizer, images=None, family: str = "vl"):
+    def __init__(self, tokenizer, images=None, family: str = "vl", features=None):
         from transformers import WhisperFeatureExtractor
 
         self.tokenizer, self.family = tokenizer, family
         self.image_processor = images or image_processor()
-        self.feature_extractor = WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=SAMPLE_RATE)
+        self.feature_extractor = features or WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=SAMPLE_RATE)
         self.image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.video_pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
 
