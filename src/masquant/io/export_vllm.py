@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..arch import get_adapter
 from ..version import __version__
+from .pil_processor import qwen_images
 from .serialization import QUANT_CONFIG, read_meta, refuse_nonempty, staged_directory, weight_files
 
 log = logging.getLogger("masquant")
@@ -180,7 +181,7 @@ def _video_processor_file(directory: Path) -> None:
     if video.exists() or not pre.exists():
         return
     image = json.loads(pre.read_text())
-    if not str(image.get("image_processor_type", "")).startswith("Qwen2VLImageProcessor"):
+    if not qwen_images(image):
         return
     settings = {k: image[k] for k in _VIDEO_KEYS if k in image}
     video.write_text(json.dumps({**settings, "video_processor_type": "Qwen2VLVideoProcessor", "do_sample_frames": False,

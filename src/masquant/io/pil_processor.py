@@ -67,11 +67,16 @@ def fallback(path: Path, err: Exception):
     pre = path / "preprocessor_config.json"
     if "torchvision" not in str(err).lower() or not pre.exists():
         return None
-    if not str(json.loads(pre.read_text()).get("image_processor_type", "")).startswith("Qwen2VLImageProcessor"):
+    if not qwen_images(json.loads(pre.read_text())):
         return None
     log.warning("torchvision is not installed: %s's processor runs its images through transformers' PIL image "
                 "processor (the same values), and videos are refused (pip install torchvision for them)", path.name)
     return PilProcessor.from_pretrained(path)
+
+
+def qwen_images(preprocessor: dict) -> bool:
+    """Whether a ``preprocessor_config.json`` is Qwen2-VL's image processor's (fast or PIL)."""
+    return str(preprocessor.get("image_processor_type", "")).startswith("Qwen2VLImageProcessor")
 
 
 def _is_omni(path: Path) -> bool:

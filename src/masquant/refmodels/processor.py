@@ -96,10 +96,10 @@ class RefProcessor:
         if images:
             vision = self.image_processor(images=images, return_tensors="pt")
             out["pixel_values"], out["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
-            per_image = (vision["image_grid_thw"].prod(-1) // MERGE**2).tolist()
+            per_image = (vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
         if videos:
             out.update(self._videos(videos, fps or [2.0] * len(videos)))
-            per_video = (out["video_grid_thw"].prod(-1) // MERGE**2).tolist()
+            per_video = (out["video_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
         if audio:
             out["input_features"], out["feature_attention_mask"] = self._audio(audio)
             per_clip = [audio_tokens(int(n)) for n in out["feature_attention_mask"].sum(-1)]
