@@ -27,7 +27,7 @@ def test_round_trip_with_version():
     ({"method": "mas", "mas_batch": 0}, "mas_batch"),
     ({"runtime": "cuda"}, "runtime must be"),
     ({"method": "masquant", "patch_dtype": "int8"}, "patch_dtype must be"),
-    ({"rank": 8}, r"method 'smoothquant' has no setting rank \(rank is a setting of masquant\)"),
+    ({"rank": 8}, r"method 'smoothquant' has no setting rank \(rank is a setting of lrc, masquant\)"),
     ({"method": "masquant", "colour": 1}, "no method takes colour"),
     ({"method": "masquant", "settings": object()}, "must be a MasquantSettings"),
 ])
@@ -72,4 +72,4 @@ def test_a_version_1_dict_keeps_the_settings_of_its_method():
     config = QuantConfig.from_dict(flat)
     assert config == QuantConfig(method="smoothquant", alpha=0.7)
     assert set(config.to_dict()) == {"version", "method", "w_bits", "a_bits", "w_group_size", "w_symmetric",
-                                     "smooth_down_proj", "seed", "calib_batch", "runtime", "alpha"}
+                                     "smooth_down_proj", "seed", "calib_batch", "runtime", "w_rounding", "alpha"}

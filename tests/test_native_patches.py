@@ -164,20 +164,20 @@ def test_a_smoothing_table_edited_in_place_is_read_alike_by_both_paths(start, mo
     torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
 
 
-def test_a_text_patch_is_refused_on_every_path():
-    """Text tokens use the stored weight: a layout (checkpoint) or a module dict holding a patch
-    for 'text' is an error, not a patch one path applies and the other skips."""
+def test_an_unknown_patch_name_is_refused_on_every_path():
+    """Patches are named by modality (text included) or 'all': a layout (checkpoint) or a module dict
+    holding another name is an error, not a patch one path applies and the other skips."""
     from masquant.config import QuantConfig
     from masquant.runtime.qlinear import LowRankPatch, QuantLinear
 
-    layout = {"in_features": 8, "out_features": 4, "bias": False, "dtype": "float32", "patches": {"text": 2},
+    layout = {"in_features": 8, "out_features": 4, "bias": False, "dtype": "float32", "patches": {"speech": 2},
               "modality_weights": []}
-    with pytest.raises(ValueError, match="patches are for the non-text modalities"):
-        QuantLinear.from_layout(layout, QuantConfig(w_bits=8), None)
+    with pytest.raises(ValueError, match="patches are named by modality"):
+        QuantLinear.from_layout(layout, QuantConfig(method="masquant", w_bits=8), None)
     layer, router = _routed_layer()
-    layer.patches["text"] = LowRankPatch(torch.randn(64, 2), torch.randn(2, 48))
+    layer.patches["speech"] = LowRankPatch(torch.randn(64, 2), torch.randn(2, 48))
     with torch.no_grad(), router.scope(torch.tensor([[0, 1]])), \
-            pytest.raises(ValueError, match="patches are for the non-text modalities"):
+            pytest.raises(ValueError, match="patches are named by modality"):
         layer(torch.randn(1, 2, 64))
 
 

@@ -56,6 +56,8 @@ class QuantConfig:
     * ``smooth_down_proj``: also smooth the groups the adapter leaves unsmoothed (``down_proj``).
     * ``calib_batch``: calibration samples per decoder-layer call (right-padded; padding never counts).
     * ``runtime``: ``"int"`` (int8 x int8 -> int32 GEMMs) or ``"fake"`` (dequantize, multiply in float).
+    * ``w_rounding``: ``"rtn"`` (round to nearest) or ``"gptq"`` (GPTQ on the smoothed weight, same grid;
+      ``masquant.calibration.gptq``).
     * ``settings``: the method's own settings (``masquant.methods.<name>``); or pass them as keywords.
     """
 
@@ -69,13 +71,16 @@ class QuantConfig:
     calib_batch: int = field(default=8, metadata={"help": "calibration samples per decoder-layer call"})
     runtime: str = field(default="int", metadata={"help": "int (integer GEMMs) or fake (float simulation)",
                                                   "choices": ("int", "fake")})
+    w_rounding: str = field(default="rtn", metadata={
+        "help": "how stored weights are rounded: rtn (to nearest) or gptq (Hessian-aware, after smoothing)",
+        "choices": ("rtn", "gptq")})
     settings: Any = None
 
     VERSION: ClassVar[int] = 2
 
     def __init__(self, method: str = "smoothquant", w_bits: int = 8, a_bits: int = 8, w_group_size: int = 0,
                  w_symmetric: bool = True, *, smooth_down_proj: bool = False, seed: int = 0, calib_batch: int = 8,
-                 runtime: str = "int", settings: Any = None, **options: Any):
+                 runtime: str = "int", w_rounding: str = "rtn", settings: Any = None, **options: Any):
         kind = settings_type(method)
         unknown = sorted(set(options) - set(method_options(method)))
         if unknown:
@@ -94,7 +99,7 @@ class QuantConfig:
         for name, value in (("method", method), ("w_bits", w_bits), ("a_bits", a_bits),
                             ("w_group_size", w_group_size), ("w_symmetric", w_symmetric),
                             ("smooth_down_proj", smooth_down_proj), ("seed", seed), ("calib_batch", calib_batch),
-                            ("runtime", runtime)):
+                            ("runtime", runtime), ("w_rounding", w_rounding)):
             object.__setattr__(self, name, value)
         self._check()
 
@@ -107,6 +112,8 @@ class QuantConfig:
         check_int("calib_batch", self.calib_batch, 1, 100_000)
         if self.runtime not in ("int", "fake"):
             raise ValueError(f"runtime must be 'int' or 'fake', got {self.runtime!r}")
+        if self.w_rounding not in ("rtn", "gptq"):
+            raise ValueError(f"w_rounding must be 'rtn' or 'gptq', got {self.w_rounding!r}")
 
     def __getattr__(self, name: str) -> Any:
         """The method's own settings (and their helpers) read through the config (``config.rank``)."""

@@ -22,7 +22,7 @@ from ..arch import Adapter, LinearGroup, layer_output
 from ..config import QuantConfig
 from ..modality import NUM_MODALITIES, Modality, ModalityRouter
 from ..runtime.qlinear import QuantLinear, replace_module
-from . import distributed
+from . import distributed, gptq
 from .capture import Captured
 from .checkpoint import LayerCheckpoint, layer_digest
 from .offload import ActivationStore
@@ -125,13 +125,14 @@ class LayerContext:
         """Modalities with calibration tokens in this layer."""
         return sorted({m for site in self.stats.values() for m in site.per_modality})
 
-    def collect(self, second_moments: bool = False) -> None:
+    def collect(self, second_moments: bool = False, text: bool = False, every_group: bool = False) -> None:
         """Run the full-precision layer once for input statistics (with ``second_moments``, also ``X^T X`` at
-        smoothed groups) and target outputs. Data-parallel: statistics merged over processes, outputs local."""
+        smoothed groups, or every group, of non-text tokens, and of text ones with ``text``) and target outputs.
+        Data-parallel: statistics merged over processes, outputs local."""
         paths = [g.linears[0] for g in self.groups()]  # a group's linears share one input
-        second = {g.linears[0] for g in self.groups() if second_moments and self.smoothed(g)}
+        second = {g.linears[0] for g in self.groups() if second_moments and (every_group or self.smoothed(g))}
         collector = StatsCollector({p: self.layer.get_submodule(p) for p in paths}, self.tokens,
-                                   second, where=f"layer {self.index} ")
+                                   second, where=f"layer {self.index} ", text_moments=text)
         try:
             self.fp_outputs = [self.store.put(("target", i), self.run(i)) for i in range(len(self.samples))]
         finally:
@@ -187,6 +188,8 @@ class LayerContext:
                 linear = self.layer.get_submodule(path)
                 qlinear = QuantLinear.from_linear(linear, table, self.config, self.router,
                                                   plan.per_modality_weights if distinct else ())
+                if report and self.config.w_rounding == "gptq":  # (trials round to nearest: GPTQ for the result)
+                    gptq.round_stored(qlinear, linear, self.stats[path])
                 if plan.patch is not None and self.smoothed(group):
                     plan.patch_records[path] = plan.patch(self, qlinear, linear, path, report)
                 originals[path] = replace_module(self.layer, path, qlinear)
@@ -225,6 +228,8 @@ class LayerMethod(Protocol):
     """What the pipeline reads of a method (``masquant.methods.registry.Method``)."""
 
     second_moments: bool
+
+    def text_moments(self, settings: Any) -> bool: ...  # X^T X of text tokens too
 
     def fit(self, ctx: LayerContext) -> LayerPlan: ...
 
@@ -270,7 +275,9 @@ def quantize_layers(model: nn.Module, adapter: Adapter, samples: list[Captured],
         load(i, layers[i])
         fp_digest = layer_digest(layers[i]) if checkpoint is not None else ""
         ctx = LayerContext(i, layers[i], adapter, config, router, samples, tokens, ratios=ratios, store=store)
-        ctx.collect(second_moments=method.second_moments)
+        gptq_rounding = config.w_rounding == "gptq"
+        ctx.collect(second_moments=method.second_moments or gptq_rounding, every_group=gptq_rounding,
+                    text=gptq_rounding or method.text_moments(config.settings))
         plan = method.fit(ctx)
         originals = ctx.apply(plan)
         outputs, report = ctx.measure(originals)

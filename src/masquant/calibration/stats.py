@@ -82,12 +82,14 @@ class TokenContext:
 
 class StatsCollector:
     """Forward pre-hooks that accumulate ``SiteStats`` for the inputs of named linears; sites in
-    ``second_moments`` also accumulate float64 ``X^T X`` of non-text tokens (for compensation)."""
+    ``second_moments`` also accumulate float64 ``X^T X`` of non-text tokens (for compensation), and of text
+    tokens with ``text_moments`` (text patches, the shared patch, GPTQ)."""
 
     def __init__(self, modules: dict[str, nn.Module], tokens: TokenContext, second_moments: set[str] = frozenset(),
-                 where: str = ""):
+                 where: str = "", text_moments: bool = False):
         self.sites = {name: SiteStats() for name in modules}
         self.tokens, self.second_moments, self.where = tokens, second_moments, where
+        self.text_moments = text_moments
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str):
@@ -100,7 +102,7 @@ class StatsCollector:
             site = self.sites[name]
             for modality, part in self.tokens.split(rows).items():
                 if modality not in site.per_modality:
-                    second = name in self.second_moments and modality != Modality.TEXT  # only CMC uses them
+                    second = name in self.second_moments and (modality != Modality.TEXT or self.text_moments)
                     site.per_modality[modality] = ChannelStats.empty(rows.shape[1], second, rows.device)
                 site.per_modality[modality].update(part)
         return hook

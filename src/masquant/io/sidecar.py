@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..modality import NUM_MODALITIES, Modality, ModalityRouter, attach_router
+from ..modality import NUM_MODALITIES, ModalityRouter, attach_router
 from ..runtime.qlinear import replace_module
+from ..runtime.stored import patch_rows
 
 log = logging.getLogger("masquant")
 
@@ -42,12 +43,14 @@ class SidecarLinear(nn.Module):
         y = self.base(x)
         rows, out = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         routes = self.router.routes(x)
-        for m in range(1, NUM_MODALITIES):
+        for m in range(NUM_MODALITIES):
             idx = routes.indices(m)
-            if idx is None:
+            if idx is None or (m == 0 and m not in self.patched):  # (text rows: the base's output, if unpatched)
                 continue
-            xm = rows.index_select(0, idx) * self.relative[m].to(rows.dtype)
-            ym = self.base(xm)
+            xm = rows.index_select(0, idx)
+            if m:
+                xm = xm * self.relative[m].to(rows.dtype)
+            ym = self.base(xm) if m else out.index_select(0, idx)
             if m in self.patched:
                 l1, l2 = getattr(self, f"l1_{m}"), getattr(self, f"l2_{m}")
                 ym = ym + ((xm.float() @ l1) @ l2).to(ym.dtype)
@@ -74,8 +77,8 @@ def apply_sidecar(model: nn.Module, path: str | Path) -> int:
     for name, layout in meta["linears"].items():
         if name in requantized:
             continue
-        patches = {int(Modality[m.upper()]): (tensors[f"{name}.patches.{m}.l1"], tensors[f"{name}.patches.{m}.l2"])
-                   for m in layout["patches"]}
+        patches = {row: (tensors[f"{name}.patches.{m}.l1"], tensors[f"{name}.patches.{m}.l2"])
+                   for m in layout["patches"] for row in patch_rows(m)}
         base = model.get_submodule(name)
         replace_module(model, name, SidecarLinear(base, tensors[f"{name}.smooth"].float(), patches, router))
         wrapped += 1

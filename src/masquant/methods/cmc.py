@@ -10,13 +10,54 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
+
+from ..runtime.stored import ALL
 
 log = logging.getLogger("masquant")
 
 SPECTRUM_KEEP = 64  # singular values kept in reports
+
+
+PATCH_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def parse_rank(text: str) -> int | float | str:
+    """``32`` (a rank), ``0.05`` (a ratio of min(in, out)) or ``ratio:0.05,floor:32`` (a rule):
+    the CLI's form of ``rank``."""
+    if ":" in text:
+        rank_rule(text)
+        return text
+    value = float(text)
+    return int(value) if value.is_integer() and value >= 1 else value
+
+
+@dataclass
+class PatchSettings:
+    """How low-rank patches are fitted and stored (MASQuant's CMC and the shared-patch baseline ``lrc``)."""
+
+    rank: int | float | str = field(default=32, metadata={
+        "help": "patch rank: an int, a ratio in (0, 1) of min(in, out), or the rule ratio:R,floor:F "
+                "(max(R * min(in, out), F)); 0 = no patch", "parse": parse_rank})
+    whiten: bool = field(default=True, metadata={"help": "whitened SVD (off: the plain-SVD ablation)"})
+    ridge: float = field(default=1e-6, metadata={"help": "added to the covariance, relative to its mean diagonal"})
+    patch_dtype: str = field(default="float16", metadata={"help": "how patch factors are stored",
+                                                           "choices": PATCH_DTYPES})
+
+    def check_patch(self) -> None:
+        if isinstance(self.rank, str):
+            rank_rule(self.rank)
+        elif isinstance(self.rank, bool) or not isinstance(self.rank, int | float) or self.rank < 0 or (
+                isinstance(self.rank, float) and self.rank > 1):
+            raise ValueError(f"rank must be an int >= 0, a float ratio in [0, 1] of min(in, out) or a rule "
+                             f"ratio:R,floor:F, got {self.rank!r}")
+        if self.ridge < 0:
+            raise ValueError("ridge must be >= 0")
+        if self.patch_dtype not in PATCH_DTYPES:
+            raise ValueError(f"patch_dtype must be one of {', '.join(PATCH_DTYPES)}, got {self.patch_dtype!r}")
 
 
 @dataclass
@@ -181,18 +222,23 @@ def _spectrum(sigma: torch.Tensor, total: float, rank: int) -> tuple[list[float]
 
 
 def compensate_linear(qlinear, linear: torch.nn.Linear, site, config, where: str = "",
-                      cache: dict | None = None, report: bool = True) -> dict[str, dict]:
+                      cache: dict | None = None, report: bool = True, shared: bool = False) -> dict[str, dict]:
     """Attach a CMC patch to ``qlinear`` (``Q(W * s_text)`` + smoothing table) for every non-text modality of
-    ``site`` (unsmoothed input second moments); return the report. ``cache`` reuses patches for the same vectors
-    across the guard's trial tables; ``report=False`` defers the unused variant's spectrum until asked."""
+    ``site`` (unsmoothed input second moments), and for text with ``config.text_patch``; with ``shared``, one
+    patch named ``"all"`` fitted on every token's covariance instead (the same-budget baseline). Returns the
+    report. ``cache`` reuses patches for the same vectors across the guard's trial tables; ``report=False``
+    defers the unused variant's spectrum until asked."""
     from ..modality import Modality
 
+    if shared:
+        targets = [(ALL, Modality.TEXT, _all_tokens(site, cache))]
+    else:
+        targets = [(m.name.lower(), m, stats) for m, stats in sorted(site.per_modality.items())
+                   if m != Modality.TEXT or getattr(config, "text_patch", False)]
     text_weight = None
     info = {}
-    for modality, stats in sorted(site.per_modality.items()):
-        if modality == Modality.TEXT:
-            continue
-        key = (where, int(modality), qlinear.smooth[0].cpu().numpy().tobytes(),
+    for name, modality, stats in targets:
+        key = (where, name, qlinear.rounding, qlinear.smooth[0].cpu().numpy().tobytes(),
                qlinear.smooth[int(modality)].cpu().numpy().tobytes())
         if cache is None or key not in cache:
             if text_weight is None:
@@ -204,9 +250,24 @@ def compensate_linear(qlinear, linear: torch.nn.Linear, site, config, where: str
         if report:
             complete()
         if patch is not None:
-            qlinear.add_patch(modality, *patch, dtype=getattr(torch, config.patch_dtype))
-        info[modality.name.lower()] = dict(entry)
+            qlinear.add_patch(name, *patch, dtype=getattr(torch, config.patch_dtype))
+        info[name] = dict(entry)
     return info
+
+
+def _all_tokens(site, cache: dict | None):
+    """Every modality's statistics at ``site`` summed (counts and ``X^T X``), kept in ``cache`` so its identity
+    (a key of the whitening cache) stays the site's."""
+    key = ("all tokens", id(site))
+    if cache is not None and key in cache:
+        return cache[key][1]
+    parts = list(site.per_modality.values())
+    if any(p.second is None for p in parts):
+        raise RuntimeError("a shared patch needs every modality's second moments (text included)")
+    merged = SimpleNamespace(count=sum(p.count for p in parts), second=sum(p.second for p in parts))
+    if cache is not None:
+        cache[key] = (site, merged)  # (the site held too: its id cannot be reused while the entry lives)
+    return merged
 
 
 def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cache=None):
@@ -215,8 +276,9 @@ def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cac
     smooth = qlinear.smooth[int(modality)].double()
     delta = _residual(qlinear, linear, modality, config, text_weight)
     rank = resolve_rank(config.rank, linear.in_features, linear.out_features, where)
+    kind = getattr(config, "residual", "fp")  # (the shared patch: always the float residual)
     if rank == 0 or not bool(delta.any()):  # nothing to fit: no whitening (and no covariance check) needed
-        entry = {"rank": rank, "whiten": config.whiten, "residual": config.residual, "ridge": config.ridge,
+        entry = {"rank": rank, "whiten": config.whiten, "residual": kind, "ridge": config.ridge,
                  "tokens": stats.count, "patch_bytes": 0,
                  "skipped": "rank 0" if rank == 0 else "zero residual"}
         return None, entry, lambda: None
@@ -227,7 +289,7 @@ def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cac
     used, other = ("whitened", "plain") if config.whiten else ("plain", "whitened")
     patch_bytes = rank * (linear.in_features + linear.out_features) * getattr(torch, config.patch_dtype).itemsize
     entry = {
-        "rank": rank, "whiten": config.whiten, "residual": config.residual, "ridge": config.ridge,
+        "rank": rank, "whiten": config.whiten, "residual": kind, "ridge": config.ridge,
         "tokens": stats.count, "energy_kept": chosen.energy_kept,
         f"{used}_energy_kept": chosen.energy_kept, f"{used}_spectrum": chosen.spectrum, "patch_bytes": patch_bytes,
     }
@@ -252,7 +314,7 @@ def _patch_for(qlinear, linear, modality, stats, config, text_weight, where, cac
 
 def _residual(qlinear, linear, modality, config, text_weight: torch.Tensor) -> torch.Tensor:
     """``dW = W * s_m - Q(W * s_text)`` (or ``Q(W * s_m) - Q(W * s_text)``), float64."""
-    if config.residual == "quantized":
+    if getattr(config, "residual", "fp") == "quantized":
         target = qlinear.quantize_smoothed(linear.weight, modality).dequantize().double()
     else:
         target = linear.weight.detach().double() * qlinear.smooth[int(modality)].double()

@@ -3,7 +3,8 @@
 The learned per-modality vectors of ``mas.py``, but one stored weight ``Q(W * s_text)`` per
 linear: the other modalities' tokens get low-rank patches fitted to ``W * s_m - Q(W * s_text)``
 (``cmc.py``). With ``cmc_guard`` (not in the paper) a modality whose patched vector reconstructs
-its outputs of a group's linears worse than the text vector goes through the text vector.
+its outputs of a group's linears worse than the text vector goes through the text vector; with
+``text_patch`` (not in the paper either) text tokens get a patch of their own rounding error.
 """
 
 from __future__ import annotations
@@ -19,51 +20,26 @@ from ..calibration.pipeline import LayerContext, LayerPlan
 from ..modality import Modality
 from ..runtime.qlinear import QuantLinear
 from . import mas
-from .cmc import compensate_linear, rank_rule
+from .cmc import PatchSettings, compensate_linear
 from .registry import Method, register
-
-PATCH_DTYPES = ("float16", "bfloat16", "float32")
-
-
-def parse_rank(text: str) -> int | float | str:
-    """``32`` (a rank), ``0.05`` (a ratio of min(in, out)) or ``ratio:0.05,floor:32`` (a rule):
-    the CLI's form of ``rank``."""
-    if ":" in text:
-        rank_rule(text)
-        return text
-    value = float(text)
-    return int(value) if value.is_integer() and value >= 1 else value
 
 
 @dataclass
-class MasquantSettings(mas.MasSettings):
-    rank: int | float | str = field(default=32, metadata={
-        "help": "patch rank: an int, a ratio in (0, 1) of min(in, out), or the rule ratio:R,floor:F "
-                "(max(R * min(in, out), F)); 0 = no patch", "parse": parse_rank})
+class MasquantSettings(mas.MasSettings, PatchSettings):
     residual: str = field(default="fp", metadata={
         "help": "what the patch fits: fp (W*s_m - Q(W*s_text)) or quantized (Q(W*s_m) - Q(W*s_text))",
         "choices": ("fp", "quantized")})
-    whiten: bool = field(default=True, metadata={"help": "whitened SVD (off: the plain-SVD ablation)"})
-    ridge: float = field(default=1e-6, metadata={"help": "added to the covariance, relative to its mean diagonal"})
     cmc_guard: bool = field(default=True, metadata={
         "help": "route a modality through the text vector where its patched vector does worse (not in the paper)"})
-    patch_dtype: str = field(default="float16", metadata={"help": "how patch factors are stored",
-                                                           "choices": PATCH_DTYPES})
+    text_patch: bool = field(default=False, metadata={
+        "help": "also give text tokens a whitened patch of their own rounding error W*s_text - Q(W*s_text) "
+                "(not in the paper)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rank, str):
-            rank_rule(self.rank)
-        elif isinstance(self.rank, bool) or not isinstance(self.rank, int | float) or self.rank < 0 or (
-                isinstance(self.rank, float) and self.rank > 1):
-            raise ValueError(f"rank must be an int >= 0, a float ratio in [0, 1] of min(in, out) or a rule "
-                             f"ratio:R,floor:F, got {self.rank!r}")
+        self.check_patch()
         if self.residual not in ("fp", "quantized"):
             raise ValueError(f"residual must be 'fp' or 'quantized', got {self.residual!r}")
-        if self.ridge < 0:
-            raise ValueError("ridge must be >= 0")
-        if self.patch_dtype not in PATCH_DTYPES:
-            raise ValueError(f"patch_dtype must be one of {', '.join(PATCH_DTYPES)}, got {self.patch_dtype!r}")
 
 
 def patch(ctx: LayerContext, qlinear: QuantLinear, linear: nn.Linear, path: str, report: bool) -> dict:
@@ -137,4 +113,5 @@ def _compare(ctx: LayerContext, fp: nn.Linear, text_route: nn.Module, m: Modalit
 
 
 register(Method("masquant", MasquantSettings, fit, second_moments=True, gradient_ratios=mas.auto_lambdas,
+                text_moments=lambda settings: settings.text_patch,
                 help="MAS vectors, one stored weight, low-rank patches for non-text tokens (the paper)"))

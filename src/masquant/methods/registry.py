@@ -24,7 +24,7 @@ class Method:
     """``name``: what ``QuantConfig.method`` says; ``settings``: its dataclass; ``fit``: the
     per-layer decision; ``help``: one line for the CLI; ``second_moments``: the pipeline also
     collects ``X^T X`` at smoothed inputs; ``gradient_ratios(settings)``: MBQ's modality
-    gradient ratios are measured first (``ctx.ratios``)."""
+    gradient ratios are measured first (``ctx.ratios``); ``text_moments(settings)``: ``X^T X`` of text tokens too."""
 
     name: str
     settings: type
@@ -32,6 +32,7 @@ class Method:
     help: str
     second_moments: bool = False
     gradient_ratios: Callable[[Any], bool] = _never
+    text_moments: Callable[[Any], bool] = _never
 
 
 METHODS: dict[str, Method] = {}

@@ -33,7 +33,7 @@ from ..modality import Modality, Routes
 from ..switches import switches
 from . import kernels, native
 from .primitives import fake_quantize_per_token
-from .stored import IntWeight, patch_row
+from .stored import IntWeight, patch_rows
 
 log = logging.getLogger("masquant")
 
@@ -58,7 +58,7 @@ def forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
             y[idx] = _matmul(layer, rows[idx], one, None, layer.weight_of(Modality(modality)))
     else:
         y = _matmul(layer, rows, layer.smooth, routes, layer.qweight, kind)
-    if routes is not None:
+    if layer._modules["patches"]:
         _add_patches(layer, y, rows, routes)
     return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
 
@@ -139,10 +139,12 @@ def _native_layer(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
     if modules["modality_qweights"]:
         return None
     patches, ids = modules["patches"], None
-    if patches or not layer.uniform:
+    if layer.needs_ids:
         routes = layer.router.routes(x)
-        if not ((layer.uniform and not patches) or routes.text_only):
+        if not ((layer.uniform and not patches) or (routes.text_only and not layer.patches_text)):
             ids = routes.ids  # else one vector (the text one) for every row, and no patch
+    elif patches:  # one patch for every row and one vector: any ids pick it
+        ids = torch.zeros(x.numel() // layer.in_features, dtype=torch.int64)
     weight = modules["qweight"]
     codes, scale, bias = weight._buffers["codes"], weight._buffers["scale"], buffers["bias"]
     if codes.device.type != "cpu":  # (a layer on another device than its input: the general path says so)
@@ -196,12 +198,16 @@ def _smoothed(layer: QuantLinear, rows: torch.Tensor, smooth: torch.Tensor, rout
     return layer.smoothed_input(rows, routes)
 
 
-def _add_patches(layer: QuantLinear, y: torch.Tensor, rows: torch.Tensor, routes: Routes) -> None:
-    """Each patch's product added to the rows of its modality (no work for the others)."""
+def _add_patches(layer: QuantLinear, y: torch.Tensor, rows: torch.Tensor, routes: Routes | None) -> None:
+    """Each patch's product added to the rows of its modality (no work for the others); a patch for every row
+    on one vector in one product (``routes`` None: the layer needs no ids)."""
     for name, patch in layer.patches.items():
-        modality = patch_row(name)
-        idx = routes.rows.get(modality)
-        if isinstance(idx, slice):  # one run of rows: views, the product added in place
-            patch.add_to(y[idx], rows[idx], layer.smooth, modality)
-        elif idx is not None:
-            y.index_add_(0, idx, patch(rows.index_select(0, idx), layer.smooth, modality).to(y.dtype))
+        if routes is None or (layer.uniform and len(patch_rows(name)) > 1):
+            patch.add_to(y, rows, layer.smooth, 0)
+            continue
+        for modality in patch_rows(name):
+            idx = routes.rows.get(modality)
+            if isinstance(idx, slice):  # one run of rows: views, the product added in place
+                patch.add_to(y[idx], rows[idx], layer.smooth, modality)
+            elif idx is not None:
+                y.index_add_(0, idx, patch(rows.index_select(0, idx), layer.smooth, modality).to(y.dtype))

@@ -2,10 +2,13 @@
 
 ``QuantLinear`` stores integer codes of ``Q(W * s_text)`` (``qweight``), a table of smoothing
 vectors (one row per modality: activations of modality m are divided by row m), optional
-low-rank patches for non-text modalities, and quantizes activations per token:
+low-rank patches, and quantizes activations per token:
 
 * text token:        ``y = Q_a(x / s_text) @ Wq^T + b``
 * modality-m token:  ``y = Q_a(x / s_m) @ Wq^T + (x / s_m) @ L1_m @ L2_m + b``
+
+MASQuant patches the non-text modalities (and text too with ``text_patch``); the same-budget
+baseline ``lrc`` stores one patch named ``"all"`` that every token gets.
 
 ``method="mas"`` (the MAS-only ablation) instead keeps one quantized weight per modality
 (``modality_qweights``), which multiplies weight storage.
@@ -23,7 +26,7 @@ from ..memo import Derived
 from ..modality import NUM_MODALITIES, Modality, ModalityRouter, Routes
 from . import dispatch
 from .primitives import IntGrid, QuantizedWeight, quantize_weight
-from .stored import IntWeight, LowRankPatch, patch_row
+from .stored import ALL, IntWeight, LowRankPatch, patch_row, patch_rows
 
 
 class QuantLinear(nn.Module):
@@ -39,9 +42,10 @@ class QuantLinear(nn.Module):
         self.router = router
         self.compute_dtype = dtype
         self.runtime = config.runtime
+        self.rounding = "rtn"  # how the stored codes were rounded (calibration sets "gptq"; patch caches key on it)
         self.qweight = IntWeight(out_features, in_features, self.grid, config.w_group_size)
         self.modality_qweights = nn.ModuleDict()  # MAS-only: one more weight per non-text modality
-        self.patches = nn.ModuleDict()  # MASQuant: low-rank patch per non-text modality
+        self.patches = nn.ModuleDict()  # low-rank patches by modality name, or one for "all" tokens
         self.register_buffer("smooth", torch.ones(NUM_MODALITIES, in_features))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.uniform, self.unsmoothed = True, True  # what the table is (kept current by ``sync_flags``)
@@ -102,16 +106,19 @@ class QuantLinear(nn.Module):
         """The bound native call, if one was made (for inspection)."""
         return self._native.peek()
 
-    def add_patch(self, modality: Modality, l1: torch.Tensor, l2: torch.Tensor,
+    def add_patch(self, modality: Modality | str, l1: torch.Tensor, l2: torch.Tensor,
                   dtype: torch.dtype = torch.float16) -> None:
-        """Store ``l1 @ l2`` (``[in, r] @ [r, out]``) in ``dtype`` for ``modality``'s rows."""
-        if modality == Modality.TEXT:
-            raise ValueError("text tokens use the stored weight as is; patches are for other modalities")
+        """Store ``l1 @ l2`` (``[in, r] @ [r, out]``) in ``dtype`` for ``modality``'s rows (``"all"``: every row;
+        a layer has either one such patch or patches by modality)."""
+        name = modality if isinstance(modality, str) else modality.name.lower()
+        patch_row(name)
+        if self.patches and (name == ALL) != (ALL in self.patches):
+            raise ValueError("a layer has either one patch for all tokens or patches by modality, not both")
         if l1.shape[0] != self.in_features or l2.shape[1] != self.out_features or l1.shape[1] != l2.shape[0]:
             raise ValueError(f"patch shapes {tuple(l1.shape)} @ {tuple(l2.shape)} do not fit "
                              f"[{self.in_features}, r] @ [r, {self.out_features}]")
         device = self.smooth.device
-        self.patches[modality.name.lower()] = LowRankPatch(l1.to(device, dtype), l2.to(device, dtype))
+        self.patches[name] = LowRankPatch(l1.to(device, dtype), l2.to(device, dtype))
 
     def weight_of(self, modality: Modality) -> IntWeight:
         """The stored weight that ``modality``'s rows use (their own one with MAS-only)."""
@@ -124,7 +131,13 @@ class QuantLinear(nn.Module):
 
     @property
     def needs_ids(self) -> bool:
-        return not self.uniform or bool(self.patches) or bool(self.modality_qweights)
+        """Whether rows must be told apart by modality (a shared ``"all"`` patch on one vector does not)."""
+        return not self.uniform or bool(self.modality_qweights) or any(name != ALL for name in self.patches)
+
+    @property
+    def patches_text(self) -> bool:
+        """Whether text rows get a patch (``text_patch``, or one for all tokens)."""
+        return "text" in self.patches or ALL in self.patches
 
     def smoothed_input(self, rows: torch.Tensor, routes: Routes | None) -> torch.Tensor:
         """``x / s[m]`` row by row: every row by the text vector, then the rows of other
@@ -140,11 +153,12 @@ class QuantLinear(nn.Module):
         return xs
 
     def folded_patches(self, smooth: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Each patch's float32 ``(l1 / s_m, l2)`` by table row (``LowRankPatch.factors``, cached)."""
+        """Each patch's float32 ``(l1 / s_m, l2)`` by table row (``LowRankPatch.factors``, cached); a patch for all
+        rows is folded once per distinct vector."""
         folded = {}
         for name, patch in self._modules["patches"]._modules.items():
-            row = patch_row(name)
-            folded[row] = patch.factors(torch.float32, smooth, row)
+            for row in patch_rows(name):
+                folded[row] = patch.factors(torch.float32, smooth, 0 if self.uniform else row)
         return folded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +180,7 @@ class QuantLinear(nn.Module):
             layer.modality_qweights[name] = IntWeight(layer.out_features, layer.in_features, layer.grid,
                                                       layer.w_group_size)
         for name, rank in layout["patches"].items():
-            patch_row(name)  # (a layout with a text patch, or an unknown modality, is refused)
+            patch_row(name)  # (an unknown name is refused)
             dtype = getattr(torch, config.patch_dtype)  # (a model with patches was made by a method that has one)
             layer.patches[name] = LowRankPatch(torch.zeros(layer.in_features, rank, dtype=dtype),
                                                torch.zeros(rank, layer.out_features, dtype=dtype))

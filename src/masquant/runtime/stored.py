@@ -82,15 +82,25 @@ class IntWeight(nn.Module):
 
 
 _MODALITY_INDEX = {m.name.lower(): int(m) for m in Modality}  # a patch's key -> its row of the table
+ALL = "all"  # the key of a patch for every row (the same-budget baseline's shared patch)
+EVERY_ROW = -1
 
 
 def patch_row(name: str) -> int:
-    """The table row of the patch named ``name`` (a non-text modality)."""
+    """The table row of the patch named ``name`` (a modality), or ``EVERY_ROW`` for ``"all"``."""
+    if name == ALL:
+        return EVERY_ROW
     row = _MODALITY_INDEX.get(name)
-    if row is None or row == int(Modality.TEXT):
-        raise ValueError(f"a patch named {name!r}: patches are for the non-text modalities "
-                         f"({', '.join(n for n in _MODALITY_INDEX if n != 'text')}); text tokens use the stored weight")
+    if row is None:
+        raise ValueError(f"a patch named {name!r}: patches are named by modality ({', '.join(_MODALITY_INDEX)}) "
+                         f"or {ALL!r} (every token)")
     return row
+
+
+def patch_rows(name: str) -> tuple[int, ...]:
+    """The table rows whose tokens the patch named ``name`` applies to."""
+    row = patch_row(name)
+    return tuple(range(len(_MODALITY_INDEX))) if row == EVERY_ROW else (row,)
 
 
 class LowRankPatch(nn.Module):

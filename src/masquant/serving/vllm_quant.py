@@ -25,7 +25,7 @@ from ..config import QuantConfig
 from ..io.export_vllm import FORMAT_VERSION, QUANT_METHOD
 from ..modality import NUM_MODALITIES, Modality, ModalityRouter, Routes, ids_from_tokens, routes_of
 from ..runtime.qlinear import QuantLinear
-from ..runtime.stored import LowRankPatch
+from ..runtime.stored import LowRankPatch, patch_row
 from ..switches import switches
 
 log = logging.getLogger("masquant")
@@ -124,7 +124,7 @@ class MasquantLinearMethod(LinearMethodBase):
     def __init__(self, config: MasquantConfig, prefix: str, layouts: list[dict]):
         self.config, self.prefix, self.layouts = config, prefix, layouts
         self.modalities = sorted({m for layout in layouts for m in layout["patches"]},
-                                 key=lambda m: int(Modality[m.upper()]))
+                                 key=patch_row)
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra: Any) -> None:
