@@ -26,27 +26,36 @@ log = logging.getLogger("masquant")
 WA_METHODS = ("rtn", "smoothquant", "awq", "mbq", "mas", "masquant")
 WEIGHT_ONLY_METHODS = ("rtn", "awq", "mbq")
 DOWN_VARIANTS = ("smoothquant+down", "masquant+down")  # also smooth the down_proj input
+# the same low-rank budget spent on all tokens, MASQuant's text patch, GPTQ rounding
+BUDGET_VARIANTS = ("lrc", "masquant+text", "smoothquant+gptq", "masquant+gptq")
+VARIANTS = {"down": {"smooth_down_proj": True}, "text": {"text_patch": True}, "gptq": {"w_rounding": "gptq"}}
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A6": (4, 6), "W4A16": (4, 16)}
 
 
 def settings(quick: bool) -> list[tuple[str, str]]:
-    """``(bits, method)`` pairs; a method ``"x+down"`` is method x with ``smooth_down_proj=True``."""
+    """``(bits, method)`` pairs; a method ``"x+v"`` is method x with the variant ``v`` of ``VARIANTS``
+    (``down``: ``smooth_down_proj=True``, ``text``: ``text_patch=True``, ``gptq``: ``w_rounding="gptq"``)."""
     if quick:
         return [("W4A8", m) for m in ("rtn", "smoothquant", "masquant")]
     rows = [(bits, m) for bits in ("W8A8", "W4A8", "W4A6") for m in WA_METHODS]
     rows += [(bits, m) for bits in ("W4A8", "W4A6") for m in DOWN_VARIANTS]
+    rows += [(bits, m) for bits in ("W8A8", "W4A8", "W4A6") for m in BUDGET_VARIANTS]
     return rows + [("W4A16", m) for m in WEIGHT_ONLY_METHODS]
 
 
 def config_for(bits: str, method: str, quick: bool) -> QuantConfig:
     w_bits, a_bits = BITS[bits]
-    base, _, variant = method.partition("+")
-    if variant not in ("", "down"):
-        raise ValueError(f"unknown bench variant {method!r} (use METHOD or METHOD+down)")
+    base, *variants = method.split("+")
+    if any(v not in VARIANTS for v in variants):
+        raise ValueError(f"unknown bench variant {method!r} (METHOD or METHOD+VARIANT, variants: "
+                         f"{', '.join(VARIANTS)})")
     extra = {"w_group_size": 128, "w_symmetric": False} if a_bits == 16 else {}
-    own = options_for(base, rank=32, epochs=1 if quick else 2)
-    return QuantConfig(method=base, w_bits=w_bits, a_bits=a_bits, smooth_down_proj=variant == "down", calib_batch=1,
-                       **extra, **own)  # the paper's MAS schedule
+    for v in variants:
+        extra.update(VARIANTS[v])
+    if extra.get("text_patch") and "text_patch" not in options_for(base, text_patch=True):
+        raise ValueError(f"bench variant {method!r}: {base} has no text patch")
+    own = options_for(base, rank=32, epochs=1 if quick else 2, text_patch=extra.pop("text_patch", False))
+    return QuantConfig(method=base, w_bits=w_bits, a_bits=a_bits, calib_batch=1, **extra, **own)  # the paper's schedule
 
 
 def storage_bytes(model: torch.nn.Module) -> dict[str, int]:
