@@ -95,3 +95,34 @@ def test_goals_table_reports_misses_as_misses():
     assert next(line for line in table if "MAS-only" in line).endswith("| no |")  # 7.5 pt behind
     sqnr = next(line for line in table if "SQNR" in line)
     assert "+0.5 dB" in sqnr and sqnr.endswith("| no |")
+
+
+def test_budget_variants_and_the_comparison_section(tmp_path):
+    """The same-budget rows map to their settings; the comparison lines up lrc, GPTQ and peer rows against
+    MASQuant at the same bits (SQNR differences, KL ratio) and the page carries peer rows without storage."""
+    todo = bench.settings(quick=False)
+    assert all((bits, m) in todo for bits in ("W8A8", "W4A8", "W4A6") for m in bench.BUDGET_VARIANTS)
+    assert bench.config_for("W4A8", "masquant+text", quick=False).text_patch
+    assert bench.config_for("W4A8", "smoothquant+gptq", quick=False).w_rounding == "gptq"
+    with pytest.raises(ValueError, match="has no text patch"):
+        bench.config_for("W4A8", "smoothquant+text", quick=False)
+    from masquant.bench.comparison import comparison, read_peers
+
+    def row(method, bits, text, vision, kl, storage=True):
+        r = {"model": "m", "bits": bits, "method": method, "decoder_sqnr": {"text": text, "vision": vision}, "kl": kl,
+             "prose_ppl": 1.0, "item": {"accuracy": 0.5, "answer_nll": 1.0}}
+        return {**r, "storage": {"weight": 2**20, "patches": 0}, "calib_seconds": 1.0} if storage else r
+
+    rows = [row("masquant", "W4A8", 20.0, 30.0, 0.04), row("lrc", "W4A8", 22.0, 27.5, 0.05),
+            row("rtn", "W4A8", 1.0, 1.0, 1.0), row("llmc:gptq", "W4A16", 25.0, 31.0, 0.02, storage=False)]
+    table = comparison(rows).splitlines()
+    lrc = next(line for line in table if "| lrc |" in line)
+    assert "+2.0 | -2.5 | 0.0500 | 1.25x | 1.00" in lrc
+    assert not any("| rtn |" in line for line in table)
+    peer = next(line for line in table if "llmc:gptq" in line)
+    assert peer.endswith("| 0.0200 | - | - |")  # (no MASQuant row at W4A16, no storage)
+    (tmp_path / "peers.json").write_text(json.dumps(rows[-1:]))
+    assert read_peers(tmp_path / "peers.json") == rows[-1:]
+    with pytest.raises(FileNotFoundError, match=r"masquant\.bench\.peers"):
+        read_peers(tmp_path / "missing.json")
+    assert "llmc:gptq" in bench.markdown(rows)

@@ -156,10 +156,10 @@ def markdown(rows: list[dict]) -> str:
             scores = (f"{100 * r[t]['accuracy']:.1f} / {r[t]['answer_nll']:.3f}" for t in tasks)
             cells = [r["bits"], r["method"], *scores, f"{r['prose_ppl']:.2f}"]
             if "kl" in r:
-                store = r["storage"]
+                store = r.get("storage")
                 cells += [f"{r['decoder_sqnr'][m]:.1f}" if m in r["decoder_sqnr"] else "-" for m in mods]
-                cells += [f"{r['kl']:.4f}", f"{(store['weight'] + store['patches']) / 2**20:.2f}",
-                          f"{r['calib_seconds']:.0f}"]
+                cells += [f"{r['kl']:.4f}", f"{(store['weight'] + store['patches']) / 2**20:.2f}" if store else "-",
+                          f"{r['calib_seconds']:.0f}" if "calib_seconds" in r else "-"]
             else:
                 cells += ["-"] * (len(mods) + 3)
             lines.append("| " + " | ".join(cells) + " |")
@@ -250,7 +250,13 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def write(rows: list[dict], out: Path, results: Path | None = None, command: str = "masquant bench") -> None:
+def write(rows: list[dict], out: Path, results: Path | None = None, command: str = "masquant bench",
+          peers: list[dict] = ()) -> None:
+    """The bench's files in ``out`` and, with ``results``, the results page; ``peers`` (llm-compressor's scored
+    rows) join the tables and the comparison section."""
+    from .comparison import NOTE, comparison
+
+    rows = [*rows, *peers]
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(rows, indent=1))
     table = markdown(rows)
@@ -265,6 +271,7 @@ def write(rows: list[dict], out: Path, results: Path | None = None, command: str
             target.write_bytes((out / "bench.png").read_bytes())
             image = "\n![decoder-output SQNR per method and bit-width](results.png)\n"
         results.write_text(RESULTS_HEADER.format(command=command) + table + "\n" + image
+                           + "\n## Same budget, GPTQ and llm-compressor\n\n" + NOTE + comparison(rows)
                            + "\n## The issue's goals, measured\n\n" + GOALS_NOTE + goals(rows) + "\n")
     log.info("wrote %s", out)
 
