@@ -2,12 +2,16 @@
 (``lrc``), its own text patch, GPTQ rounding, and llm-compressor's recipes (rows from ``masquant.bench.peers``).
 
 Every number is a row of the bench (``bench.json``) or of the peers' file; this module only lines them up and
-takes differences."""
+takes differences. ``python -m masquant.bench.comparison`` measures the time the text patch costs."""
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 from pathlib import Path
+
+import torch
 
 MODALITIES = ("text", "vision", "audio")
 ROWS = ("smoothquant", "lrc", "masquant", "masquant+text", "smoothquant+gptq", "masquant+gptq")
@@ -71,3 +75,46 @@ is the SQNR difference to MASQuant at the same bits (dB, positive: better than M
 MASQuant's (below 1: better).
 
 """
+
+
+PATCH_COST_SHAPES = ("3B attn 2048>2048", "3B up 2048>11008", "3B down 11008>2048")
+
+
+@torch.no_grad()
+def patch_cost(tokens: tuple[int, ...] = (1, 16, 512)) -> list[dict]:
+    """Milliseconds of a W8A8 MASQuant linear at 3B shapes (rank-32 vision patch, half of the tokens vision),
+    without and with a rank-32 text patch, measured interleaved in one run: the time ``text_patch`` costs."""
+    from ..modality import Modality, ModalityRouter
+    from .speed import LINEAR_SHAPES, interleaved, quant_linear
+
+    rows = []
+    for name in PATCH_COST_SHAPES:
+        k, n = LINEAR_SHAPES[name]
+        torch.manual_seed(0)
+        router = ModalityRouter({})
+        plain = quant_linear(torch.nn.Linear(k, n), 8, rank=32, router=router)
+        text = copy.deepcopy(plain)
+        text.router = router
+        text.add_patch(Modality.TEXT, torch.randn(k, 32) * 1e-2, torch.randn(32, n) * 1e-2)
+        for m in tokens:
+            x = torch.randn(m, k)
+            ids = torch.zeros(m, dtype=torch.long)
+            ids[m // 2:] = int(Modality.VISION)
+            with router.scope(ids):
+                seconds = interleaved({"masquant": lambda a=plain, x=x: a(x), "+text patch": lambda b=text, x=x: b(x)},
+                                      min_time=0.1)
+            rows.append({"shape": name, "tokens": m, "ms": {label: 1e3 * t for label, t in seconds.items()}})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="the time MASQuant's text patch costs (3B linear shapes)")
+    parser.parse_args()
+    print("| shape | tokens | MASQuant W8A8 ms | + text patch ms | cost |\n|---|---|---|---|---|")
+    for r in patch_cost():
+        a, b = r["ms"]["masquant"], r["ms"]["+text patch"]
+        print(f"| {r['shape']} | {r['tokens']} | {a:.3f} | {b:.3f} | {100 * (b / a - 1):+.1f} % |")
+
+
+if __name__ == "__main__":
+    main()
