@@ -19,9 +19,14 @@ def _export(model, samples, tmp_path, **kwargs):
     return export_vllm(tmp_path / "q", tmp_path / "v")
 
 
-def test_every_linear_is_exported_as_stored(vl_model, fresh, tmp_path):
+@pytest.mark.parametrize(("kwargs", "names"), [
+    (dict(method="masquant", rank=4, epochs=1), {"vision"}),
+    (dict(method="masquant", rank=4, epochs=1, text_patch=True), {"text", "vision"}),
+    (dict(method="lrc", rank=4), {"all"})])
+def test_every_linear_is_exported_as_stored(kwargs, names, vl_model, fresh, tmp_path):
+    """Patches by modality, MASQuant's text patch and lrc's shared one go out as the layer holds them."""
     model = fresh(vl_model)
-    spec = _export(model, vl_samples(range(3)), tmp_path, method="masquant", w_bits=4, rank=4, epochs=1)
+    spec = _export(model, vl_samples(range(3)), tmp_path, w_bits=4, **kwargs)
     config = json.loads((tmp_path / "v" / "config.json").read_text())
     assert config["architectures"] == ["MasquantQwen2_5_VLForConditionalGeneration"]
     assert config["quantization_config"] == spec and spec["quant_method"] == "masquant"
@@ -37,7 +42,7 @@ def test_every_linear_is_exported_as_stored(vl_model, fresh, tmp_path):
         assert torch.equal(tensors[f"{name}.smooth"], layer.smooth)
         for m, patch in layer.patches.items():
             assert torch.equal(tensors[f"{name}.patch_l1_{m}"], patch.l1)
-    assert any(spec["linears"][k]["patches"] for k in spec["linears"])
+    assert {m for k in spec["linears"] for m in spec["linears"][k]["patches"]} == names
     assert not any(k.endswith(".qweight.codes") for k in tensors)
     assert "model.language_model.embed_tokens.weight" in tensors
 
