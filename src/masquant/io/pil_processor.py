@@ -25,12 +25,17 @@ class PilProcessor(RefProcessor):
     """A Qwen checkpoint's processor from its files, images through PIL (no torchvision)."""
 
     def __init__(self, tokenizer, images, family: str, features, source: Path, chat_template: str | None):
-        super().__init__(tokenizer, images, family=family, features=features)
+        super().__init__(tokenizer, images, family=family, features=features, tokens=placeholders(tokenizer, family))
         self.source, self.chat_template = Path(source), chat_template
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False,
+                            **template_kwargs) -> str:
+        """The prompt text, as the Qwen processors give it (``add_vision_id`` and the like pass to the template)."""
+        if tokenize:
+            raise ValueError("PilProcessor.apply_chat_template returns the prompt text (tokenize=False); call the "
+                             "processor on it with the media, which expands their placeholders")
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt, **template_kwargs)
 
     def __call__(self, text: list[str], images: list | None = None, audio: list | None = None,
                  videos: list | None = None, fps: list[float] | None = None, return_tensors: str = "pt") -> dict:
@@ -61,13 +66,27 @@ class PilProcessor(RefProcessor):
                    _chat_template(path) or tokenizer.chat_template)
 
 
+def placeholders(tokenizer, family: str) -> tuple[str, str, str]:
+    """The image, video and audio placeholder tokens of a Qwen tokenizer: those its config names,
+    else the first in its vocabulary of Qwen2.5-Omni's (``<|IMAGE|>``, ...) and Qwen2.5-VL's names."""
+    vocab = tokenizer.get_vocab()
+    omni = (("<|IMAGE|>", "<|image_pad|>"), ("<|VIDEO|>", "<|video_pad|>"), ("<|AUDIO|>",))
+    out = []
+    for attr, names in zip(("image_token", "video_token", "audio_token"), omni, strict=True):
+        named = getattr(tokenizer, attr, None)
+        order = ([named] if isinstance(named, str) else []) + list(names if family == "omni" else names[::-1])
+        found = [t for t in order if t in vocab]
+        if not found and attr != "audio_token":
+            raise ValueError(f"the tokenizer has none of {', '.join(order)} for {attr.split('_')[0]}s: not a "
+                             "Qwen2.5-VL / Omni tokenizer, or its tokenizer_config.json is incomplete (re-download it)")
+        out.append(found[0] if found else names[0])
+    return tuple(out)
+
+
 def fallback(path: Path, err: Exception):
     """``PilProcessor`` for a Qwen checkpoint whose processor failed to load for want of
     torchvision (one warning), or None where that is not the reason."""
-    pre = path / "preprocessor_config.json"
-    if "torchvision" not in str(err).lower() or not pre.exists():
-        return None
-    if not qwen_images(json.loads(pre.read_text())):
+    if "torchvision" not in str(err).lower() or not qwen_images(_settings(path).get("image_processor") or {}):
         return None
     log.warning("torchvision is not installed: %s's processor runs its images through transformers' PIL image "
                 "processor (the same values), and videos are refused (pip install torchvision for them)", path.name)
@@ -79,11 +98,21 @@ def qwen_images(preprocessor: dict) -> bool:
     return str(preprocessor.get("image_processor_type", "")).startswith("Qwen2VLImageProcessor")
 
 
+def _settings(path: Path) -> dict:
+    """``{"image_processor": ..., "feature_extractor": ...}`` as a checkpoint keeps them: a download's
+    ``preprocessor_config.json`` (both in one), or the ``processor_config.json`` transformers 5 saves."""
+    pre, nested = path / "preprocessor_config.json", path / "processor_config.json"
+    if pre.exists():
+        flat = json.loads(pre.read_text())
+        return {"image_processor": flat, "feature_extractor": flat if "feature_extractor_type" in flat else None}
+    return json.loads(nested.read_text()) if nested.exists() else {}
+
+
 def _is_omni(path: Path) -> bool:
     config = path / "config.json"
     kind = json.loads(config.read_text()).get("model_type", "") if config.exists() else ""
-    pre = json.loads((path / "preprocessor_config.json").read_text())
-    return kind.startswith("qwen2_5_omni") or pre.get("feature_extractor_type") == "WhisperFeatureExtractor"
+    features = _settings(path).get("feature_extractor") or {}
+    return kind.startswith("qwen2_5_omni") or features.get("feature_extractor_type") == "WhisperFeatureExtractor"
 
 
 def _chat_template(path: Path) -> str | None:

@@ -71,16 +71,19 @@ class RefProcessor:
     """Chat messages + images (+ audio) -> model inputs, like the Qwen2.5-VL / Omni processors.
 
     ``family``: ``"vl"`` adds ``mm_token_type_ids`` (Qwen2.5-VL takes them), ``"omni"`` does not.
+    ``tokens``: the image, video and audio placeholders (Qwen2.5-Omni's downloads name them otherwise).
     """
 
-    def __init__(self, tokenizer, images=None, family: str = "vl", features=None):
+    def __init__(self, tokenizer, images=None, family: str = "vl", features=None,
+                 tokens: tuple[str, str, str] = ("<|image_pad|>", "<|video_pad|>", "<|AUDIO|>")):
         from transformers import WhisperFeatureExtractor
 
         self.tokenizer, self.family = tokenizer, family
         self.image_processor = images or image_processor()
         self.feature_extractor = features or WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=SAMPLE_RATE)
-        self.image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self.video_pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        self.image_token, self.video_token, self.audio_token = tokens
+        self.image_pad = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_pad = tokenizer.convert_tokens_to_ids(self.video_token)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         # (this module's template, also for models saved before it knew video items)
@@ -103,8 +106,8 @@ class RefProcessor:
         if audio:
             out["input_features"], out["feature_attention_mask"] = self._audio(audio)
             per_clip = [audio_tokens(int(n)) for n in out["feature_attention_mask"].sum(-1)]
-        text = _expand(_expand(_expand(text, "<|image_pad|>", per_image), "<|video_pad|>", per_video), "<|AUDIO|>",
-                       per_clip)
+        text = _expand(_expand(_expand(text, self.image_token, per_image), self.video_token, per_video),
+                       self.audio_token, per_clip)
         enc = self.tokenizer(text, return_tensors="pt", padding=True, padding_side="left")
         out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
         if self.family == "vl":  # 1 image, 2 video, as Qwen2.5-VL's processor marks them
