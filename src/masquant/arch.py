@@ -184,16 +184,21 @@ def get_adapter(model: nn.Module) -> Adapter:
     raise unsupported(type(model).__name__, model_type)
 
 
+# full models of which masquant quantizes one part (the command line loads it: masquant.io.omni)
+QUANTIZED_PART = {"qwen2_5_omni": "thinker"}
+
+
 def check_model_type(model_type: str | None, name: str) -> None:
     """Refuse a model family no adapter declares (read from a checkpoint's config before loading it)."""
-    if not any(model_type in a.model_types for a in ADAPTERS.values()):
+    if model_type not in QUANTIZED_PART and not any(model_type in a.model_types for a in ADAPTERS.values()):
         raise unsupported(name, model_type)
 
 
 def unsupported(name: str, model_type: str | None) -> UnsupportedArchitectureError:
     hint = ""
     if model_type == "qwen2_5_omni":
-        hint = " For the full Qwen2.5-Omni model, quantize its thinker: model.thinker."
+        hint = (" For the full Qwen2.5-Omni model, quantize its thinker: model.thinker (masquant quantize --model DIR "
+                "does, keeping or dropping the talker with --talker).")
     supported = ", ".join(f"{a.name} ({type_names(a)})" for a in ADAPTERS.values())
     return UnsupportedArchitectureError(
         f"masquant does not support {name} (model_type={model_type!r}). "

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "files, or an imagefolder / audiofolder directory (optional for the reference models, "
                             "which ship a default set)")
     add_data_options(quant)
+    quant.add_argument("--talker", choices=("keep", "drop"), default=None,
+                       help="a full Qwen2.5-Omni checkpoint (thinker, talker, token2wav): its thinker is quantized; "
+                            "keep (default) saves the talker and token2wav as they are (the output loads as "
+                            "Qwen2_5OmniForConditionalGeneration), drop saves the thinker alone (text out)")
     quant.add_argument("--out", type=Path, required=True, help="output directory")
     quant.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     quant.add_argument("--resume", action="store_true",

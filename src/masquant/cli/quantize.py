@@ -22,12 +22,16 @@ def run_quantize(args: argparse.Namespace) -> None:
     from ..calibration import distributed
     from ..calibration.offload import offload_directory
     from ..calibration.quantize import quantize
+    from ..io import omni
     from ..io.loading import load_any
     from ..io.serialization import save
     from .options import quant_config
 
     world = distributed.world_size()
     check_architecture(args.model)  # the first thing a user needs to know
+    full = omni.is_full_dir(Path(args.model))  # a full Qwen2.5-Omni checkpoint: its thinker is quantized
+    talker = getattr(args, "talker", None)
+    omni.check_choice(talker, args.model, full)
     device = compute_device(args)  # a bad --device is refused before the (slow) load
     offload_directory(args.offload)  # and so is an offload directory that cannot be written to
     if world > 1 and args.resume:
@@ -45,11 +49,16 @@ def run_quantize(args: argparse.Namespace) -> None:
         if distributed.rank() != 0:
             return
     else:
-        model, processor, reference = load_any(args.model)
+        keep = full and talker != "drop"
+        model, processor, reference = load_any(args.model, talker=True) if keep else load_any(args.model)
+        if full:
+            log.info("%s is a full Qwen2.5-Omni model: its thinker is quantized, %s", args.model,
+                     "the talker and token2wav kept as they are (--talker drop leaves them out)" if keep
+                     else "the talker and token2wav left out (--talker drop)")
         if device.type != "cpu":
             model.to(device)
         calib = calibration(args, processor, reference)
-        report = quantize(model, calib, config, progress=not args.no_progress,
+        report = quantize(omni.thinker_of(model), calib, config, progress=not args.no_progress,
                           checkpoint=state if world == 1 else None, resume=args.resume, offload=args.offload)
         if distributed.rank() != 0:
             return

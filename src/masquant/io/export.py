@@ -43,10 +43,14 @@ def export_compressed_tensors(source: str | Path, out: str | Path, overwrite: bo
     from safetensors.torch import save_file
 
     from .loading import load_any
+    from .omni import is_full_dir
 
     out = Path(out)
     refuse_nonempty(out, overwrite)  # before the (slow) load, and again when writing
-    model, processor, _ = load_any(str(source))
+    if is_full_dir(Path(source)):
+        log.warning("%s holds a full Qwen2.5-Omni model: its quantized thinker is exported (as vLLM serves "
+                    "Qwen2.5-Omni, text out); the talker and token2wav are not", source)
+    model, processor, _ = load_any(str(source))  # (a full Qwen2.5-Omni model: its thinker)
     config = getattr(model, "masquant_config", None)
     if config is None:
         raise ValueError(f"{source} is not a model saved by masquant quantize")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..arch import get_adapter
 from ..version import __version__
+from . import omni
 from .pil_processor import qwen_images
 from .serialization import QUANT_CONFIG, read_meta, refuse_nonempty, staged_directory, weight_files
 
@@ -60,6 +61,12 @@ def export_vllm(source: str | Path, out: str | Path, overwrite: bool = False) ->
     source, out = Path(source), Path(out)
     refuse_nonempty(out, overwrite)
     hf_config = json.loads((source / "config.json").read_text())
+    skipped = set(_SKIPPED_FILES)
+    if omni.is_full(hf_config) and (source / QUANT_CONFIG).exists():  # saved with its talker: vLLM serves the thinker
+        log.warning("%s holds a full Qwen2.5-Omni model: its quantized thinker is exported (vLLM serves Qwen2.5-Omni's "
+                    "thinker, text out); the talker and token2wav are not", source)
+        hf_config = {**hf_config["thinker_config"], "architectures": [_OMNI]}
+        skipped.add(omni.SPEAKERS)
     arch = (hf_config.get("architectures") or [None])[0]
     if arch not in SERVABLE:
         raise ValueError(f"vLLM serving with masquant's plugin supports {', '.join(SERVABLE)}; {source} holds {arch}")
@@ -79,7 +86,7 @@ def export_vllm(source: str | Path, out: str | Path, overwrite: bool = False) ->
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=1))
         for path in sorted(source.iterdir()):
-            if path.is_file() and path.name not in _SKIPPED_FILES and path not in weight_files(source):
+            if path.is_file() and path.name not in skipped and path not in weight_files(source):
                 shutil.copy2(path, tmp / path.name)
         if arch == _OMNI:
             _omni_processor_files(tmp, hf_config["thinker_config"]["audio_config"]["num_mel_bins"])
@@ -95,7 +102,7 @@ def _quantized(source: Path) -> tuple[dict, dict]:
     from .serialization import load
 
     meta = read_meta(source)
-    model = load(source)
+    model = omni.thinker_of(load(source))
     config = model.masquant_config
     if config.method == "mas":
         raise ValueError("MAS-only models keep one weight per modality; vLLM serving takes one stored weight per "

@@ -9,12 +9,15 @@ from ..refmodels.registry import REFERENCE_MODELS
 from .hf import load_hf, processor_of
 
 
-def load_any(spec: str, sidecar: bool = True):
+def load_any(spec: str, sidecar: bool = True, talker: bool = False):
     """``(model, processor, reference)``: ``reference`` names the reference model whose test
     slices evaluate this model (None for other checkpoints). An exported compressed-tensors
-    directory loads through transformers, with its modality sidecar unless ``sidecar`` is False."""
+    directory loads through transformers, with its modality sidecar unless ``sidecar`` is False.
+    A full Qwen2.5-Omni model (a download, or saved with its talker) gives its thinker, which every
+    masquant tool runs, or with ``talker`` the whole model."""
     from ..refmodels import registry
     from . import serialization
+    from .omni import thinker_of
     from .sidecar import is_export, load_export
 
     path = Path(spec)
@@ -27,8 +30,9 @@ def load_any(spec: str, sidecar: bool = True):
     if is_export(path):
         return load_export(path, sidecar=sidecar)
     if (path / serialization.QUANT_CONFIG).exists():
-        return serialization.load(path), processor_of(path), serialization.read_meta(path).get("reference")
-    return (*load_hf(path), None)
+        model, reference = serialization.load(path), serialization.read_meta(path).get("reference")
+        return model if talker else thinker_of(model), processor_of(path), reference
+    return (*load_hf(path, talker), None)
 
 
 def full_precision_dir(spec: str) -> tuple[Path, str | None]:
@@ -36,6 +40,7 @@ def full_precision_dir(spec: str) -> tuple[Path, str | None]:
     folder or a local Hugging Face checkpoint directory (not a quantized or exported one)."""
     from ..refmodels import registry
     from . import serialization
+    from .omni import is_full_dir
     from .sidecar import is_export
 
     path = Path(spec)
@@ -46,4 +51,8 @@ def full_precision_dir(spec: str) -> tuple[Path, str | None]:
                                 "nor a directory")
     if (path / serialization.QUANT_CONFIG).exists() or is_export(path):
         raise ValueError(f"{path} is already quantized; streaming quantizes a full-precision checkpoint")
+    if is_full_dir(path):
+        raise ValueError(f"{path} is a full Qwen2.5-Omni checkpoint (thinker, talker, token2wav), which --stream does "
+                         "not read; quantize it without --stream (its thinker is quantized, --talker keeps or drops "
+                         "the rest)")
     return path, None

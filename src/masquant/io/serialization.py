@@ -89,12 +89,15 @@ def save(model: nn.Module, directory: str | Path, processor=None, overwrite: boo
     came from (whose test slices evaluate it)."""
     from safetensors.torch import save_model
 
+    from .omni import quantized_root, write_speakers
+
     directory = Path(directory)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not layers or not hasattr(model, "masquant_config"):
+    if not layers or not hasattr(quantized_root(model)[0], "masquant_config"):
         raise ValueError("this model is not quantized by masquant; run masquant.quantize(model, calib, config) first")
     with staged_directory(directory, overwrite) as tmp:
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_speakers(model, tmp)  # (a full Qwen2.5-Omni model's talker voices)
         write_metadata(tmp, model, {name: layer.layout() for name, layer in layers.items()}, processor,
                        extra_files, reference)
     log.info("saved %d quantized linears to %s", len(layers), directory)
@@ -106,15 +109,19 @@ def write_metadata(directory: Path, model: nn.Module, layouts: dict[str, dict], 
     """Everything of a saved model but its weights, ``quant_config.json`` (with the size and
     SHA-256 of every file already in ``directory``) last."""
     from ..version import __version__
+    from .omni import quantized_root
 
-    router = getattr(model, "_masquant_router", None)
+    root, inside = quantized_root(model)  # (a full Qwen2.5-Omni model: its thinker)
+    router = getattr(root, "_masquant_router", None)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "masquant_version": __version__,
-            "quant_config": model.masquant_config.to_dict(),
+            "quant_config": root.masquant_config.to_dict(),
             "router": {str(k): v.name.lower() for k, v in sorted((router.table if router else {}).items())},
             "carriers": {m.name.lower(): list(keys) for m, keys in (router.carriers if router else {}).items()},
             "linears": layouts}
     if reference is not None:
         meta["reference"] = reference
+    if inside:
+        meta["quantized_module"] = inside
     hf_config = copy.deepcopy(model.config)
     hf_config.architectures = [type(model).__name__]
     hf_config.save_pretrained(directory)
@@ -216,6 +223,8 @@ def load(directory: str | Path, runtime: str | None = None, check: bool = True) 
     first verifies every file's size and SHA-256 (``IntegrityError`` names a missing or modified one)."""
     from safetensors.torch import load_file
 
+    from .omni import read_speakers
+
     directory = Path(directory)
     meta = read_meta(directory)
     if check:
@@ -242,6 +251,8 @@ def load(directory: str | Path, runtime: str | None = None, check: bool = True) 
     if missing or unexpected:
         raise ValueError(f"the weights in {directory} do not match the saved layout: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    attach_router(model, router)
-    model.masquant_config = config
+    read_speakers(model, directory)
+    root = model.get_submodule(meta.get("quantized_module", ""))  # (a full Qwen2.5-Omni model: its thinker)
+    attach_router(root, router)
+    root.masquant_config = config
     return model.eval()
