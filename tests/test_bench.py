@@ -126,3 +126,16 @@ def test_budget_variants_and_the_comparison_section(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"masquant\.bench\.peers"):
         read_peers(tmp_path / "missing.json")
     assert "llmc:gptq" in bench.markdown(rows)
+
+
+def test_a_page_from_saved_rows_runs_nothing_and_keeps_the_bench_order(tmp_path):
+    rows = [{"model": "ref-vl", "bits": "W4A8", "method": "lrc"}, {"model": "ref-vl", "bits": "FP32", "method": "fp"},
+            {"model": "ref-omni", "bits": "W4A8", "method": "rtn"},
+            {"model": "ref-vl", "bits": "W4A8", "method": "rtn", "quick": True}]
+    with pytest.raises(FileNotFoundError, match="no saved rows"):
+        bench.saved_rows(("ref-vl",), tmp_path)
+    (tmp_path / "bench.json").write_text(json.dumps(rows))
+    assert bench.saved_rows(("ref-vl",), tmp_path) == [rows[1], rows[0]]
+    assert bench.saved_rows(("ref-vl", "ref-omni"), tmp_path)[-1] == rows[2]
+    with pytest.raises(ValueError, match="no rows of ref-x"):
+        bench.saved_rows(("ref-x",), tmp_path)

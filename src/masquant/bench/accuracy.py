@@ -117,6 +117,20 @@ def run_settings(name: str, todo: list[tuple[str, str]], quick: bool, progress: 
     return rows
 
 
+def saved_rows(models: tuple[str, ...], out: Path, quick: bool = False) -> list[dict]:
+    """The rows saved in ``out/bench.json`` for ``models``, in the bench's order, computing nothing (a page from
+    runs made before; settings never run are left out)."""
+    saved = out / "bench.json"
+    if not saved.exists():
+        raise FileNotFoundError(f"{saved}: no saved rows; run `masquant bench` (with --out {out}) first")
+    found = {_key(r): r for r in json.loads(saved.read_text()) if r.get("quick", False) == quick}
+    order = [("FP32", "fp"), *settings(quick)]
+    rows = [found[name, bits, method] for name in models for bits, method in order if (name, bits, method) in found]
+    if not rows:
+        raise ValueError(f"{saved} holds no rows of {', '.join(models)}")
+    return rows
+
+
 def run_bench(models: tuple[str, ...] = ("ref-vl",), quick: bool = False, progress: bool = True,
               out: Path | None = None, resume: bool = False) -> list[dict]:
     """Every setting on every model. With ``out``, ``bench.json`` is rewritten after each row,

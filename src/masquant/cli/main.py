@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --speed: run as a CPU of this class (one this CPU covers: a child process with "
                             "ATen, MKL, oneDNN and the native kernel limited to it); the page keeps one section "
                             "per class")
+    bench.add_argument("--saved-only", action="store_true",
+                       help="write the page from the rows saved in OUT/bench.json, running nothing")
     bench.add_argument("--peers", type=Path, default=None, metavar="JSON",
                        help="add llm-compressor's scored rows (python -m masquant.bench.peers) to the tables")
     bench.add_argument("--resume", action="store_true",
@@ -278,13 +280,17 @@ def main(argv: list[str] | None = None) -> int:
             write(result, args.out, args.results, command)
             print(markdown(result))
         elif args.command == "bench":
-            from ..bench.accuracy import run_bench, write
+            from ..bench.accuracy import run_bench, saved_rows, write
             from ..bench.comparison import read_peers
 
             peers = [r for r in read_peers(args.peers) if r["model"] in args.models] if args.peers else []
-            rows = run_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress, out=args.out,
-                             resume=args.resume)
+            if args.saved_only:
+                rows = saved_rows(tuple(args.models), args.out, quick=args.quick)
+            else:
+                rows = run_bench(tuple(args.models), quick=args.quick, progress=not args.no_progress, out=args.out,
+                                 resume=args.resume)
             command = " ".join(["masquant bench", *(["--quick"] if args.quick else []), "--models", *args.models,
+                                *(["--saved-only"] if args.saved_only else []),
                                 *([f"--peers {args.peers.as_posix()}"] if args.peers else []),
                                 *_results_flag(args)])
             write(rows, args.out, args.results, command, peers)
