@@ -165,6 +165,7 @@ def run_recipe(name: str, recipe: str, out: Path, quick: bool, every: int | None
     # **kwargs to it, llm-compressor's sequential pipeline finds one subgraph and never runs the layers
     decoder = model.get_submodule(prefix.rpartition(".")[0])
     layers = decoder.get_submodule("layers")
+    own_name = decoder.config.name_or_path
     decoder.config.name_or_path = model.config.name_or_path  # oneshot reads the checkpoint's config from here
     calls = [0] * len(layers)
     hooks = [layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
@@ -175,7 +176,7 @@ def run_recipe(name: str, recipe: str, out: Path, quick: bool, every: int | None
     finally:
         for hook in hooks:
             hook.remove()
-        decoder.config.name_or_path = ""
+        decoder.config.name_or_path = own_name
     seconds = time.perf_counter() - start
     if min(calls) < len(samples):
         raise RuntimeError(f"{name} {recipe}: llm-compressor's calibration ran the decoder layers {calls} times "
