@@ -81,6 +81,18 @@ TEXT_OUTLIERS = [3, 17, 42]
 VISION_OUTLIERS = [8, 25, 51]
 
 
+def first_q_proj_outputs(models, sample) -> list:
+    """Each model's layer-0 ``q_proj`` output on ``sample`` (the same input in all: nothing quantized before it)."""
+    outputs = []
+    for m in models:
+        q_proj = m.model.language_model.layers[0].self_attn.q_proj
+        hook = q_proj.register_forward_hook(lambda mod, args, out: outputs.append(out[0]))
+        with torch.no_grad():
+            m(**sample)
+        hook.remove()
+    return outputs
+
+
 def misaligned_vl(seed: int = 1):
     """Tiny Qwen2.5-VL whose text and vision tokens have outliers in different channels, and
     whose vision tokens are ~20x larger than text ones (planted for tests, not realism)."""

@@ -10,7 +10,7 @@ import masquant
 from masquant import QuantConfig
 from masquant.io.export import export_compressed_tensors
 
-from conftest import vl_samples
+from conftest import first_q_proj_outputs, vl_samples
 
 
 def _export(vl_model, fresh, tmp_path, **kwargs):
@@ -64,14 +64,7 @@ def test_the_sidecar_restores_the_non_text_tokens(vl_model, fresh, tmp_path):
     assert any(isinstance(m, SidecarLinear) for m in routed.modules())
     sample = vl_samples([99])[0]
     vision = masquant.modality_ids(model, sample["input_ids"])[0] == int(masquant.Modality.VISION)
-    outputs = []
-    for m in (model, plain, routed):
-        q_proj = m.model.language_model.layers[0].self_attn.q_proj
-        hook = q_proj.register_forward_hook(lambda mod, args, out: outputs.append(out[0]))
-        with torch.no_grad():
-            m(**sample)
-        hook.remove()
-    ref, a, b = outputs
+    ref, a, b = first_q_proj_outputs((model, plain, routed), sample)
     err = {name: float((x - ref)[vision].norm() / ref[vision].norm()) for name, x in (("plain", a), ("routed", b))}
     assert err["routed"] < 0.25 * err["plain"], err
     assert torch.allclose(a[~vision], b[~vision], atol=1e-5)

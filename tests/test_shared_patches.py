@@ -12,7 +12,7 @@ from masquant import Modality, QuantConfig, QuantLinear
 from masquant.modality import NUM_MODALITIES, ModalityRouter
 from masquant.runtime.primitives import fake_quantize_per_token
 
-from conftest import misaligned_vl, set_switch, vl_samples
+from conftest import first_q_proj_outputs, misaligned_vl, set_switch, vl_samples
 
 KERNELS = {"native": {}, "eager": {"MASQUANT_NATIVE": "0", "MASQUANT_FUSE": "0"},
            "dequant": {"MASQUANT_NATIVE": "0", "MASQUANT_FUSE": "0", "MASQUANT_INT_GEMM": "float"}}
@@ -157,15 +157,8 @@ def test_saved_and_exported_models_keep_text_and_shared_patches(kw, tiny_vl, tmp
     from masquant.io.sidecar import load_export
 
     export_compressed_tensors(tmp_path / "saved", tmp_path / "ct")
-    outputs = []
     models = (q, load_export(tmp_path / "ct", sidecar=False)[0], load_export(tmp_path / "ct", sidecar=True)[0])
-    for m in models:  # layer 0 q_proj: the same input in all three (nothing quantized before it)
-        q_proj = m.model.language_model.layers[0].self_attn.q_proj
-        hook = q_proj.register_forward_hook(lambda mod, args, out: outputs.append(out[0]))
-        with torch.no_grad():
-            m(**sample)
-        hook.remove()
-    ref, plain, routed = outputs
+    ref, plain, routed = first_q_proj_outputs(models, sample)
     text = masquant.modality_ids(q, sample["input_ids"])[0] == int(Modality.TEXT)
     err = {name: float((x - ref)[text].norm() / ref[text].norm()) for name, x in (("plain", plain), ("routed", routed))}
     assert err["routed"] < 0.25 * err["plain"], err

@@ -202,10 +202,11 @@ def _add_patches(layer: QuantLinear, y: torch.Tensor, rows: torch.Tensor, routes
     """Each patch's product added to the rows of its modality (no work for the others); a patch for every row
     on one vector in one product (``routes`` None: the layer needs no ids)."""
     for name, patch in layer.patches.items():
-        if routes is None or (layer.uniform and len(patch_rows(name)) > 1):
+        targets = patch_rows(name)
+        if routes is None or (layer.uniform and len(targets) > 1):
             patch.add_to(y, rows, layer.smooth, 0)
             continue
-        for modality in patch_rows(name):
+        for modality in targets:
             idx = routes.rows.get(modality)
             if isinstance(idx, slice):  # one run of rows: views, the product added in place
                 patch.add_to(y[idx], rows[idx], layer.smooth, modality)

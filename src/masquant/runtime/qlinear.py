@@ -132,12 +132,15 @@ class QuantLinear(nn.Module):
     @property
     def needs_ids(self) -> bool:
         """Whether rows must be told apart by modality (a shared ``"all"`` patch on one vector does not)."""
-        return not self.uniform or bool(self.modality_qweights) or any(name != ALL for name in self.patches)
+        modules = self._modules  # (direct: read on every forward, nn.Module's __getattr__ costs a few us)
+        patches = modules["patches"]._modules
+        return not self.uniform or bool(modules["modality_qweights"]) or bool(patches.keys() - {ALL})
 
     @property
     def patches_text(self) -> bool:
         """Whether text rows get a patch (``text_patch``, or one for all tokens)."""
-        return "text" in self.patches or ALL in self.patches
+        patches = self._modules["patches"]._modules
+        return "text" in patches or ALL in patches
 
     def smoothed_input(self, rows: torch.Tensor, routes: Routes | None) -> torch.Tensor:
         """``x / s[m]`` row by row: every row by the text vector, then the rows of other

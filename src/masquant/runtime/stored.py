@@ -100,7 +100,10 @@ def patch_row(name: str) -> int:
 def patch_rows(name: str) -> tuple[int, ...]:
     """The table rows whose tokens the patch named ``name`` applies to."""
     row = patch_row(name)
-    return tuple(range(len(_MODALITY_INDEX))) if row == EVERY_ROW else (row,)
+    return _EVERY if row == EVERY_ROW else (row,)
+
+
+_EVERY = tuple(_MODALITY_INDEX.values())
 
 
 class LowRankPatch(nn.Module):
