@@ -343,3 +343,23 @@ def test_bad_input_is_one_clear_line(downloads, calib, tmp_path, capsys, case):
                 "stream-full-omni": "which --stream does not read", "no-speakers": "has no spk_dict.pt",
                 "missing-tensor": "do not fit Qwen2_5_VLForConditionalGeneration: 1 missing"}[case]
     assert expected in lines[0], lines[0]
+
+
+def test_the_python_api_quantizes_a_full_omni_models_thinker(downloads, tmp_path):
+    """``masquant.quantize(full_model, calib)`` as the CLI does: the thinker quantized, the speech parts
+    untouched; the saved model loads as the full class."""
+    from masquant.io.loading import load_any
+
+    source, tensors = downloads["omni"]
+    model, processor, _ = load_any(str(source), talker=True)
+    calib = [_prompt(processor, omni=True, audio=True), _prompt(processor, omni=True, image=False, audio=True)]
+    report = masquant.quantize(model, calib, masquant.QuantConfig(method="smoothquant"), progress=False)
+    assert report.layers
+    quantized = {n for n, m in model.named_modules() if isinstance(m, masquant.QuantLinear)}
+    assert quantized and all(n.startswith("thinker.model.") for n in quantized)
+    masquant.save(model, tmp_path / "saved", processor)
+    loaded = masquant.load(tmp_path / "saved")
+    assert type(loaded).__name__ == "Qwen2_5OmniForConditionalGeneration"
+    stored = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    speech = [k for k in tensors if k.startswith(("talker.", "token2wav."))]
+    assert speech and all(torch.equal(stored[k].to(tensors[k].dtype), tensors[k]) for k in speech)

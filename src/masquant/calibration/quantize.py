@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..arch import Adapter, get_adapter, modality_ids
 from ..config import QuantConfig
+from ..io import omni
 from ..methods import get_method
 from ..modality import Modality, attach_router
 from ..runtime.qlinear import QuantLinear
@@ -44,7 +45,8 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
              adapter: Adapter | None = None, progress: bool = True, cache: dict | None = None,
              checkpoint: str | Path | None = None, resume: bool = False,
              source: LayerSource | None = None, offload: str | Path | None = None) -> QuantReport:
-    """Quantize the decoder linears of ``model`` in place; return the per-modality report.
+    """Quantize the decoder linears of ``model`` in place; return the per-modality report. A full
+    Qwen2.5-Omni model (thinker, talker, token2wav) has its thinker quantized; the rest stays as it is.
 
     - ``calib``: dicts of model inputs as the model's HF processor returns them, batch size >= 1.
     - ``cache``: shared by calls on copies of the same full-precision model and calibration set;
@@ -60,6 +62,9 @@ def quantize(model: nn.Module, calib: Iterable[Mapping], config: QuantConfig | N
     on its share of the batches and ends with the same model; ``checkpoint`` is then refused.
     """
     config = config or QuantConfig()
+    if omni.is_full(getattr(model, "config", None)):
+        log.info("a full Qwen2.5-Omni model: its thinker is quantized, the talker and token2wav kept as they are")
+        model = omni.thinker_of(model)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint directory of the run to continue")
     if checkpoint is not None and distributed.world_size() > 1:
