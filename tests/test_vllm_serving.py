@@ -16,6 +16,7 @@ pytest.importorskip("vllm")
 
 from masquant import Modality, QuantConfig, modality_scope, quantize, save
 from masquant.bench.serving import runtime_inputs
+from masquant.config import options_for
 from masquant.io.export_vllm import export_vllm
 from masquant.refmodels import registry
 from masquant.refmodels.evaluate import audio_messages, calibration_inputs, match_messages
@@ -162,3 +163,33 @@ def test_the_routed_model_turns_compilation_and_cuda_graphs_off(monkeypatch):
     routed.__dict__["masquant_router"] = object()
     with pytest.raises(RuntimeError, match="enforce-eager"):
         routed.forward()
+
+
+def _drop_patches(model, names: set[str]) -> None:
+    from masquant.runtime.qlinear import QuantLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            for name in names & set(m.patches):
+                del m.patches[name]
+
+
+@pytest.mark.parametrize("method,options", [("masquant", {"text_patch": True}), ("lrc", {})])
+def test_text_and_shared_patches_are_served(method, options, tmp_path):
+    """MASQuant's text patch and lrc's patch for every token (names ``text`` and ``all`` in the export):
+    the engine applies them to text rows too, as the runtime does (without them the runtime is far off)."""
+    from masquant.serving.vllm_eval import VllmEngine
+
+    model, processor = registry.load("ref-vl")
+    calib = calibration_inputs(processor, "ref-vl")[::4]
+    settings = options_for(method, rank=32, epochs=1, **options)
+    quantize(model, calib, QuantConfig(method=method, w_bits=4, a_bits=8, **settings), progress=False)
+    save(model, tmp_path / "q", processor=processor, reference="ref-vl")
+    export_vllm(tmp_path / "q", tmp_path / "served")
+    with VllmEngine(tmp_path / "served", max_model_len=256, max_num_batched_tokens=STEP_TOKENS) as engine:
+        gaps = np.array(_gaps((model, processor, engine, "ref-vl")))
+        _drop_patches(model, {"text", "all"})
+        unpatched = np.array(_gaps((model, processor, engine, "ref-vl")))
+    assert np.median(gaps) < 5e-4 and gaps.max() < 2e-2, gaps
+    texts = f"text prompts: {gaps[-2:]} served, {unpatched[-2:]} unpatched"
+    assert gaps[-2:].max() < 2e-3 and (unpatched[-2:] > 20 * gaps[-2:]).all(), texts  # patched in the engine
