@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import DIGIT_WORDS, FASHION_CLASSES, ImageSet
+from .generation import error_rates, generate_answers
 from .processor import RefProcessor, to_rgb
 from .registry import slices
 from .speech import WORDS
-from .tasks import TEMPLATES, accuracy, answer_labels, image_accuracy, prose_perplexity, qa_messages
+from .tasks import TEMPLATES, accuracy, answer_labels, image_accuracy, media_messages, prose_perplexity, qa_messages
 
 CLASSES = {"item": FASHION_CLASSES, "digit": DIGIT_WORDS}
 YES_NO = ("yes", "no")
@@ -23,10 +24,14 @@ class EvalSizes:
     prose: int = 100
     word: int = 300
     match: int = 200
+    sentence: int = 150
+    read: int = 200
+    sign: int = 150
 
 
 FULL = EvalSizes()
-QUICK = EvalSizes(item=60, digit=60, prose=20, word=60, match=40)
+QUICK = EvalSizes(item=60, digit=60, prose=20, word=60, match=40, sentence=30, read=40, sign=30)
+ANSWER_TOKENS = {"sentence": 20, "read": 8, "sign": 6}  # greedy decoding budget (the longest answers + 2)
 
 
 def audio_messages(template: int = 0) -> list[dict]:
@@ -73,7 +78,32 @@ def evaluate_reference(model, processor: RefProcessor, name, sizes: EvalSizes = 
         out["match"] = accuracy(model, processor,
                                 [(match_messages(), {"images": [to_rgb(im)], "audio": [c]}) for im, c, _ in pairs],
                                 np.array([y for _, _, y in pairs]), YES_NO)
+    out.update(generative_scores(model, processor, test, sizes))
     out["prose_ppl"] = prose_perplexity(model, processor, test["prose"][: sizes.prose])
+    return out
+
+
+def generative_prompts(part: dict, task: str, n: int | None = None) -> tuple[list, list[str]]:
+    """``(prompts, references)`` of a generative task (``sentence``, ``read``, ``sign``) in a slice."""
+    from PIL import Image
+
+    media, refs = part[task]
+    media, refs = media[:n], refs[:n]
+    if task == "sentence":
+        return [(media_messages("transcribe", 0, ("audio",)), {"audio": [c]}) for c in media], list(refs)
+    if task == "read":
+        return [(media_messages("read", 0, ("image",)), {"images": [Image.fromarray(x)]}) for x in media], list(refs)
+    return ([(media_messages("sign", 0, ("image",), colour=colour), {"images": [Image.fromarray(x)]})
+             for x, (colour, _) in zip(media, refs, strict=True)], [word for _, word in refs])
+
+
+def generative_scores(model, processor: RefProcessor, test: dict, sizes: EvalSizes = FULL) -> dict:
+    """Greedy answers of the generative tasks the slices hold: WER / CER / exact match per task."""
+    out = {}
+    for task in ("sentence", "read", "sign"):
+        if task in test:
+            prompts, refs = generative_prompts(test, task, getattr(sizes, task))
+            out[task] = error_rates(refs, generate_answers(model, processor, prompts, ANSWER_TOKENS[task]))
     return out
 
 
@@ -116,11 +146,17 @@ def _inputs(processor: RefProcessor, part: dict, n: int | None) -> list[dict]:
     if "word" in part:
         samples += audio_inputs(processor, take(part["word"][0]), take(part["word"][1]))
         samples += match_inputs(processor, part, n or 32)
+    for task in ("sentence", "read", "sign"):
+        if task in part:
+            prompts, refs = generative_prompts(part, task, n)
+            samples += [_with_answer(processor, messages, ref, **items)
+                        for (messages, items), ref in zip(prompts, refs, strict=True)]
     return samples + prose_inputs(processor, take(part["prose"]))
 
 
 def calibration_inputs(processor: RefProcessor, name) -> list[dict]:
-    """The default calibration set (calib split): image QA with answers, spoken words, matching, prose."""
+    """The default calibration set (calib split): image QA with answers, spoken words, matching, the generative
+    tasks with their answers (transcripts, text read), prose."""
     return _inputs(processor, slices(name, "calib"), None)
 
 

@@ -28,6 +28,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 IMAGE_SIZE, PATCH, MERGE = 56, 7, 2
+MAX_PIXELS = 168 * 42  # the reading tasks' widest image (reading.SCENE); squares stay IMAGE_SIZE
 MEL_BINS, SAMPLE_RATE = 80, 16_000
 
 
@@ -57,7 +58,7 @@ def image_processor():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
-                                    min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
+                                    min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=MAX_PIXELS)
 
 
 def to_rgb(image: np.ndarray):

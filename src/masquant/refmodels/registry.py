@@ -19,8 +19,9 @@ from . import speech
 
 WEIGHTS = Path(__file__).parent / "weights"
 REFERENCE_MODELS = ("ref-vl", "ref-omni")
-SLICE_SIZES = {"calib": {"item": 96, "digit": 32, "prose": 32, "word": 64},
-               "test": {"item": 300, "digit": 300, "prose": 100, "word": 300}}
+SLICE_SIZES = {"calib": {"item": 96, "digit": 32, "prose": 32, "word": 64, "sentence": 48, "read": 48, "sign": 32},
+               "test": {"item": 300, "digit": 300, "prose": 100, "word": 300, "sentence": 150, "read": 200,
+                        "sign": 150}}
 
 
 def model_dir(name: str | Path) -> Path:
@@ -54,14 +55,21 @@ def has_audio(name: str | Path) -> bool:
 
 def export_slices(out: Path, family: str = "vl") -> None:
     """Cut the calibration and test slices from the installed data into ``out``."""
-    from . import data
+    from . import data, reading, sentences
 
+    arrays, texts = {}, {}
     if family == "omni":
         speech_arrays = {}
         for split, sizes in SLICE_SIZES.items():
             speech_arrays.update(speech.pack(*speech.spoken_words(split, sizes["word"]), prefix=f"{split}_"))
+            clips, texts[f"{split}_sentence"] = sentences.spoken_sentences(split, sizes["sentence"])
+            speech_arrays.update(speech.pack_flac(clips, prefix=f"{split}_sentence_"))
         np.savez_compressed(out / "speech.npz", **speech_arrays)
-    arrays, texts = {}, {}
+    else:
+        for split, sizes in SLICE_SIZES.items():
+            arrays[f"{split}_read_images"], texts[f"{split}_read"] = reading.reading_set(split, sizes["read"])
+            arrays[f"{split}_sign_images"], colours, answers = reading.sign_set(split, sizes["sign"])
+            texts[f"{split}_sign"] = [list(pair) for pair in zip(colours, answers, strict=True)]
     for split, sizes in SLICE_SIZES.items():
         for s in data.image_sets(split):
             order = np.random.default_rng(data.SEED + 1).permutation(len(s.labels))[: sizes[s.name]]
@@ -73,13 +81,21 @@ def export_slices(out: Path, family: str = "vl") -> None:
 
 
 def slices(name: str | Path, split: str) -> dict:
-    """``{"item": (images, labels), "digit": (...), "prose": [paragraphs], "word": (clips, labels)}``."""
+    """``{"item": (images, labels), "digit": (...), "prose": [paragraphs]}``, with ``"read": (strips, texts)``
+    and ``"sign": (scenes, [(colour, word)])`` for ref-vl, ``"word": (clips, labels)`` and ``"sentence": (clips,
+    transcripts)`` for ref-omni (the generative tasks only in models trained with them)."""
     path = model_dir(name)
     arrays = np.load(path / "slices.npz")
     texts = json.loads((path / "slices.json").read_text())
     out: dict = {task: (arrays[f"{split}_{task}_images"], arrays[f"{split}_{task}_labels"])
                  for task in ("item", "digit")}
     out["prose"] = texts[f"{split}_prose"]
+    for task in ("read", "sign"):
+        if f"{split}_{task}" in texts:
+            out[task] = (arrays[f"{split}_{task}_images"], texts[f"{split}_{task}"])
     if has_audio(path):
-        out["word"] = speech.unpack(np.load(path / "speech.npz"), prefix=f"{split}_")
+        clips = np.load(path / "speech.npz")
+        out["word"] = speech.unpack(clips, prefix=f"{split}_")
+        if f"{split}_sentence" in texts:
+            out["sentence"] = (speech.unpack_flac(clips, prefix=f"{split}_sentence_"), texts[f"{split}_sentence"])
     return out

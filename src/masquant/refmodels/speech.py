@@ -83,3 +83,27 @@ def cache(split: str, n: int, folder: Path | None = None) -> tuple[list[np.ndarr
     if not path.exists():
         np.savez_compressed(path, **pack(*spoken_words(split, n)))
     return unpack(np.load(path))
+
+
+def pack_flac(clips: list[np.ndarray], prefix: str = "") -> dict[str, np.ndarray]:
+    """Clips as 16-bit FLAC files concatenated with offsets (half the bytes of compressed PCM)."""
+    import io
+
+    import soundfile as sf
+
+    files = []
+    for clip in clips:
+        buffer = io.BytesIO()
+        sf.write(buffer, (np.asarray(clip) * 32767).clip(-32768, 32767).astype(np.int16), RATE, format="FLAC")
+        files.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+    return {f"{prefix}flac": np.concatenate(files), f"{prefix}flac_offsets": np.cumsum([0] + [len(f) for f in files])}
+
+
+def unpack_flac(arrays, prefix: str = "") -> list[np.ndarray]:
+    import io
+
+    import soundfile as sf
+
+    data, off = arrays[f"{prefix}flac"], arrays[f"{prefix}flac_offsets"]
+    return [sf.read(io.BytesIO(data[a:b].tobytes()), dtype="int16")[0].astype(np.float32) / 32767
+            for a, b in itertools.pairwise(off)]

@@ -24,6 +24,13 @@ TEMPLATES = {
     "match": ("Does the spoken word name this item?", "Is the word you hear the thing in the picture?",
               "Do the sound and the image agree?", "Does the recording describe the picture?",
               "Is this item what the speaker says?"),
+    # generative tasks: the answer is written out (greedy decoding), scored by WER / CER / exact match
+    "transcribe": ("Transcribe the recording.", "What does the speaker say?", "Write down the spoken sentence.",
+                   "What is said in this clip?", "Type out what you hear."),
+    "read": ("What is written in the image?", "Read the text.", "What does the text say?",
+             "Which words are shown?", "Read out the writing in the picture."),
+    "sign": ("What is written on the {} sign?", "What does the {} sign say?", "Read the {} sign.",
+             "Which word is on the {} sign?", "What is the text on the {} sign?"),
 }
 
 
@@ -35,13 +42,27 @@ def qa_messages(task: str, template: int, answer: str | None = None, media: str 
     return msgs
 
 
+def media_messages(task: str, template: int, media: tuple[str, ...], answer: str | None = None,
+                   colour: str = "") -> list[dict]:
+    """A user turn with ``media`` items (``"image"``, ``"audio"``) then the task's ``template``-th question
+    (``colour`` fills the sign task's blank); with ``answer``, the assistant's reply."""
+    question = TEMPLATES[task][template].format(colour)
+    msgs = [{"role": "user", "content": [*({"type": m} for m in media), {"type": "text", "text": question}]}]
+    return [*msgs, {"role": "assistant", "content": answer}] if answer is not None else msgs
+
+
+FAMILY_TASKS = {"vl": ("item", "digit", "read", "sign"), "omni": ("item", "digit", "word", "match", "transcribe")}
+
+
 def prompt_texts(family: str = "vl") -> list[str]:
     """Every prompt and answer string of a family's tasks, for the tokenizer."""
     from .data import DIGIT_WORDS, FASHION_CLASSES
+    from .reading import SIGN_COLOURS
 
-    tasks = ("item", "digit") if family == "vl" else tuple(TEMPLATES)
+    questions = [t.format(c) if "{}" in t else t for task in FAMILY_TASKS[family] for t in TEMPLATES[task]
+                 for c in (SIGN_COLOURS if "{}" in t else ("",))]
     extra = () if family == "vl" else ("yes", "no")
-    return [*(t for task in tasks for t in TEMPLATES[task]), *FASHION_CLASSES, *DIGIT_WORDS, *extra]
+    return [*questions, *FASHION_CLASSES, *DIGIT_WORDS, *extra]
 
 
 def answer_labels(input_ids: torch.Tensor, processor: RefProcessor) -> torch.Tensor:

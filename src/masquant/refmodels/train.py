@@ -15,14 +15,16 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from . import data, speech
+from . import data, reading, sentences, speech
 from .evaluate import audio_messages, evaluate_reference, match_messages
 from .processor import RefProcessor, to_rgb, train_tokenizer
 from .registry import WEIGHTS, export_slices
-from .tasks import answer_labels, prompt_texts, qa_messages
+from .tasks import answer_labels, media_messages, prompt_texts, qa_messages
 
 log = logging.getLogger("masquant.train")
+SENTENCE_CLIPS = 6000  # synthesised training clips of the transcription task (cached on disk)
 
 TEXT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=1024, rms_norm_eps=1e-6,
@@ -59,7 +61,8 @@ def _answered(messages: list[dict], answer: str) -> list[dict]:
 
 
 class Batches:
-    """Random training batches: image QA, prose, and for omni spoken words and image/word matching."""
+    """Random training batches: image QA and prose; for vl reading text in strips and on signs, for omni
+    spoken words, image / word matching and spoken-sentence transcription."""
 
     def __init__(self, processor: RefProcessor, family: str, batch_size: int, rng: random.Random):
         self.processor, self.family, self.batch_size, self.rng = processor, family, batch_size, rng
@@ -67,6 +70,9 @@ class Batches:
         self.prose = data.moby_dick("train")
         if family == "omni":
             self.clips, self.words = speech.cache("train", 6000)
+            self.sentence_clips, self.sentences = sentences.cache("train", SENTENCE_CLIPS)
+        else:
+            self.phrases = reading.phrases("train")
 
     def _answers(self, texts: list[str], **media) -> dict:
         batch = self.processor(texts, **media)
@@ -106,6 +112,30 @@ class Batches:
             clips.append(self.clips[self.rng.choice(word_of[word])])
         return self._answers(texts, images=images, audio=clips)
 
+    def transcribe(self, n: int) -> dict:
+        picks = [self.rng.randrange(len(self.sentences)) for _ in range(n)]
+        texts = [self.processor.apply_chat_template(media_messages("transcribe", self.rng.randrange(5), ("audio",),
+                                                                   self.sentences[i])) for i in picks]
+        return self._answers(texts, audio=[self.sentence_clips[i] for i in picks])
+
+    def read(self, n: int) -> dict:
+        texts, images = [], []
+        for _ in range(n):
+            pixels, text = reading.strip_example(self.rng, self.phrases)
+            texts.append(self.processor.apply_chat_template(media_messages("read", self.rng.randrange(5), ("image",),
+                                                                           text)))
+            images.append(Image.fromarray(pixels))
+        return self._answers(texts, images=images)
+
+    def signs(self, n: int) -> dict:
+        texts, images = [], []
+        for _ in range(n):
+            pixels, colour, word = reading.sign_example(self.rng)
+            texts.append(self.processor.apply_chat_template(media_messages("sign", self.rng.randrange(5), ("image",),
+                                                                           word, colour)))
+            images.append(Image.fromarray(pixels))
+        return self._answers(texts, images=images)
+
     def prose_batch(self, n: int, words: int = 40) -> dict:
         texts = []
         for _ in range(n):
@@ -119,9 +149,10 @@ class Batches:
     def next(self) -> dict:
         b = self.batch_size
         if self.family == "vl":
-            return {"qa": self.qa(round(0.65 * b)), "prose": self.prose_batch(b - round(0.65 * b))}
-        return {"qa": self.qa(b // 3), "spoken": self.spoken(b // 3), "match": self.match(b // 6),
-                "prose": self.prose_batch(b // 4)}
+            return {"qa": self.qa(3 * b // 8), "read": self.read(b // 4), "sign": self.signs(b // 8),
+                    "prose": self.prose_batch(b // 4)}
+        return {"qa": self.qa(b // 4), "spoken": self.spoken(b // 4), "transcribe": self.transcribe(b // 4),
+                "match": self.match(b // 8), "prose": self.prose_batch(b // 5)}
 
 
 def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int = 32, lr: float = 2e-3) -> dict:

@@ -1,0 +1,139 @@
+"""The generative reference tasks (issue 26): scoring, greedy answers, and the data they are built from
+(clauses of the prose corpus, espeak-ng speech, rendered text; those tests skip where the data is not
+installed: scripts/prepare_data.sh)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from masquant.refmodels import data, reading, registry, sentences, speech
+from masquant.refmodels.evaluate import QUICK, generative_prompts, generative_scores
+from masquant.refmodels.generation import edit_distance, error_rates, generate_answers
+from masquant.refmodels.tasks import media_messages, prompt_texts
+
+
+def _has_corpus() -> bool:
+    try:
+        data.moby_dick_dir()
+    except data.DataMissingError:
+        return False
+    return True
+
+
+needs_corpus = pytest.mark.skipif(not _has_corpus(), reason="Moby-Dick not installed (scripts/prepare_data.sh)")
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+
+
+def _has_fonts() -> bool:
+    try:
+        return bool(reading.fonts())
+    except data.DataMissingError:
+        return False
+
+
+needs_fonts = pytest.mark.skipif(not _has_fonts(), reason="no TrueType fonts installed")
+
+
+def test_edit_distance_and_error_rates():
+    assert edit_distance("kitten", "sitting") == 3 and edit_distance([], list("abc")) == 3
+    assert edit_distance(list("abc"), list("abc")) == 0
+    scores = error_rates(["the cat sat", "a dog"], ["the sat on", "a dog"])
+    # "the cat sat" -> "the sat on": one deletion and one insertion; 2 edits over 5 reference words
+    assert scores["wer"] == pytest.approx(2 / 5) and scores["exact"] == 0.5 and scores["n"] == 2
+    assert scores["cer"] == pytest.approx(edit_distance("the cat sat", "the sat on") / 16)
+    assert error_rates(["Call me, Ishmael."], ["call me ishmael"])["wer"] == 0  # case and punctuation ignored
+
+
+def test_media_messages_fill_the_sign_colour():
+    msgs = media_messages("sign", 0, ("image",), answer="whale", colour="red")
+    assert msgs[0]["content"][0] == {"type": "image"} and "red sign" in msgs[0]["content"][1]["text"]
+    assert msgs[1] == {"role": "assistant", "content": "whale"}
+    assert any("blue sign" in t for t in prompt_texts("vl")) and not any("{}" in t for t in prompt_texts("vl"))
+    assert any("Transcribe" in t for t in prompt_texts("omni")) and not any("Transcribe" in t for t in prompt_texts())
+
+
+def test_flac_slices_round_trip_exactly():
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(-32767, 32767, n).astype(np.float32) / 32767 for n in (1600, 4000, 321)]
+    back = speech.unpack_flac(speech.pack_flac(clips, prefix="x_"), prefix="x_")
+    assert all(np.array_equal(a, b) for a, b in zip(clips, back, strict=True))  # lossless at 16 bits
+
+
+def test_batched_greedy_answers_equal_one_at_a_time():
+    """Left-padded batches give each prompt the answer it gets alone (a padding or mask bug would not)."""
+    model, processor = registry.load("ref-vl")
+    items = registry.slices("ref-vl", "test")["item"][0][:5]
+    sizes = [(56, 56), (168, 28), (168, 42), (56, 56), (112, 56)]  # other token counts: padding differs by row
+    prompts = [(media_messages("read", i % 5, ("image",)), {"images": [Image.fromarray(x).convert("RGB").resize(s)]})
+               for i, (x, s) in enumerate(zip(items, sizes, strict=True))]
+    batched = generate_answers(model, processor, prompts, max_new_tokens=6, chunk=5)
+    alone = [generate_answers(model, processor, [p], max_new_tokens=6)[0] for p in prompts]
+    assert batched == alone and all(isinstance(a, str) for a in alone)
+
+
+def test_generative_scores_on_a_slice():
+    """Scores for each generative task the slices hold: references paired with the greedy answers."""
+    model, processor = registry.load("ref-vl")
+    images = registry.slices("ref-vl", "test")["item"][0][:3]
+    strips = np.stack([np.asarray(Image.fromarray(x).convert("RGB").resize((168, 28))) for x in images])
+    scenes = np.stack([np.asarray(Image.fromarray(x).convert("RGB").resize((168, 42))) for x in images])
+    part = {"read": (strips, ["whale", "the sea", "ship"]), "sign": (scenes, [["red", "oil"], ["blue", "sea"],
+                                                                              ["green", "ahab"]])}
+    prompts, refs = generative_prompts(part, "sign", 2)
+    assert refs == ["oil", "sea"] and "red sign" in prompts[0][0][0]["content"][1]["text"]
+    out = generative_scores(model, processor, part, QUICK)
+    assert set(out) == {"read", "sign"} and out["read"]["n"] == 3 and len(out["sign"]["answers"]) == 3
+    assert 0 <= out["read"]["exact"] <= 1 and out["read"]["cer"] >= 0
+
+
+@needs_corpus
+def test_clauses_are_in_the_vocabulary_and_the_splits_disjoint():
+    vocab = sentences.vocabulary()
+    splits = {s: sentences.clauses(s) for s in ("train", "calib", "test")}
+    assert len(splits["test"]) >= 150 and len(splits["calib"]) >= 48 and len(splits["train"]) > 1000
+    for clauses in splits.values():
+        assert all(3 <= len(c.split()) <= 7 and set(c.split()) <= vocab for c in clauses)
+    assert len(set(splits["test"]) & set(splits["train"])) < 0.35 * len(splits["test"])  # short clauses recur
+
+
+@needs_corpus
+@needs_espeak
+def test_spoken_sentences_are_deterministic_and_bounded():
+    clips, texts = sentences.spoken_sentences("test", 4)
+    again, same = sentences.spoken_sentences("test", 4)
+    assert texts == same and all(np.array_equal(a, b) for a, b in zip(clips, again, strict=True))
+    assert all(0.3 * speech.RATE < len(c) <= sentences.MAX_SECONDS * speech.RATE for c in clips)
+    assert set(texts) <= set(sentences.clauses("test"))
+
+
+@needs_corpus
+@needs_fonts
+def test_rendered_text_is_deterministic_and_fits_the_processor():
+    from masquant.refmodels.processor import MAX_PIXELS, PATCH, image_processor
+
+    images, texts = reading.reading_set("test", 6)
+    again, same = reading.reading_set("test", 6)
+    assert texts == same and np.array_equal(images, again) and images.shape == (6, 28, 168, 3)
+    assert all(t in reading.words() or t in reading.phrases("test") for t in texts)
+    scenes, colours, _ = reading.sign_set("test", 3)
+    assert scenes.shape == (3, 42, 168, 3) and set(colours) <= set(reading.SIGN_COLOURS)
+    grid = image_processor()(images=[Image.fromarray(scenes[0])], return_tensors="pt")["image_grid_thw"][0]
+    assert grid.tolist() == [1, 42 // PATCH, 168 // PATCH] and MAX_PIXELS >= 168 * 42  # no resize: text stays sharp
+    rng = random.Random(0)
+    a, b = reading.render_strip("ahab", rng), reading.render_strip("ahab", rng)
+    assert not np.array_equal(a, b)  # each rendering its own font, colours and distortion
+
+
+def test_missing_fonts_are_named(monkeypatch, tmp_path):
+    reading.fonts.cache_clear()
+    monkeypatch.setattr(reading, "FONT_DIRS", (str(tmp_path),))
+    try:
+        with pytest.raises(data.DataMissingError, match=r"prepare_data\.sh"):
+            reading.fonts()
+    finally:
+        reading.fonts.cache_clear()
