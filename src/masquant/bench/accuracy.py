@@ -112,7 +112,9 @@ def run_settings(name: str, todo: list[tuple[str, str]], quick: bool, progress: 
                "decoder_sqnr": scores["decoder_sqnr"], "kl": scores["kl"]["all"], "calib_seconds": seconds,
                "storage": storage_bytes(qmodel), "calib_samples": report.samples}
         log.info("%s %s %s: %s, prose ppl %.2f", name, bits, method,
-                 ", ".join(f"{t} {100 * row[t]['accuracy']:.1f}%" for t in TASKS if t in row), row["prose_ppl"])
+                 ", ".join([*(f"{t} {100 * row[t]['accuracy']:.1f}%" for t in TASKS if t in row),
+                            *(f"{t} {m} {100 * row[t][m]:.1f}%" for t, m in GENERATIVE.items() if t in row)]),
+                 row["prose_ppl"])
         finish(row)
     return rows
 
@@ -153,7 +155,12 @@ def run_bench(models: tuple[str, ...] = ("ref-vl",), quick: bool = False, progre
 
 
 TASKS = ("item", "digit", "word", "match")
+GENERATIVE = {"sentence": "wer", "read": "exact", "sign": "exact"}  # greedy-answer tasks and their headline score
 MODALITIES = ("text", "vision", "audio")
+
+
+def _generative_cell(score: dict, metric: str) -> str:
+    return f"{100 * score[metric]:.1f} / {100 * score['cer']:.1f}"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -162,13 +169,16 @@ def markdown(rows: list[dict]) -> str:
     for name in dict.fromkeys(r["model"] for r in rows):
         part = [r for r in rows if r["model"] == name]
         tasks = [t for t in TASKS if t in part[0]]
+        made = [t for t in GENERATIVE if t in part[0]]
         mods = [m for m in MODALITIES if any(m in r.get("decoder_sqnr", {}) for r in part)]
-        head = (["bits", "method"] + [f"{t} acc % / NLL" for t in tasks] + ["prose ppl"] + [f"SQNR {m}" for m in mods]
-                + ["KL", "weights+patches MB", "calib s"])
+        head = (["bits", "method"] + [f"{t} acc % / NLL" for t in tasks]
+                + [f"{t} {'WER' if GENERATIVE[t] == 'wer' else 'EM'} / CER %" for t in made] + ["prose ppl"]
+                + [f"SQNR {m}" for m in mods] + ["KL", "weights+patches MB", "calib s"])
         lines = [f"### {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in part:
             scores = (f"{100 * r[t]['accuracy']:.1f} / {r[t]['answer_nll']:.3f}" for t in tasks)
-            cells = [r["bits"], r["method"], *scores, f"{r['prose_ppl']:.2f}"]
+            made_cells = (_generative_cell(r[t], GENERATIVE[t]) if t in r else "-" for t in made)
+            cells = [r["bits"], r["method"], *scores, *made_cells, f"{r['prose_ppl']:.2f}"]
             if "kl" in r:
                 store = r.get("storage")
                 cells += [f"{r['decoder_sqnr'][m]:.1f}" if m in r["decoder_sqnr"] else "-" for m in mods]
