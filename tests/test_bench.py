@@ -69,7 +69,8 @@ def test_resume_reuses_only_rows_of_the_same_size(fake_bench, tmp_path):
     bench.run_bench(("ref-vl",), quick=True, progress=False, out=tmp_path)
     rows = bench.run_bench(("ref-vl",), quick=False, progress=False, out=tmp_path, resume=True)
     assert fake_bench["fp_evals"] == 2 and all(not r["quick"] for r in rows)
-    assert [q[0] for q in fake_bench["quantize"]].count("rtn") == 1 + sum(m == "rtn" for _, m in bench.settings(False))
+    assert [q[0] for q in fake_bench["quantize"]].count("rtn") == 1 + sum(m.partition("@")[0] == "rtn"
+                                                                           for _, m in bench.settings(False))
 
 
 def test_full_settings_include_the_down_proj_variants():
@@ -139,3 +140,35 @@ def test_a_page_from_saved_rows_runs_nothing_and_keeps_the_bench_order(tmp_path)
     assert bench.saved_rows(("ref-vl", "ref-omni"), tmp_path)[-1] == rows[2]
     with pytest.raises(ValueError, match="no rows of ref-x"):
         bench.saved_rows(("ref-x",), tmp_path)
+
+
+def test_calibration_seeds_use_disjoint_halves_and_get_their_own_section(fake_bench, tmp_path):
+    """``METHOD@k``: the method calibrated on the k-th half of the slice with seed k; the page shows the whole
+    slice's score and the halves' mean +- half range, and keeps the halves out of the main tables."""
+    from masquant.bench import seeds
+
+    todo = bench.settings(quick=False)
+    assert ("W4A8", "masquant@1") in todo and ("W4A6", "rtn@2") in todo and ("W4A16", "rtn@1") not in todo
+    assert todo.index(("W4A8", "masquant@1")) > todo.index(("W4A16", "mbq"))  # (after every main row)
+    assert bench.config_for("W4A8", "masquant@2", quick=False).seed == 2
+    assert bench.config_for("W4A8", "masquant+gptq", quick=False).seed == 0
+    with pytest.raises(ValueError, match="calibration seed"):
+        seeds.split("masquant@3")
+    samples = list(range(9))
+    assert seeds.calibration_half(samples, 1) == [0, 2, 4, 6, 8] and seeds.calibration_half(samples, 2) == [1, 3, 5, 7]
+    rows = bench.run_settings("ref-vl", [("W4A8", "smoothquant"), ("W4A8", "smoothquant@1"),
+                                         ("W4A8", "smoothquant@2")], quick=False)
+    assert [r["calib_samples"] for r in rows[1:]] == [8, 4, 4]
+
+    def row(method, wer, vision):
+        return {**_row("m", "W4A8", method, 0.5, vision), "sentence": {"wer": wer, "cer": 0.1, "exact": 0.0}}
+
+    page_rows = [row("masquant", 0.10, 30.0), row("masquant@1", 0.12, 29.0), row("masquant@2", 0.08, 31.0),
+                 row("rtn", 0.5, 20.0)]
+    section = seeds.section(page_rows)
+    assert "| W4A8 | masquant | 10.0 (10.0 ± 2.0) | 20.0 (20.0 ± 0.0) | 30.0 (30.0 ± 1.0) |" in section
+    assert "| rtn |" not in section  # (no halves run)
+    bench.write(page_rows, tmp_path / "out", tmp_path / "RESULTS.md")
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "## Calibration seeds" in page and "masquant@1" not in page.split("## Calibration seeds")[0]
+    assert "| sentence WER / CER % |" in page and "| 10.0 / 10.0 |" in page  # (the main table's generative column)

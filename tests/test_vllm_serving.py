@@ -193,3 +193,16 @@ def test_text_and_shared_patches_are_served(method, options, tmp_path):
     assert np.median(gaps) < 5e-4 and gaps.max() < 2e-2, gaps
     texts = f"text prompts: {gaps[-2:]} served, {unpatched[-2:]} unpatched"
     assert gaps[-2:].max() < 2e-3 and (unpatched[-2:] > 20 * gaps[-2:]).all(), texts  # patched in the engine
+
+
+def test_greedy_answers_match_the_runtime(served):
+    """The generative tasks through the engine (``generate_greedy``): the same greedy answers as the runtime."""
+    from masquant.refmodels.generation import generate_answers
+
+    model, processor, engine, name = served
+    images = registry.slices(name, "test")["item"][0][:12]
+    prompts = [(qa_messages("item", i % 5), {"images": [to_rgb(x)]}) for i, x in enumerate(images)]
+    ours = generate_answers(model, processor, prompts, max_new_tokens=4)
+    theirs = generate_answers(engine, processor, prompts, max_new_tokens=4)
+    assert sum(a == b for a, b in zip(ours, theirs, strict=True)) >= 11, (ours, theirs)
+    assert len(set(ours)) > 1  # answers that depend on the image

@@ -20,6 +20,7 @@ from ..evaluation.evaluate import compare
 from ..refmodels import registry
 from ..refmodels.evaluate import FULL, QUICK, calibration_inputs, comparison_inputs, evaluate_reference
 from ..runtime.qlinear import QuantLinear
+from . import seeds
 
 log = logging.getLogger("masquant")
 
@@ -40,11 +41,12 @@ def settings(quick: bool) -> list[tuple[str, str]]:
     rows = [(bits, m) for bits in ("W8A8", "W4A8", "W4A6") for m in WA_METHODS]
     rows += [(bits, m) for bits in ("W4A8", "W4A6") for m in DOWN_VARIANTS]
     rows += [(bits, m) for bits in ("W4A8", "W8A8", "W4A6") for m in BUDGET_VARIANTS]  # (the paper's W4A8 first)
-    return rows + [("W4A16", m) for m in WEIGHT_ONLY_METHODS]
+    return rows + [("W4A16", m) for m in WEIGHT_ONLY_METHODS] + seeds.seeded_settings(WA_METHODS)
 
 
 def config_for(bits: str, method: str, quick: bool) -> QuantConfig:
     w_bits, a_bits = BITS[bits]
+    method, seed = seeds.split(method)
     base, *variants = method.split("+")
     if any(v not in VARIANTS for v in variants):
         raise ValueError(f"unknown bench variant {method!r} (METHOD or METHOD+VARIANT, variants: "
@@ -55,7 +57,8 @@ def config_for(bits: str, method: str, quick: bool) -> QuantConfig:
     if extra.get("text_patch") and "text_patch" not in options_for(base, text_patch=True):
         raise ValueError(f"bench variant {method!r}: {base} has no text patch")
     own = options_for(base, rank=32, epochs=1 if quick else 2, text_patch=extra.pop("text_patch", False))
-    return QuantConfig(method=base, w_bits=w_bits, a_bits=a_bits, calib_batch=1, **extra, **own)  # the paper's schedule
+    return QuantConfig(method=base, w_bits=w_bits, a_bits=a_bits, calib_batch=1, seed=seed or 0, **extra,
+                       **own)  # (calib_batch 1: the paper's schedule)
 
 
 def storage_bytes(model: torch.nn.Module) -> dict[str, int]:
@@ -96,7 +99,7 @@ def run_settings(name: str, todo: list[tuple[str, str]], quick: bool, progress: 
         if quick:
             calib = calib[::4]
         held_out = comparison_inputs(processor, name, n=8 if quick else 24)
-    cache: dict = {}  # decoder inputs and gradient ratios, shared by the settings (same model and samples)
+    caches: dict = {}  # per calibration set: decoder inputs and gradient ratios, shared by its settings
     for bits, method in todo:
         if (name, bits, method) in previous:
             log.info("%s %s %s: reusing the saved row", name, bits, method)
@@ -104,7 +107,9 @@ def run_settings(name: str, todo: list[tuple[str, str]], quick: bool, progress: 
             continue
         qmodel = copy.deepcopy(fp)
         start = time.perf_counter()
-        report = quantize(qmodel, calib, config_for(bits, method, quick), progress=progress, cache=cache)
+        seed = seeds.split(method)[1]
+        report = quantize(qmodel, seeds.calibration_half(calib, seed), config_for(bits, method, quick),
+                          progress=progress, cache=caches.setdefault(seed, {}))
         seconds = time.perf_counter() - start
         scores = compare(fp, qmodel, held_out)
         row = {"model": name, "bits": bits, "method": method, "quick": quick,
@@ -280,9 +285,11 @@ def write(rows: list[dict], out: Path, results: Path | None = None, command: str
     rows) join the tables and the comparison section."""
     from .comparison import NOTE, comparison
 
-    rows = [*rows, *peers]
+    everything = [*rows, *peers]
+    spread = seeds.section(everything)
+    rows = [r for r in everything if not seeds.is_seeded(r)]  # (the halves' rows: their own section)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(rows, indent=1))
+    (out / "bench.json").write_text(json.dumps(everything, indent=1))
     table = markdown(rows)
     (out / "bench.md").write_text(table + "\n")
     has_plot = plot(rows, out / "bench.png")
@@ -290,13 +297,14 @@ def write(rows: list[dict], out: Path, results: Path | None = None, command: str
         results.parent.mkdir(parents=True, exist_ok=True)
         image = ""
         if has_plot:
-            (results.parent / "results.json").write_text(json.dumps(rows, indent=1))
+            (results.parent / "results.json").write_text(json.dumps(everything, indent=1))
             target = results.parent / "results.png"
             target.write_bytes((out / "bench.png").read_bytes())
             image = "\n![decoder-output SQNR per method and bit-width](results.png)\n"
         results.write_text(RESULTS_HEADER.format(command=command) + table + "\n" + image
                            + "\n## Same budget, GPTQ and llm-compressor\n\n" + NOTE + comparison(rows)
-                           + "\n## The issue's goals, measured\n\n" + GOALS_NOTE + goals(rows) + "\n")
+                           + "\n## The issue's goals, measured\n\n" + GOALS_NOTE + goals(rows) + "\n"
+                           + (f"\n## Calibration seeds\n\n{seeds.NOTE}{spread}\n" if spread else ""))
     log.info("wrote %s", out)
 
 

@@ -1,8 +1,9 @@
 """A vLLM engine that scores what masquant's evaluation scores: the log-probability of every token of
 given token ids (``token_logprobs``, which ``masquant.refmodels.tasks`` uses for answer ranking and
-prose perplexity) and full next-token distributions (``next_token_logprobs``, for the KL against
-masquant's own runtime). Prompts are the token ids masquant's processor makes (placeholders already
-expanded) with the raw images and audio, which vLLM's processor turns into the same pixel values."""
+prose perplexity), full next-token distributions (``next_token_logprobs``, for the KL against
+masquant's own runtime) and greedy answers (``generate_greedy``, for the generative tasks). Prompts
+are the token ids masquant's processor makes (placeholders already expanded) with the raw images and
+audio, which vLLM's processor turns into the same pixel values."""
 
 from __future__ import annotations
 
@@ -78,6 +79,15 @@ class VllmEngine:
                 if token < self.vocab:
                     dense[row, token] = lp.logprob
         return dense
+
+    def generate_greedy(self, requests: Sequence[Request], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of each request's token ids (the generative reference tasks), stopped at the
+        model's end-of-turn token as ``generation.generate_answers`` stops."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+        outs = self.llm.generate([self._prompt(ids, items) for ids, items in requests], params, use_tqdm=False)
+        return [list(out.outputs[0].token_ids) for out in outs]
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
