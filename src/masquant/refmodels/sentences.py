@@ -48,12 +48,32 @@ def clauses(split: str, size: int = VOCABULARY) -> list[str]:
     return out
 
 
-def spoken_sentences(split: str, n: int, seed: int = data.SEED) -> tuple[list[np.ndarray], list[str]]:
-    """``n`` clips of the split's clauses (cycled when ``n`` is larger) read by the split's speakers, and
-    their transcripts; clips longer than ``MAX_SECONDS`` (slow voices) are read again faster."""
+def spliced(split: str, n: int, rng: random.Random) -> list[str]:
+    """``n`` word sequences of 3-7 words: half the split's clauses, half the start of one clause joined to the end
+    of another (new sequences with the corpus's local word order, so that a model cannot learn clauses by heart)."""
+    texts, low, high = [c.split() for c in clauses(split)], *WORDS_PER_CLAUSE
+    out = []
+    for _ in range(n):
+        first = rng.choice(texts)
+        if rng.random() < 0.5:
+            out.append(" ".join(first))
+            continue
+        second = rng.choice(texts)
+        head = first[: rng.randrange(1, len(first) + 1)]
+        tail = second[rng.randrange(len(second)):]
+        words = (head + tail)[:high]
+        out.append(" ".join(words if len(words) >= low else first))
+    return out
+
+
+def spoken_sentences(split: str, n: int, seed: int = data.SEED, splice: bool = False
+                     ) -> tuple[list[np.ndarray], list[str]]:
+    """``n`` clips of the split's clauses (cycled when ``n`` is larger; with ``splice``, ``spliced`` sequences)
+    read by the split's speakers, and their transcripts; clips longer than ``MAX_SECONDS`` (slow voices) are read
+    again faster."""
     rng = random.Random(f"{seed}-sentences-{split}")
     texts = clauses(split)
-    order = rng.sample(texts, len(texts))
+    order = spliced(split, n, rng) if splice else rng.sample(texts, len(texts))
     clips, out = [], []
     for i in range(n):
         text = order[i % len(order)]
@@ -68,13 +88,13 @@ def spoken_sentences(split: str, n: int, seed: int = data.SEED) -> tuple[list[np
     return clips, out
 
 
-def cache(split: str, n: int, folder: Path | None = None) -> tuple[list[np.ndarray], list[str]]:
+def cache(split: str, n: int, folder: Path | None = None, splice: bool = False) -> tuple[list[np.ndarray], list[str]]:
     """``spoken_sentences`` cached on disk (synthesis takes minutes for a training set)."""
     folder = folder or Path(tempfile.gettempdir()) / "masquant-speech"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"sentences-{split}-{n}-v{VOCABULARY}.npz"
+    path = folder / f"sentences-{split}-{n}-v{VOCABULARY}{'-spliced' if splice else ''}.npz"
     if not path.exists():
-        clips, texts = spoken_sentences(split, n)
+        clips, texts = spoken_sentences(split, n, splice=splice)
         np.savez_compressed(path, **speech.pack(clips, np.array(texts)))
     clips, texts = speech.unpack(np.load(path))
     return clips, [str(t) for t in texts]

@@ -163,7 +163,7 @@ def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int
     model = build_model(family, tokenizer).train()
     batches = Batches(processor, family, batch_size, random.Random(seed))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    start, step, ema, total_steps = time.time(), 0, None, None
+    start, step, ema, total_steps, curve = time.time(), 0, None, None, []
     while time.time() < start + 60 * minutes:
         loss = sum(model(**part, use_cache=False).loss for part in batches.next().values())
         opt.zero_grad(set_to_none=True)
@@ -179,11 +179,14 @@ def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int
         ema = float(loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(loss.detach())
         if step % 100 == 0:
             log.info("step %d loss %.3f (%.0f s)", step, ema, time.time() - start)
+            curve.append([step, round(ema, 4), round(time.time() - start, 1)])
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    run = {"steps": step, "minutes": (time.time() - start) / 60, "seed": seed, "batch_size": batch_size, "lr": lr}
+    run = {"steps": step, "minutes": (time.time() - start) / 60, "seed": seed, "batch_size": batch_size, "lr": lr,
+           "batch": {task: len(part["input_ids"]) for task, part in batches.next().items()},
+           "loss_curve": curve}  # (step, smoothed summed loss of the batch's parts, seconds)
     (out / "training.json").write_text(json.dumps(run, indent=1))
     return refresh(out, family)
 
