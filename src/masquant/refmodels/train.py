@@ -24,7 +24,7 @@ from .registry import WEIGHTS, export_slices
 from .tasks import answer_labels, media_messages, prompt_texts, qa_messages
 
 log = logging.getLogger("masquant.train")
-SENTENCE_CLIPS = 6000  # synthesised training clips of the transcription task (cached on disk)
+SENTENCE_CLIPS = 12000  # synthesised training clips of the transcription task (spliced; cached on disk)
 
 TEXT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=1024, rms_norm_eps=1e-6,
@@ -70,7 +70,7 @@ class Batches:
         self.prose = data.moby_dick("train")
         if family == "omni":
             self.clips, self.words = speech.cache("train", 6000)
-            self.sentence_clips, self.sentences = sentences.cache("train", SENTENCE_CLIPS)
+            self.sentence_clips, self.sentences = sentences.cache("train", SENTENCE_CLIPS, splice=True)
         else:
             self.phrases = reading.phrases("train")
 
