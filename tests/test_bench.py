@@ -172,3 +172,21 @@ def test_calibration_seeds_use_disjoint_halves_and_get_their_own_section(fake_be
     page = (tmp_path / "RESULTS.md").read_text()
     assert "## Calibration seeds" in page and "masquant@1" not in page.split("## Calibration seeds")[0]
     assert "| sentence WER / CER % |" in page and "| 10.0 / 10.0 |" in page  # (the main table's generative column)
+
+
+def test_the_demo_table_shows_the_tasks_a_model_has():
+    from masquant.bench.demo import format_reference_table
+
+    vl = [{"model": "ref-vl", "bits": "FP32", "method": "fp", "item": {"accuracy": 0.8}, "digit": {"accuracy": 0.9},
+           "prose_ppl": 170.0},
+          {"model": "ref-vl", "bits": "W4A8", "method": "masquant", "item": {"accuracy": 0.79},
+           "digit": {"accuracy": 0.9}, "prose_ppl": 171.0, "decoder_sqnr": {"text": 17.0, "vision": 28.5}}]
+    table = format_reference_table(vl).splitlines()
+    assert table[0] == ("| ref-vl | item acc (vision) | digit acc (vision) | prose ppl (text) | SQNR text | "
+                        "SQNR vision |")  # (as before the generative tasks)
+    assert table[2] == "| full precision | 80.0 | 90.0 | 170.00 | - | - |"
+    omni = [{**r, "model": "ref-omni", "sentence": {"wer": 0.081}, "word": {"accuracy": 0.95}} for r in vl]
+    omni[1]["decoder_sqnr"]["audio"] = 25.0
+    table = format_reference_table(omni).splitlines()
+    assert "| word acc (audio) | sentence WER (audio) | prose ppl (text) |" in table[0] and "SQNR audio" in table[0]
+    assert table[3] == "| masquant W4A8 | 79.0 | 90.0 | 95.0 | 8.1 | 171.00 | 17.0 | 28.5 | 25.0 |"

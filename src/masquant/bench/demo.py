@@ -43,8 +43,9 @@ def _models(quick: bool) -> list[tuple[str, torch.nn.Module, dict]]:
 
 
 def run_demo(quick: bool = False, out: Path | None = None, progress: bool = True) -> list[dict]:
-    """ref-vl at W4A8: FP vs SmoothQuant vs MASQuant, per modality."""
-    from ..refmodels.registry import model_dir
+    """ref-vl at W4A8: FP vs SmoothQuant vs MASQuant, per modality; ref-omni too where it was trained for spoken
+    sentences (its WER is the demo's audio line)."""
+    from ..refmodels.registry import model_dir, slices
     from .accuracy import run_settings
 
     try:
@@ -52,23 +53,42 @@ def run_demo(quick: bool = False, out: Path | None = None, progress: bool = True
     except FileNotFoundError as err:
         log.warning("%s; running the tiny-model demo instead", err)
         return run_tiny_demo(quick, out, progress)
-    rows = run_settings("ref-vl", [("W4A8", "smoothquant"), ("W4A8", "masquant")], quick, progress)
-    print(format_reference_table(rows))
+    names = ["ref-vl"] + (["ref-omni"] if "sentence" in slices("ref-omni", "test") else [])
+    rows = []
+    for name in names:
+        part = run_settings(name, [("W4A8", "smoothquant"), ("W4A8", "masquant")], quick, progress)
+        print(format_reference_table(part))
+        rows += part
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "demo.json").write_text(json.dumps(rows, indent=1))
     return rows
 
 
+# (column, how to read it from a row) of the demo's table, shown where the first row has it
+_COLUMNS = (("item acc (vision)", lambda r: f"{100 * r['item']['accuracy']:.1f}"),
+            ("digit acc (vision)", lambda r: f"{100 * r['digit']['accuracy']:.1f}"),
+            ("read exact (vision)", lambda r: f"{100 * r['read']['exact']:.1f}"),
+            ("sign exact (vision)", lambda r: f"{100 * r['sign']['exact']:.1f}"),
+            ("word acc (audio)", lambda r: f"{100 * r['word']['accuracy']:.1f}"),
+            ("sentence WER (audio)", lambda r: f"{100 * r['sentence']['wer']:.1f}"),
+            ("prose ppl (text)", lambda r: f"{r['prose_ppl']:.2f}"))
+_KEYS = {"item acc (vision)": "item", "digit acc (vision)": "digit", "read exact (vision)": "read",
+         "sign exact (vision)": "sign", "word acc (audio)": "word", "sentence WER (audio)": "sentence",
+         "prose ppl (text)": "prose_ppl"}
+
+
 def format_reference_table(rows: list[dict]) -> str:
-    lines = ["| ref-vl | item acc (vision) | digit acc (vision) | prose ppl (text) | SQNR text | SQNR vision |",
-             "|---|---|---|---|---|---|"]
+    """One reference model's demo rows: its tasks' scores and the SQNR of each token modality."""
+    columns = [(label, read) for label, read in _COLUMNS if _KEYS[label] in rows[0]]
+    mods = [m for m in ("text", "vision", "audio") if any(m in r.get("decoder_sqnr", {}) for r in rows)]
+    head = [rows[0]["model"], *(label for label, _ in columns), *(f"SQNR {m}" for m in mods)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         s = r.get("decoder_sqnr", {})
         name = "full precision" if r["method"] == "fp" else f"{r['method']} {r['bits']}"
-        sqnr = " | ".join(f"{s[k]:.1f}" if k in s else "-" for k in ("text", "vision"))
-        lines.append(f"| {name} | {100 * r['item']['accuracy']:.1f} | {100 * r['digit']['accuracy']:.1f} | "
-                     f"{r['prose_ppl']:.2f} | {sqnr} |")
+        cells = [name, *(read(r) for _, read in columns), *(f"{s[m]:.1f}" if m in s else "-" for m in mods)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
