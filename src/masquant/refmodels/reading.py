@@ -1,7 +1,7 @@
 """Text in images for ref-vl's reading tasks, rendered with the fonts Debian ships.
 
-* ``read``: a word or a two-word phrase on a 168 x 28 strip (several fonts, sizes, colours, a slight
-  rotation, blur and noise); the model writes the text.
+* ``read``: a word or a two-word phrase on a 168 x 28 strip, left-aligned (several fonts, sizes 16-21 px,
+  colours, a slight rotation, blur and noise); the model writes the text.
 * ``sign``: a 168 x 42 scene with two coloured signs, each with a word, on a cluttered background; the
   question names a sign's colour ("What is written on the red sign?").
 
@@ -94,9 +94,9 @@ def render_strip(text: str, rng: random.Random) -> np.ndarray:
     (width, height), (bg, ink) = STRIP, _contrast(rng)
     image = Image.new("RGB", STRIP, bg)
     draw = ImageDraw.Draw(image)
-    font, (left, top, right, bottom) = _fit(draw, text, rng, width - 6, height - 4, 13, 22)
-    x = rng.randrange(0, max(1, width - (right - left) - 2)) + 1 - left
-    y = (height - (bottom - top)) // 2 - top + rng.randrange(-1, 2)
+    font, (left, top, right, bottom) = _fit(draw, text, rng, width - 10, height - 4, 16, 21)
+    x = rng.randrange(2, 9) - left  # left-aligned, a few pixels of jitter: a small ViT learns to read at a fixed
+    y = (height - (bottom - top)) // 2 - top + rng.randrange(-1, 2)  # place, not anywhere along the strip
     draw.text((x, y), text, fill=ink, font=font)
     return _finish(image, rng, angle=2.5)
 
