@@ -94,7 +94,7 @@ def render_strip(text: str, rng: random.Random) -> np.ndarray:
     (width, height), (bg, ink) = STRIP, _contrast(rng)
     image = Image.new("RGB", STRIP, bg)
     draw = ImageDraw.Draw(image)
-    font, (left, top, right, bottom) = _fit(draw, text, rng, width - 10, height - 4, 16, 21)
+    font, (left, top, _, bottom) = _fit(draw, text, rng, width - 10, height - 4, 16, 21)
     x = rng.randrange(2, 9) - left  # left-aligned, a few pixels of jitter: a small ViT learns to read at a fixed
     y = (height - (bottom - top)) // 2 - top + rng.randrange(-1, 2)  # place, not anywhere along the strip
     draw.text((x, y), text, fill=ink, font=font)
