@@ -65,29 +65,29 @@ def run_demo(quick: bool = False, out: Path | None = None, progress: bool = True
     return rows
 
 
-# (column, how to read it from a row) of the demo's table, shown where the first row has it
-_COLUMNS = (("item acc (vision)", lambda r: f"{100 * r['item']['accuracy']:.1f}"),
-            ("digit acc (vision)", lambda r: f"{100 * r['digit']['accuracy']:.1f}"),
-            ("read exact (vision)", lambda r: f"{100 * r['read']['exact']:.1f}"),
-            ("sign exact (vision)", lambda r: f"{100 * r['sign']['exact']:.1f}"),
-            ("word acc (audio)", lambda r: f"{100 * r['word']['accuracy']:.1f}"),
-            ("sentence WER (audio)", lambda r: f"{100 * r['sentence']['wer']:.1f}"),
-            ("prose ppl (text)", lambda r: f"{r['prose_ppl']:.2f}"))
-_KEYS = {"item acc (vision)": "item", "digit acc (vision)": "digit", "read exact (vision)": "read",
-         "sign exact (vision)": "sign", "word acc (audio)": "word", "sentence WER (audio)": "sentence",
-         "prose ppl (text)": "prose_ppl"}
+# (column, the row's task, its score in percent; None: the value itself) of the demo's table, shown where the
+# first row has the task
+_COLUMNS = (("item acc (vision)", "item", "accuracy"), ("digit acc (vision)", "digit", "accuracy"),
+            ("read exact (vision)", "read", "exact"), ("sign exact (vision)", "sign", "exact"),
+            ("word acc (audio)", "word", "accuracy"), ("sentence WER (audio)", "sentence", "wer"),
+            ("prose ppl (text)", "prose_ppl", None))
+
+
+def _cell(row: dict, task: str, score: str | None) -> str:
+    return f"{row[task]:.2f}" if score is None else f"{100 * row[task][score]:.1f}"
 
 
 def format_reference_table(rows: list[dict]) -> str:
     """One reference model's demo rows: its tasks' scores and the SQNR of each token modality."""
-    columns = [(label, read) for label, read in _COLUMNS if _KEYS[label] in rows[0]]
+    columns = [c for c in _COLUMNS if c[1] in rows[0]]
     mods = [m for m in ("text", "vision", "audio") if any(m in r.get("decoder_sqnr", {}) for r in rows)]
-    head = [rows[0]["model"], *(label for label, _ in columns), *(f"SQNR {m}" for m in mods)]
+    head = [rows[0]["model"], *(label for label, _, _ in columns), *(f"SQNR {m}" for m in mods)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         s = r.get("decoder_sqnr", {})
         name = "full precision" if r["method"] == "fp" else f"{r['method']} {r['bits']}"
-        cells = [name, *(read(r) for _, read in columns), *(f"{s[m]:.1f}" if m in s else "-" for m in mods)]
+        cells = [name, *(_cell(r, task, score) for _, task, score in columns),
+                 *(f"{s[m]:.1f}" if m in s else "-" for m in mods)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ from .generation import error_rates, generate_answers
 from .processor import RefProcessor, to_rgb
 from .registry import slices
 from .speech import WORDS
-from .tasks import TEMPLATES, accuracy, answer_labels, image_accuracy, media_messages, prose_perplexity, qa_messages
+from .tasks import accuracy, answer_labels, image_accuracy, media_messages, prose_perplexity, qa_messages
 
 CLASSES = {"item": FASHION_CLASSES, "digit": DIGIT_WORDS}
 YES_NO = ("yes", "no")
@@ -35,12 +35,11 @@ ANSWER_TOKENS = {"sentence": 20, "read": 8, "sign": 6}  # greedy decoding budget
 
 
 def audio_messages(template: int = 0) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": TEMPLATES["word"][template]}]}]
+    return media_messages("word", template, ("audio",))
 
 
 def match_messages(template: int = 0) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "audio"},
-                                         {"type": "text", "text": TEMPLATES["match"][template]}]}]
+    return media_messages("match", template, ("image", "audio"))
 
 
 def match_pairs(part: dict, n: int, seed: int = 7) -> list[tuple[np.ndarray, np.ndarray, int]]:

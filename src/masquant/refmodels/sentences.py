@@ -13,7 +13,6 @@ import collections
 import functools
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -90,11 +89,6 @@ def spoken_sentences(split: str, n: int, seed: int = data.SEED, splice: bool = F
 
 def cache(split: str, n: int, folder: Path | None = None, splice: bool = False) -> tuple[list[np.ndarray], list[str]]:
     """``spoken_sentences`` cached on disk (synthesis takes minutes for a training set)."""
-    folder = folder or Path(tempfile.gettempdir()) / "masquant-speech"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"sentences-{split}-{n}-v{VOCABULARY}{'-spliced' if splice else ''}.npz"
-    if not path.exists():
-        clips, texts = spoken_sentences(split, n, splice=splice)
-        np.savez_compressed(path, **speech.pack(clips, np.array(texts)))
-    clips, texts = speech.unpack(np.load(path))
+    name = f"sentences-{split}-{n}-v{VOCABULARY}{'-spliced' if splice else ''}.npz"
+    clips, texts = speech.cached(name, lambda: spoken_sentences(split, n, splice=splice), folder)
     return clips, [str(t) for t in texts]

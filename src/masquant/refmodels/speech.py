@@ -66,7 +66,7 @@ def spoken_words(split: str, n: int, seed: int = SEED) -> tuple[list[np.ndarray]
 
 def pack(clips: list[np.ndarray], labels: np.ndarray, prefix: str = "") -> dict[str, np.ndarray]:
     """Ragged clips as int16 PCM concatenated with offsets (arrays for one ``.npz``)."""
-    return {f"{prefix}pcm": (np.concatenate(clips) * 32767).clip(-32768, 32767).astype(np.int16),
+    return {f"{prefix}pcm": _pcm16(np.concatenate(clips)),
             f"{prefix}offsets": np.cumsum([0] + [len(c) for c in clips]), f"{prefix}labels": labels}
 
 
@@ -75,14 +75,23 @@ def unpack(arrays, prefix: str = "") -> tuple[list[np.ndarray], np.ndarray]:
     return [pcm[a:b] for a, b in itertools.pairwise(off)], arrays[f"{prefix}labels"]
 
 
-def cache(split: str, n: int, folder: Path | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-    """``spoken_words`` cached on disk (synthesis is slow)."""
+def _pcm16(audio: np.ndarray) -> np.ndarray:
+    return (np.asarray(audio) * 32767).clip(-32768, 32767).astype(np.int16)
+
+
+def cached(name: str, build, folder: Path | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """``build()``'s ``(clips, labels)`` kept in ``folder/name`` (a temporary folder by default): synthesis is slow."""
     folder = folder or Path(tempfile.gettempdir()) / "masquant-speech"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{split}-{n}.npz"
+    path = folder / name
     if not path.exists():
-        np.savez_compressed(path, **pack(*spoken_words(split, n)))
+        np.savez_compressed(path, **pack(*build()))
     return unpack(np.load(path))
+
+
+def cache(split: str, n: int, folder: Path | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """``spoken_words`` cached on disk."""
+    return cached(f"{split}-{n}.npz", lambda: spoken_words(split, n), folder)
 
 
 def pack_flac(clips: list[np.ndarray], prefix: str = "") -> dict[str, np.ndarray]:
@@ -94,7 +103,7 @@ def pack_flac(clips: list[np.ndarray], prefix: str = "") -> dict[str, np.ndarray
     files = []
     for clip in clips:
         buffer = io.BytesIO()
-        sf.write(buffer, (np.asarray(clip) * 32767).clip(-32768, 32767).astype(np.int16), RATE, format="FLAC")
+        sf.write(buffer, _pcm16(clip), RATE, format="FLAC")
         files.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
     return {f"{prefix}flac": np.concatenate(files), f"{prefix}flac_offsets": np.cumsum([0] + [len(f) for f in files])}
 

@@ -36,10 +36,7 @@ TEMPLATES = {
 
 def qa_messages(task: str, template: int, answer: str | None = None, media: str = "image") -> list[dict]:
     """A question about an image (or, ``media="video"``, a clip) in the task's ``template``-th wording."""
-    msgs = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": TEMPLATES[task][template]}]}]
-    if answer is not None:
-        msgs.append({"role": "assistant", "content": answer})
-    return msgs
+    return media_messages(task, template, (media,), answer)
 
 
 def media_messages(task: str, template: int, media: tuple[str, ...], answer: str | None = None,

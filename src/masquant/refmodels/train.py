@@ -146,13 +146,17 @@ class Batches:
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         return batch
 
-    def next(self) -> dict:
+    def mixture(self) -> dict[str, int]:
+        """Examples of each task in one batch."""
         b = self.batch_size
         if self.family == "vl":
-            return {"qa": self.qa(3 * b // 8), "read": self.read(b // 4), "sign": self.signs(b // 8),
-                    "prose": self.prose_batch(b // 4)}
-        return {"qa": self.qa(b // 4), "spoken": self.spoken(b // 4), "transcribe": self.transcribe(b // 4),
-                "match": self.match(b // 8), "prose": self.prose_batch(b // 5)}
+            return {"qa": 3 * b // 8, "read": b // 4, "sign": b // 8, "prose": b // 4}
+        return {"qa": b // 4, "spoken": b // 4, "transcribe": b // 4, "match": b // 8, "prose": b // 5}
+
+    def next(self) -> dict:
+        makers = {"qa": self.qa, "read": self.read, "sign": self.signs, "spoken": self.spoken,
+                  "transcribe": self.transcribe, "match": self.match, "prose": self.prose_batch}
+        return {task: makers[task](n) for task, n in self.mixture().items()}
 
 
 def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int = 32, lr: float = 2e-3) -> dict:
@@ -185,7 +189,7 @@ def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int
     model.save_pretrained(out)
     processor.save_pretrained(out)
     run = {"steps": step, "minutes": (time.time() - start) / 60, "seed": seed, "batch_size": batch_size, "lr": lr,
-           "batch": {task: len(part["input_ids"]) for task, part in batches.next().items()},
+           "batch": batches.mixture(),
            "loss_curve": curve}  # (step, smoothed summed loss of the batch's parts, seconds)
     (out / "training.json").write_text(json.dumps(run, indent=1))
     return refresh(out, family)
