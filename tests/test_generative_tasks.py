@@ -4,6 +4,7 @@ installed: scripts/prepare_data.sh)."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 
@@ -137,3 +138,71 @@ def test_missing_fonts_are_named(monkeypatch, tmp_path):
             reading.fonts()
     finally:
         reading.fonts.cache_clear()
+
+
+@pytest.mark.parametrize("family", ["omni", "vl"])
+def test_tower_ctc_scores_each_example_of_a_batch_as_alone(family):
+    """The training-only CTC loss of a batch is the mean of each clip's or strip's loss alone (a wrong split of
+    the tower's concatenated tokens, lengths off by a frame, or a reading order mixing images would not be)."""
+    import torch
+
+    from masquant.refmodels.train import TowerCTC
+
+    model, processor = registry.load(f"ref-{family}")
+    ctc = TowerCTC(model, family)
+    rng = np.random.default_rng(0)
+    texts = ["the whale", "call me ishmael"]
+    if family == "omni":
+        media = {"audio": [rng.normal(0, 0.1, n).astype(np.float32) for n in (16000, 40000)]}
+    else:
+        media = {"images": [Image.fromarray(rng.integers(0, 255, (28, w, 3), dtype=np.uint8)) for w in (168, 112)]}
+    kind = "audio" if family == "omni" else "image"
+
+    def loss(idx):
+        part = processor([processor.apply_chat_template(media_messages(("transcribe", "read")[kind == "image"], 0,
+                                                                       (kind,), texts[i])) for i in idx],
+                         **{k: [v[i] for i in idx] for k, v in media.items()})
+        with torch.no_grad():
+            model(**part, use_cache=False)
+            return float(ctc.loss(part, [texts[i] for i in idx]))
+
+    both, alone = loss([0, 1]), [loss([0]), loss([1])]
+    assert np.isfinite(both) and both > 0 and both == pytest.approx(np.mean(alone), rel=1e-4)
+
+
+def test_training_resumes_from_its_checkpoint(monkeypatch, tmp_path):
+    """A run cut short and resumed goes on from the step and weights it kept (a resume that restarted, or kept
+    no optimizer state, would count steps from zero or load other weights)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from masquant import switches
+    from masquant.refmodels import train as train_mod
+
+    class Prose:  # a stand-in for the real batches: prose only, no media data needed
+        def __init__(self, processor, family, batch_size, rng):
+            self.processor, self.rng = processor, rng
+
+        def next(self):
+            words = " ".join(self.rng.choice(["the", "whale", "sea", "ship"]) for _ in range(12))
+            batch = self.processor([words, words])
+            return {"prose": {**batch, "labels": batch["input_ids"].clone()}}
+
+        def mixture(self):
+            return {"prose": 2}
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    switches.reload()
+    monkeypatch.setattr(train_mod, "Batches", Prose)
+    monkeypatch.setattr(train_mod.data, "moby_dick", lambda split: ["the whale and the sea and the ship"] * 20)
+    monkeypatch.setattr(train_mod, "refresh", lambda out, family: json.loads((out / "training.json").read_text()))
+    first = train_mod.train("vl", tmp_path / "a", minutes=0.05)
+    kept = torch.load(tmp_path / "cache" / "masquant" / "train" / "ref-vl-seed0.pt", weights_only=False)
+    assert kept["run"]["step"] == first["steps"] > 0
+    again = train_mod.train("vl", tmp_path / "b", minutes=0.05, resume=True)  # its time is spent: no new step
+    assert again["steps"] == first["steps"]
+    weights = [load_file(tmp_path / d / "model.safetensors") for d in "ab"]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    longer = train_mod.train("vl", tmp_path / "c", minutes=0.1, resume=True)
+    assert longer["steps"] > first["steps"] and longer["minutes"] >= 0.1
+    switches.reload()

@@ -17,14 +17,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..switches import switches
 from . import data, reading, sentences, speech
 from .evaluate import audio_messages, evaluate_reference, match_messages
-from .processor import RefProcessor, to_rgb, train_tokenizer
+from .processor import RefProcessor, audio_tokens, to_rgb, train_tokenizer
 from .registry import WEIGHTS, export_slices
 from .tasks import answer_labels, media_messages, prompt_texts, qa_messages
 
 log = logging.getLogger("masquant.train")
 SENTENCE_CLIPS = 12000  # synthesised training clips of the transcription task (spliced; cached on disk)
+CTC_WEIGHT = 0.5  # of a tower's training-only CTC loss on the transcription / reading examples
+CHARACTERS = " abcdefghijklmnopqrstuvwxyz"
 
 TEXT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=1024, rms_norm_eps=1e-6,
@@ -54,6 +57,46 @@ def build_model(family: str, tokenizer) -> torch.nn.Module:
         video_token_index=ids("<|video_pad|>"), audio_token_index=ids("<|AUDIO|>"),
         audio_start_token_id=ids("<|audio_start|>"), audio_end_token_id=ids("<|audio_end|>"), **tokens)
     return Qwen2_5OmniThinkerForConditionalGeneration(config)
+
+
+class TowerCTC(torch.nn.Module):
+    """A training-only character CTC head on a media tower's output (the audio tower for omni, the vision tower
+    for vl), fitted on the transcription or reading examples: it makes the tower's tokens spell the text in
+    order, which the language model then reads (a tiny model trained on the answer tokens alone is slow to
+    learn where the letters are). Not saved with the model."""
+
+    def __init__(self, model: torch.nn.Module, family: str):
+        super().__init__()
+        inner = model.model if hasattr(model, "model") else model
+        tower = inner.audio_tower if family == "omni" else inner.visual
+        width = tower.config.output_dim if family == "omni" else tower.config.out_hidden_size
+        self.head = torch.nn.Linear(width, len(CHARACTERS) + 1)  # blank = 0
+        self.states = None
+        tower.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        pooled = getattr(output, "pooler_output", None)  # the vision tower's merged tokens, in image order
+        self.states = pooled if pooled is not None else output.last_hidden_state
+
+    def _sequences(self, part: dict) -> list[torch.Tensor]:
+        """The last forward's tower tokens of each clip or image, in reading order (left to right; for an image,
+        each column's rows top to bottom)."""
+        if "feature_attention_mask" in part:
+            lengths = [audio_tokens(int(n)) for n in part["feature_attention_mask"].sum(-1)]
+            return list(torch.split(self.states, lengths))
+        grids = part["image_grid_thw"].tolist()
+        pieces = torch.split(self.states, [t * h * w // 4 for t, h, w in grids])
+        return [x.reshape(h // 2, w // 2, -1).transpose(0, 1).reshape(-1, x.shape[-1])
+                for x, (_, h, w) in zip(pieces, grids, strict=True)]
+
+    def loss(self, part: dict, texts: list[str]) -> torch.Tensor:
+        """CTC loss of the last forward (``part``'s clips or images) against their texts' characters."""
+        sequences = self._sequences(part)
+        log_probs = torch.log_softmax(self.head(torch.nn.utils.rnn.pad_sequence(sequences)).float(), -1)
+        targets = [[CHARACTERS.index(c) + 1 for c in text if c in CHARACTERS] for text in texts]
+        return torch.nn.functional.ctc_loss(
+            log_probs, torch.tensor([i for t in targets for i in t]), torch.tensor([len(x) for x in sequences]),
+            torch.tensor([len(t) for t in targets]), blank=0, zero_infinity=True)
 
 
 def _answered(messages: list[dict], answer: str) -> list[dict]:
@@ -116,16 +159,19 @@ class Batches:
         picks = [self.rng.randrange(len(self.sentences)) for _ in range(n)]
         texts = [self.processor.apply_chat_template(media_messages("transcribe", self.rng.randrange(5), ("audio",),
                                                                    self.sentences[i])) for i in picks]
-        return self._answers(texts, audio=[self.sentence_clips[i] for i in picks])
+        batch = self._answers(texts, audio=[self.sentence_clips[i] for i in picks])
+        batch["transcripts"] = [self.sentences[i] for i in picks]  # for TowerCTC, popped before the forward
+        return batch
 
     def read(self, n: int) -> dict:
-        texts, images = [], []
+        texts, images, written = [], [], []
         for _ in range(n):
             pixels, text = reading.strip_example(self.rng, self.phrases)
             texts.append(self.processor.apply_chat_template(media_messages("read", self.rng.randrange(5), ("image",),
                                                                            text)))
             images.append(Image.fromarray(pixels))
-        return self._answers(texts, images=images)
+            written.append(text)
+        return {**self._answers(texts, images=images), "transcripts": written}
 
     def signs(self, n: int) -> dict:
         texts, images = [], []
@@ -159,39 +205,65 @@ class Batches:
         return {task: makers[task](n) for task, n in self.mixture().items()}
 
 
-def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int = 32, lr: float = 2e-3) -> dict:
+def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int = 32, lr: float = 2e-3,
+          resume: bool = False) -> dict:
+    """Train for ``minutes`` of wall time in all (a cosine schedule over that time); with ``resume``, go on from
+    the checkpoint an interrupted or shorter run of the same model and seed left (kept every few minutes)."""
     random.seed(seed)
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(data.moby_dick("train") + prompt_texts(family) * 50, vocab_size=2048)
     processor = RefProcessor(tokenizer, family=family)
     model = build_model(family, tokenizer).train()
     batches = Batches(processor, family, batch_size, random.Random(seed))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    start, step, ema, total_steps, curve = time.time(), 0, None, None, []
-    while time.time() < start + 60 * minutes:
-        loss = sum(model(**part, use_cache=False).loss for part in batches.next().values())
+    ctc = TowerCTC(model, family)
+    params = [*model.parameters(), *ctc.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    checkpoint = switches().cache / "train" / f"ref-{family}-seed{seed}.pt"
+    run = {"step": 0, "seconds": 0.0, "ema": None, "curve": []}
+    if resume and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        for part, state in zip((model, ctc, opt), saved["states"], strict=True):
+            part.load_state_dict(state)
+        batches.rng.setstate(saved["rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        run = saved["run"]
+        log.info("resumed %s at step %d (%.1f of %.1f minutes)", checkpoint, run["step"], run["seconds"] / 60, minutes)
+    began, kept = time.time() - run["seconds"], time.time()
+    while (elapsed := time.time() - began) < 60 * minutes:
+        loss = 0.0
+        for part in batches.next().values():
+            transcripts = part.pop("transcripts", None)
+            loss = loss + model(**part, use_cache=False).loss
+            if transcripts is not None:
+                loss = loss + CTC_WEIGHT * ctc.loss(part, transcripts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        step += 1
-        if step == 20:
-            total_steps = int(20 * 60 * minutes / (time.time() - start))
-        frac = min(1.0, step / total_steps) if total_steps else 0.0
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        run["step"] += 1
+        cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * elapsed / 60 / minutes))  # down to a tenth at the end
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, step / 200) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+            group["lr"] = lr * min(1.0, run["step"] / 200) * cosine
         opt.step()
-        ema = float(loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(loss.detach())
-        if step % 100 == 0:
-            log.info("step %d loss %.3f (%.0f s)", step, ema, time.time() - start)
-            curve.append([step, round(ema, 4), round(time.time() - start, 1)])
+        value = float(loss.detach())
+        run["ema"] = value if run["ema"] is None else 0.98 * run["ema"] + 0.02 * value
+        if run["step"] % 100 == 0:
+            log.info("step %d loss %.3f (%.0f s)", run["step"], run["ema"], elapsed)
+            run["curve"].append([run["step"], round(run["ema"], 4), round(elapsed, 1)])
+        if time.time() - kept > 300 or time.time() - began >= 60 * minutes:
+            run["seconds"], kept = time.time() - began, time.time()
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            states = [model.state_dict(), ctc.state_dict(), opt.state_dict()]
+            torch.save({"states": states, "rng": batches.rng.getstate(), "torch_rng": torch.get_rng_state(),
+                        "run": run}, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    run = {"steps": step, "minutes": (time.time() - start) / 60, "seed": seed, "batch_size": batch_size, "lr": lr,
-           "batch": batches.mixture(),
-           "loss_curve": curve}  # (step, smoothed summed loss of the batch's parts, seconds)
-    (out / "training.json").write_text(json.dumps(run, indent=1))
+    record = {"steps": run["step"], "minutes": (time.time() - began) / 60, "seed": seed, "batch_size": batch_size,
+              "lr": lr, "batch": batches.mixture(), "tower_ctc_weight": CTC_WEIGHT,
+              "loss_curve": run["curve"]}  # (step, smoothed summed loss of the batch's parts, seconds)
+    (out / "training.json").write_text(json.dumps(record, indent=1))
     return refresh(out, family)
 
 
@@ -215,13 +287,15 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--refresh", action="store_true", help="only re-cut slices and re-evaluate --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on from this model and seed's last checkpoint (kept every 5 minutes in the cache)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out, family = args.out or WEIGHTS / args.model, args.model.removeprefix("ref-")
     if args.refresh:
         refresh(out, family)
     else:
-        train(family, out, args.minutes, args.seed)
+        train(family, out, args.minutes, args.seed, resume=args.resume)
 
 
 if __name__ == "__main__":
