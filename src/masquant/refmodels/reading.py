@@ -5,9 +5,9 @@
 * ``sign``: a 168 x 42 scene with two coloured signs, each with a word, on a cluttered background; the
   question names a sign's colour ("What is written on the red sign?").
 
-Words are those of ``sentences.vocabulary`` with 2-9 letters; phrases are adjacent word pairs of the
-split's clauses. Splits differ in their random renderings (and phrases in their clauses), so a test
-image was never seen in training.
+Words are the ``VOCABULARY`` most frequent training-chapter words with 2-9 letters; phrases are adjacent
+word pairs of the split's clauses. Splits differ in their random renderings (and phrases in their clauses),
+so a test image was never seen in training.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from . import data, sentences
 FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/liberation2",
              "/usr/share/fonts/truetype/freefont")
 STRIP, SCENE = (168, 28), (168, 42)  # (width, height): multiples of the 14-pixel merged patch
+VOCABULARY = 300  # the most frequent training-chapter words the strips and signs show
 SIGN_COLOURS = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (30, 150, 60), "yellow": (230, 200, 40),
                 "white": (240, 240, 240), "black": (25, 25, 25)}
 
@@ -40,12 +41,13 @@ def fonts() -> tuple[str, ...]:
 
 @functools.cache
 def words() -> tuple[str, ...]:
-    return tuple(sorted(w for w in sentences.vocabulary() if 2 <= len(w) <= 9))
+    return tuple(sorted(w for w in sentences.vocabulary(VOCABULARY) if 2 <= len(w) <= 9))
 
 
 def phrases(split: str) -> list[str]:
     """Adjacent word pairs of the split's clauses, at most 14 letters in all."""
-    pairs = {" ".join(c.split()[i: i + 2]) for c in sentences.clauses(split) for i in range(len(c.split()) - 1)}
+    pairs = {" ".join(c.split()[i: i + 2]) for c in sentences.clauses(split, VOCABULARY)
+             for i in range(len(c.split()) - 1)}
     return sorted(p for p in pairs if len(p) <= 14)
 
 

@@ -28,6 +28,9 @@ log = logging.getLogger("masquant.train")
 SENTENCE_CLIPS = 12000  # synthesised training clips of the transcription task (spliced; cached on disk)
 CTC_WEIGHT = 0.5  # of a tower's training-only CTC loss on the transcription / reading examples
 CHARACTERS = " abcdefghijklmnopqrstuvwxyz"
+# learning rate of each media tower (and of its CTC head) relative to the language model's: the vision tower
+# learns to read at a quarter of it and hardly at all at the full rate; the audio tower is slower at a quarter
+TOWER_LR = {"visual": 0.25, "audio_tower": 1.0}
 
 TEXT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=1024, rms_norm_eps=1e-6,
@@ -67,8 +70,7 @@ class TowerCTC(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, family: str):
         super().__init__()
-        inner = model.model if hasattr(model, "model") else model
-        tower = inner.audio_tower if family == "omni" else inner.visual
+        tower = model.model.audio_tower if family == "omni" else model.model.visual
         width = tower.config.output_dim if family == "omni" else tower.config.out_hidden_size
         self.head = torch.nn.Linear(width, len(CHARACTERS) + 1)  # blank = 0
         self.states = None
@@ -97,6 +99,18 @@ class TowerCTC(torch.nn.Module):
         return torch.nn.functional.ctc_loss(
             log_probs, torch.tensor([i for t in targets for i in t]), torch.tensor([len(x) for x in sequences]),
             torch.tensor([len(t) for t in targets]), blank=0, zero_infinity=True)
+
+
+def _parameter_groups(model: torch.nn.Module, ctc: TowerCTC, family: str) -> list[dict]:
+    """AdamW groups: the language model at the full rate, each media tower at its ``TOWER_LR`` scale, the CTC
+    head with the tower it reads."""
+    towers = {name: getattr(model.model, name) for name in TOWER_LR if hasattr(model.model, name)}
+    taken = {id(p) for tower in towers.values() for p in tower.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in taken], "scale": 1.0}]
+    for name, tower in towers.items():
+        heads = list(ctc.parameters()) if name == ("audio_tower" if family == "omni" else "visual") else []
+        groups.append({"params": [*tower.parameters(), *heads], "scale": TOWER_LR[name]})
+    return groups
 
 
 def _answered(messages: list[dict], answer: str) -> list[dict]:
@@ -197,7 +211,7 @@ class Batches:
         b = self.batch_size
         if self.family == "vl":
             return {"qa": 3 * b // 8, "read": b // 4, "sign": b // 8, "prose": b // 4}
-        return {"qa": b // 4, "spoken": b // 4, "transcribe": b // 4, "match": b // 8, "prose": b // 5}
+        return {"qa": b // 4, "spoken": b // 8, "transcribe": 3 * b // 8, "match": b // 8, "prose": b // 5}
 
     def next(self) -> dict:
         makers = {"qa": self.qa, "read": self.read, "sign": self.signs, "spoken": self.spoken,
@@ -216,8 +230,9 @@ def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int
     model = build_model(family, tokenizer).train()
     batches = Batches(processor, family, batch_size, random.Random(seed))
     ctc = TowerCTC(model, family)
-    params = [*model.parameters(), *ctc.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    groups = _parameter_groups(model, ctc, family)
+    params = [p for group in groups for p in group["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     checkpoint = switches().cache / "train" / f"ref-{family}-seed{seed}.pt"
     run = {"step": 0, "seconds": 0.0, "ema": None, "curve": []}
     if resume and checkpoint.exists():
@@ -242,7 +257,7 @@ def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int
         run["step"] += 1
         cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * elapsed / 60 / minutes))  # down to a tenth at the end
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, run["step"] / 200) * cosine
+            group["lr"] = lr * group["scale"] * min(1.0, run["step"] / 200) * cosine
         opt.step()
         value = float(loss.detach())
         run["ema"] = value if run["ema"] is None else 0.98 * run["ema"] + 0.02 * value
@@ -261,7 +276,8 @@ def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int
     model.save_pretrained(out)
     processor.save_pretrained(out)
     record = {"steps": run["step"], "minutes": (time.time() - began) / 60, "seed": seed, "batch_size": batch_size,
-              "lr": lr, "batch": batches.mixture(), "tower_ctc_weight": CTC_WEIGHT,
+              "lr": lr, "batch": batches.mixture(), "tower_ctc_weight": CTC_WEIGHT, "tower_lr": TOWER_LR,
+              "threads": torch.get_num_threads(),
               "loss_curve": run["curve"]}  # (step, smoothed summed loss of the batch's parts, seconds)
     (out / "training.json").write_text(json.dumps(record, indent=1))
     return refresh(out, family)
@@ -286,12 +302,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: the package's weights folder")
     parser.add_argument("--minutes", type=float, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--refresh", action="store_true", help="only re-cut slices and re-evaluate --out")
     parser.add_argument("--resume", action="store_true",
                         help="go on from this model and seed's last checkpoint (kept every 5 minutes in the cache)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out, family = args.out or WEIGHTS / args.model, args.model.removeprefix("ref-")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.refresh:
         refresh(out, family)
     else:
