@@ -190,3 +190,12 @@ def test_the_demo_table_shows_the_tasks_a_model_has():
     table = format_reference_table(omni).splitlines()
     assert "| word acc (audio) | sentence WER (audio) | prose ppl (text) |" in table[0] and "SQNR audio" in table[0]
     assert table[3] == "| masquant W4A8 | 79.0 | 90.0 | 95.0 | 8.1 | 171.00 | 17.0 | 28.5 | 25.0 |"
+
+
+def test_reference_page_names_the_training_recipe():
+    from masquant.bench.reference import _extras, _threads
+
+    run = {"threads": 1, "batch": {"qa": 8, "read": 12}, "tower_ctc_weight": 0.5, "tower_lr": {"visual": 0.25}}
+    assert _threads(run) == "1 core" and _threads({}) == "2 cores"
+    assert "visual x0.25" in _extras(run) and "CTC weight 0.5" in _extras(run) and "'read': 12" in _extras(run)
+    assert _extras({"steps": 10}) == ""  # an older record names no recipe

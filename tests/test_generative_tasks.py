@@ -191,6 +191,11 @@ def test_training_resumes_from_its_checkpoint(monkeypatch, tmp_path):
         def mixture(self):
             return {"prose": 2}
 
+        def tower_part(self):
+            strips = [Image.fromarray(np.full((28, 168, 3), 40 * i, np.uint8)) for i in range(2)]
+            texts = [self.processor.apply_chat_template(media_messages("read", 0, ("image",), w)) for w in ("a", "b")]
+            return {**self.processor(texts, images=strips), "transcripts": ["a", "b"]}
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     switches.reload()
     monkeypatch.setattr(train_mod, "Batches", Prose)
@@ -204,7 +209,15 @@ def test_training_resumes_from_its_checkpoint(monkeypatch, tmp_path):
     weights = [load_file(tmp_path / d / "model.safetensors") for d in "ab"]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     longer = train_mod.train("vl", tmp_path / "c", minutes=0.1, resume=True)
-    assert longer["steps"] > first["steps"] and longer["minutes"] >= 0.1
+    assert longer["steps"] > first["steps"] and longer["minutes"] >= 0.1 and longer["tower_steps"] == 0
+
+    # a run that is all tower stage moves the vision tower only (the language model and its embeddings stay)
+    staged = train_mod.train("vl", tmp_path / "d", minutes=0.03, seed=1, tower_minutes=1)
+    start = train_mod.train("vl", tmp_path / "e", minutes=0.0, seed=1)
+    assert staged["tower_steps"] == staged["steps"] > 0 and start["steps"] == 0
+    after, before = (load_file(tmp_path / d / "model.safetensors") for d in "de")
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved and all(".visual." in k or k.startswith("visual.") for k in moved)
     switches.reload()
 
 

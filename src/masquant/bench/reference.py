@@ -24,7 +24,9 @@ on offline data (Fashion-MNIST, scikit-learn digits, Moby-Dick, espeak-ng speech
 `scripts/prepare_data.sh`). Accuracy ranks the class names by log-likelihood on held-out
 test slices; the generative tasks (spoken-sentence transcription, reading text in images) score
 greedy answers by word / character error rate and exact match; the misalignment tables are
-measured on the calibration slices (full precision, every decoder layer).
+measured on the calibration slices (full precision, every decoder layer). While training, a
+character CTC head on the media tower (dropped at save) spells the spoken sentence or the written
+text from the tower's tokens, beside the answer loss.
 """
 
 
@@ -37,7 +39,7 @@ def model_section(name: str) -> str:
     worst = max(rows, key=lambda r: max(r["ratio_max"], r["inverse_ratio_max"]))
     lines = [f"## {name}: `{type(model).__name__}`", "",
              f"{params / 1e6:.2f} M parameters; trained {training['steps']} steps in "
-             f"{training['minutes']:.0f} min (seed {training['seed']}).", "",
+             f"{training['minutes']:.0f} min on {_threads(training)} (seed {training['seed']}{_extras(training)}).", "",
              "| task | held-out score | answer NLL / CER |", "|---|---|---|"]
     for task, score in training["test"].items():
         if isinstance(score, dict) and "accuracy" in score:
@@ -51,6 +53,19 @@ def model_section(name: str) -> str:
               f"{worst['ratio_max']:.1f}x / text vs {worst['modality']} {worst['inverse_ratio_max']:.1f}x.", "",
               format_misalignment(rows), ""]
     return "\n".join(lines)
+
+
+def _threads(training: dict) -> str:
+    threads = training.get("threads", 2)  # runs before the record kept it used both cores
+    return f"{threads} core{'s' if threads > 1 else ''}"
+
+
+def _extras(training: dict) -> str:
+    """The recipe's knobs a run recorded: the towers' CTC weight and learning-rate scales."""
+    if "tower_lr" not in training:
+        return ""
+    scales = ", ".join(f"{name} x{scale:g}" for name, scale in training["tower_lr"].items())
+    return f"; batch {training['batch']}; tower CTC weight {training['tower_ctc_weight']:g}; learning rate {scales}"
 
 
 def plot_training(curves: dict[str, list], path: Path) -> bool:
@@ -67,7 +82,7 @@ def plot_training(curves: dict[str, list], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, curve in curves.items():
         ax.plot([c[2] / 60 for c in curve], [c[1] for c in curve], label=name)
-    ax.set_xlabel("minutes (2 cores)")
+    ax.set_xlabel("minutes")
     ax.set_ylabel("training loss (sum of the batch's tasks)")
     ax.set_yscale("log")
     ax.legend()

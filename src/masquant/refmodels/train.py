@@ -91,6 +91,13 @@ class TowerCTC(torch.nn.Module):
         return [x.reshape(h // 2, w // 2, -1).transpose(0, 1).reshape(-1, x.shape[-1])
                 for x, (_, h, w) in zip(pieces, grids, strict=True)]
 
+    def encode(self, model: torch.nn.Module, part: dict) -> None:
+        """Run the tower alone on ``part``'s clips or images (the hook keeps its tokens for ``loss``)."""
+        if "feature_attention_mask" in part:
+            model.get_audio_features(part["input_features"], part["feature_attention_mask"])
+        else:
+            model.get_image_features(part["pixel_values"], part["image_grid_thw"])
+
     def loss(self, part: dict, texts: list[str]) -> torch.Tensor:
         """CTC loss of the last forward (``part``'s clips or images) against their texts' characters."""
         sequences = self._sequences(part)
@@ -210,8 +217,12 @@ class Batches:
         """Examples of each task in one batch."""
         b = self.batch_size
         if self.family == "vl":
-            return {"qa": 3 * b // 8, "read": b // 4, "sign": b // 8, "prose": b // 4}
+            return {"qa": b // 4, "read": 3 * b // 8, "sign": b // 8, "prose": b // 4}
         return {"qa": b // 4, "spoken": b // 8, "transcribe": 3 * b // 8, "match": b // 8, "prose": b // 5}
+
+    def tower_part(self) -> dict:
+        """A whole batch of the CTC task's examples (transcription for omni, reading strips for vl)."""
+        return self.transcribe(self.batch_size) if self.family == "omni" else self.read(self.batch_size)
 
     def next(self) -> dict:
         makers = {"qa": self.qa, "read": self.read, "sign": self.signs, "spoken": self.spoken,
@@ -220,9 +231,11 @@ class Batches:
 
 
 def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int = 32, lr: float = 2e-3,
-          resume: bool = False) -> dict:
-    """Train for ``minutes`` of wall time in all (a cosine schedule over that time); with ``resume``, go on from
-    the checkpoint an interrupted or shorter run of the same model and seed left (kept every few minutes)."""
+          resume: bool = False, tower_minutes: float = 0.0) -> dict:
+    """Train for ``minutes`` of wall time in all (a cosine schedule over that time), the first ``tower_minutes``
+    of it the media tower alone with its CTC head (a tower step costs a fraction of a whole-model step, so it
+    sees several times more strips or clips a minute); with ``resume``, go on from the checkpoint an interrupted
+    or shorter run of the same model and seed left (kept every few minutes)."""
     random.seed(seed)
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(data.moby_dick("train") + prompt_texts(family) * 50, vocab_size=2048)
@@ -234,30 +247,39 @@ def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int
     params = [p for group in groups for p in group["params"]]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     checkpoint = switches().cache / "train" / f"ref-{family}-seed{seed}.pt"
-    run = {"step": 0, "seconds": 0.0, "ema": None, "curve": []}
+    run = {"step": 0, "tower_steps": 0, "seconds": 0.0, "ema": None, "curve": []}
     if resume and checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=False)
         for part, state in zip((model, ctc, opt), saved["states"], strict=True):
             part.load_state_dict(state)
         batches.rng.setstate(saved["rng"])
         torch.set_rng_state(saved["torch_rng"])
-        run = saved["run"]
+        run = {"tower_steps": 0, **saved["run"]}
         log.info("resumed %s at step %d (%.1f of %.1f minutes)", checkpoint, run["step"], run["seconds"] / 60, minutes)
     began, kept = time.time() - run["seconds"], time.time()
     while (elapsed := time.time() - began) < 60 * minutes:
-        loss = 0.0
-        for part in batches.next().values():
-            transcripts = part.pop("transcripts", None)
-            loss = loss + model(**part, use_cache=False).loss
-            if transcripts is not None:
-                loss = loss + CTC_WEIGHT * ctc.loss(part, transcripts)
+        if elapsed < 60 * tower_minutes:  # first stage: the tower and its CTC head alone, on the task's media
+            part = batches.tower_part()
+            transcripts = part.pop("transcripts")
+            ctc.encode(model, part)
+            loss = ctc.loss(part, transcripts)
+            run["tower_steps"] += 1
+        else:
+            loss = 0.0
+            for part in batches.next().values():
+                transcripts = part.pop("transcripts", None)
+                loss = loss + model(**part, use_cache=False).loss
+                if transcripts is not None:
+                    loss = loss + CTC_WEIGHT * ctc.loss(part, transcripts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         run["step"] += 1
         cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * elapsed / 60 / minutes))  # down to a tenth at the end
+        stage_steps = run["step"] - run["tower_steps"] if elapsed >= 60 * tower_minutes else run["step"]
+        warm = min(1.0, stage_steps / 200)  # each stage warms up: in the second, the language model starts afresh
         for group in opt.param_groups:
-            group["lr"] = lr * group["scale"] * min(1.0, run["step"] / 200) * cosine
+            group["lr"] = lr * group["scale"] * warm * cosine
         opt.step()
         value = float(loss.detach())
         run["ema"] = value if run["ema"] is None else 0.98 * run["ema"] + 0.02 * value
@@ -277,7 +299,7 @@ def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int
     processor.save_pretrained(out)
     record = {"steps": run["step"], "minutes": (time.time() - began) / 60, "seed": seed, "batch_size": batch_size,
               "lr": lr, "batch": batches.mixture(), "tower_ctc_weight": CTC_WEIGHT, "tower_lr": TOWER_LR,
-              "threads": torch.get_num_threads(),
+              "threads": torch.get_num_threads(), "tower_minutes": tower_minutes, "tower_steps": run["tower_steps"],
               "loss_curve": run["curve"]}  # (step, smoothed summed loss of the batch's parts, seconds)
     (out / "training.json").write_text(json.dumps(record, indent=1))
     return refresh(out, family)
@@ -303,6 +325,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument("--tower-minutes", type=float, default=0.0,
+                        help="the first minutes (of --minutes) train the media tower alone with its CTC head")
     parser.add_argument("--refresh", action="store_true", help="only re-cut slices and re-evaluate --out")
     parser.add_argument("--resume", action="store_true",
                         help="go on from this model and seed's last checkpoint (kept every 5 minutes in the cache)")
@@ -314,7 +338,7 @@ def main() -> None:
     if args.refresh:
         refresh(out, family)
     else:
-        train(family, out, args.minutes, args.seed, resume=args.resume)
+        train(family, out, args.minutes, args.seed, resume=args.resume, tower_minutes=args.tower_minutes)
 
 
 if __name__ == "__main__":
