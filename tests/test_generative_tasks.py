@@ -227,7 +227,7 @@ def test_training_groups_hold_each_parameter_once_at_its_towers_rate(family):
 
     model, _ = registry.load(f"ref-{family}")
     ctc = TowerCTC(model, family)
-    groups = _parameter_groups(model, ctc, family)
+    groups = _parameter_groups(model, ctc)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters())) + len(list(ctc.parameters()))
     vision = next(g for g in groups if any(p is model.model.visual.patch_embed.proj.weight for p in g["params"]))

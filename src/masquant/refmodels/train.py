@@ -70,7 +70,8 @@ class TowerCTC(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, family: str):
         super().__init__()
-        tower = model.model.audio_tower if family == "omni" else model.model.visual
+        self.tower_name = "audio_tower" if family == "omni" else "visual"  # a key of TOWER_LR
+        tower = getattr(model.model, self.tower_name)
         width = tower.config.output_dim if family == "omni" else tower.config.out_hidden_size
         self.head = torch.nn.Linear(width, len(CHARACTERS) + 1)  # blank = 0
         self.states = None
@@ -108,14 +109,14 @@ class TowerCTC(torch.nn.Module):
             torch.tensor([len(t) for t in targets]), blank=0, zero_infinity=True)
 
 
-def _parameter_groups(model: torch.nn.Module, ctc: TowerCTC, family: str) -> list[dict]:
+def _parameter_groups(model: torch.nn.Module, ctc: TowerCTC) -> list[dict]:
     """AdamW groups: the language model at the full rate, each media tower at its ``TOWER_LR`` scale, the CTC
     head with the tower it reads."""
     towers = {name: getattr(model.model, name) for name in TOWER_LR if hasattr(model.model, name)}
     taken = {id(p) for tower in towers.values() for p in tower.parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) not in taken], "scale": 1.0}]
     for name, tower in towers.items():
-        heads = list(ctc.parameters()) if name == ("audio_tower" if family == "omni" else "visual") else []
+        heads = list(ctc.parameters()) if name == ctc.tower_name else []
         groups.append({"params": [*tower.parameters(), *heads], "scale": TOWER_LR[name]})
     return groups
 
@@ -243,7 +244,7 @@ def train(family: str, out: Path, minutes: float, seed: int = 0, batch_size: int
     model = build_model(family, tokenizer).train()
     batches = Batches(processor, family, batch_size, random.Random(seed))
     ctc = TowerCTC(model, family)
-    groups = _parameter_groups(model, ctc, family)
+    groups = _parameter_groups(model, ctc)
     params = [p for group in groups for p in group["params"]]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     checkpoint = switches().cache / "train" / f"ref-{family}-seed{seed}.pt"
